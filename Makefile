@@ -6,7 +6,7 @@ PIP := $(PY) -m pip --disable-pip-version-check
 STAMP := $(VENV)/.installed
 PYTEST_ARGS ?=
 
-.PHONY: install test test-packing-pure bench bench-packer bench-forward clean
+.PHONY: install test test-packing-pure bench bench-packer bench-forward bench-generate clean
 
 install: $(STAMP)
 
@@ -30,14 +30,18 @@ test: install
 test-packing-pure: install
 	PACKSERVE_PURE_PYTHON=1 $(PY) -m pytest -q tests/packing
 
-bench: bench-packer bench-forward
+bench: bench-packer bench-forward bench-generate
 
 bench-packer: install
 	$(PY) -m benchmarks.packer --out benchmarks/results/packer.json
 
 bench-forward: install
-	$(PY) -m benchmarks.forward --shape tiny --device cpu --workload azure \
+	$(PY) -m benchmarks.forward --shape tiny --device cpu --workload azure --num-seqs 128 \
 		--out benchmarks/results/forward_cpu.json --plot benchmarks/results/forward_cpu.png
+
+bench-generate: install
+	$(PY) -m benchmarks.generate --shape tiny --device cpu --num-requests 1024 \
+		--out benchmarks/results/generate_cpu.json
 
 clean:
 	rm -rf build *.egg-info packing_cy/_ffd.c packing_cy/*.so

@@ -67,7 +67,9 @@ def build_workloads(args) -> dict[str, np.ndarray]:
     return {
         "azure_conv": workloads.resample(azure, args.n, seed=0),
         "uniform": workloads.synthetic_lengths("uniform", args.n, max_len=4096, seed=1),
-        "heavy_tailed": workloads.synthetic_lengths("heavy_tailed", args.n, max_len=max_len, seed=2),
+        "heavy_tailed": workloads.synthetic_lengths(
+            "heavy_tailed", args.n, max_len=max_len, seed=2
+        ),
         "bimodal": workloads.synthetic_lengths("bimodal", args.n, max_len=max_len, seed=3),
     }
 
@@ -82,16 +84,28 @@ def main(argv=None) -> dict:
     parser.add_argument("--out", help="write the results as JSON here")
     args = parser.parse_args(argv)
 
-    rows = [measure(name, lengths, args.budget, args.align, args.repeat)
-            for name, lengths in build_workloads(args).items()]
-    result = {"benchmark": "packer", "budget": args.budget, "align": args.align,
-              "machine": machine_info(), "results": rows}
-    header = f"{'workload':14} {'cy ms/1M':>9} {'py ms/1M':>9} {'speedup':>8} {'bins':>8} {'LB':>8} {'bins/LB':>8} {'fill':>6}"
+    rows = [
+        measure(name, lengths, args.budget, args.align, args.repeat)
+        for name, lengths in build_workloads(args).items()
+    ]
+    result = {
+        "benchmark": "packer",
+        "budget": args.budget,
+        "align": args.align,
+        "machine": machine_info(),
+        "results": rows,
+    }
+    header = (
+        f"{'workload':14} {'cy ms/1M':>9} {'py ms/1M':>9} {'speedup':>8} {'bins':>8} "
+        f"{'LB':>8} {'bins/LB':>8} {'fill':>6}"
+    )
     print(header)
     for r in rows:
-        print(f"{r['workload'][:14]:14} {r['cython_ms_per_1m']:9.1f} {r['python_ms_per_1m']:9.1f} "
-              f"{r['speedup']:7.1f}x {r['bins']:8d} {r['lower_bound']:8d} "
-              f"{r['bins_over_lower_bound']:8.4f} {r['fill_ratio_aligned']:6.3f}")
+        print(
+            f"{r['workload'][:14]:14} {r['cython_ms_per_1m']:9.1f} {r['python_ms_per_1m']:9.1f} "
+            f"{r['speedup']:7.1f}x {r['bins']:8d} {r['lower_bound']:8d} "
+            f"{r['bins_over_lower_bound']:8.4f} {r['fill_ratio_aligned']:6.3f}"
+        )
     if args.out:
         with open(args.out, "w") as f:
             json.dump(result, f, indent=2)

@@ -62,7 +62,9 @@ def synthetic_lengths(kind: str, n: int, *, max_len: int, seed: int = 0) -> np.n
         long = rng.normal(3000, 600, n)
         lengths = np.where(rng.random(n) < 0.7, short, long)
     else:
-        raise ValueError(f"unknown synthetic workload {kind!r}; use uniform, heavy_tailed or bimodal")
+        raise ValueError(
+            f"unknown synthetic workload {kind!r}; use uniform, heavy_tailed or bimodal"
+        )
     return np.clip(lengths, 1, max_len).astype(np.int64)
 
 

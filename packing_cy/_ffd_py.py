@@ -31,7 +31,9 @@ from ._checks import (
 )
 
 
-def pack_flat(lengths, budget: int, align: int = 16, max_seqs: int = 0) -> tuple[np.ndarray, np.ndarray]:
+def pack_flat(
+    lengths, budget: int, align: int = 16, max_seqs: int = 0
+) -> tuple[np.ndarray, np.ndarray]:
     """FFD packing; bin ``b`` is ``flat[offsets[b]:offsets[b + 1]]`` (see ``packing_cy.pack``)."""
     lengths = as_lengths(lengths)
     check_params(budget, align, max_seqs)

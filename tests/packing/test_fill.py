@@ -23,7 +23,9 @@ def reference_fill(seqs, bin, starts=None, counts=None):
 def flatten(seqs):
     offsets = np.zeros(len(seqs) + 1, np.int64)
     np.cumsum([len(s) for s in seqs], out=offsets[1:])
-    tokens = np.concatenate([np.asarray(s, np.int64) for s in seqs]) if seqs else np.empty(0, np.int64)
+    tokens = (
+        np.concatenate([np.asarray(s, np.int64) for s in seqs]) if seqs else np.empty(0, np.int64)
+    )
     return tokens, offsets
 
 
@@ -33,7 +35,9 @@ def buffers(tokens=4096, seqs=256):
 
 @st.composite
 def fill_cases(draw):
-    seqs = draw(st.lists(st.lists(st.integers(0, 50000), min_size=1, max_size=40), min_size=1, max_size=25))
+    seqs = draw(
+        st.lists(st.lists(st.integers(0, 50000), min_size=1, max_size=40), min_size=1, max_size=25)
+    )
     bin = draw(st.lists(st.integers(0, len(seqs) - 1), unique=True, max_size=len(seqs)))
     chunked = draw(st.booleans())
     starts = counts = None
@@ -59,7 +63,9 @@ def test_fill_matches_reference(case):
     assert pos[:num_tokens].tolist() == ref_pos
     assert cu[: len(bin) + 1].tolist() == ref_cu
     assert max_len == max(np.diff(ref_cu), default=0)
-    assert (ids[num_tokens:] == -7).all() and (cu[len(bin) + 1 :] == -7).all()  # nothing else written
+    assert (ids[num_tokens:] == -7).all() and (
+        cu[len(bin) + 1 :] == -7
+    ).all()  # nothing else written
 
 
 @settings(max_examples=150, deadline=None)
@@ -86,7 +92,9 @@ def test_fill_each_bin_of_a_packing():
     for bin in pack(np.diff(offsets), 1024):
         num_tokens, _ = fill(tokens, offsets, bin, ids, pos, cu)
         assert ids[:num_tokens].tolist() == reference_fill(seqs, bin)[0]
-        assert (pos[cu[1 : len(bin) + 1] - 1] == np.diff(offsets)[bin] - 1).all()  # positions restart
+        assert (
+            pos[cu[1 : len(bin) + 1] - 1] == np.diff(offsets)[bin] - 1
+        ).all()  # positions restart
 
 
 def test_empty_bin():
@@ -99,8 +107,18 @@ def test_empty_bin():
     "bin, kw, error, words",
     [
         ([0, 5], {}, ValueError, ["sequence 5", "2 sequences"]),
-        ([1], dict(starts=np.array([0, 3]), counts=np.array([1, 2])), ValueError, ["sequence 1", "4 tokens", "take 2 from position 3"]),
-        ([0], dict(starts=np.array([0, 0]), counts=np.array([0, 1])), ValueError, ["sequence 0", "take 0"]),
+        (
+            [1],
+            dict(starts=np.array([0, 3]), counts=np.array([1, 2])),
+            ValueError,
+            ["sequence 1", "4 tokens", "take 2 from position 3"],
+        ),
+        (
+            [0],
+            dict(starts=np.array([0, 0]), counts=np.array([0, 1])),
+            ValueError,
+            ["sequence 0", "take 0"],
+        ),
     ],
 )
 def test_fill_rejects_bad_slices(bin, kw, error, words):

@@ -1,0 +1,99 @@
+"""Load a Hugging Face checkpoint for packed forwards.
+
+Decoders (Llama, Qwen2, Mistral, ...) load with ``AutoModelForCausalLM`` (the LM head
+serves ``score``; ``embed`` runs only the base model), encoders (BERT family) with
+``AutoModel``. The attention implementation is our registered varlen backend, so
+transformers never builds a dense mask.
+"""
+
+from __future__ import annotations
+
+import logging
+from dataclasses import dataclass
+
+import torch
+from transformers import AutoConfig, AutoModel, AutoModelForCausalLM
+from transformers.models.auto.modeling_auto import (
+    MODEL_FOR_CAUSAL_LM_MAPPING_NAMES,
+    MODEL_FOR_MASKED_LM_MAPPING_NAMES,
+)
+
+from worker import attention
+from worker.config import ConfigError, EngineConfig
+
+logger = logging.getLogger(__name__)
+
+TESTED_MODEL_TYPES = frozenset({"llama", "qwen2", "mistral", "bert"})
+_DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
+
+
+@dataclass(frozen=True)
+class ModelSpec:
+    """What the engine needs to know about the loaded model."""
+
+    model_type: str
+    is_decoder: bool  # causal LM: last-token pooling by default, can score
+    hidden_size: int
+    vocab_size: int  # rows of the input embedding: token ids must be below this
+    max_position_embeddings: int | None
+    dtype: torch.dtype
+    attention_backend: str  # "flash_attn" | "torch_varlen" | "reference"
+    takes_token_type_ids: bool  # BERT family: pass zeros [1, T]
+
+
+def is_decoder(hf_config) -> bool:
+    """A causal LM: marked as a decoder, named ``*ForCausalLM``, or a causal-only family."""
+    if getattr(hf_config, "is_encoder_decoder", False):
+        raise ConfigError("model", f"encoder-decoder models ({hf_config.model_type}) are not "
+                          "supported; use a decoder-only or encoder-only checkpoint")
+    if getattr(hf_config, "is_decoder", False):
+        return True
+    archs = getattr(hf_config, "architectures", None) or []
+    if any(a.endswith(("ForCausalLM", "LMHeadModel")) for a in archs):
+        return True
+    kind = hf_config.model_type
+    causal_only = kind not in MODEL_FOR_MASKED_LM_MAPPING_NAMES
+    return kind in MODEL_FOR_CAUSAL_LM_MAPPING_NAMES and causal_only
+
+
+def resolve_dtype(requested: str, hf_config, device_type: str) -> torch.dtype:
+    """``auto``: float32 on CPU; on CUDA the checkpoint's half dtype, else bfloat16."""
+    if requested != "auto":
+        return _DTYPES[requested]
+    if device_type != "cuda":
+        return torch.float32
+    saved = getattr(hf_config, "dtype", None) or getattr(hf_config, "torch_dtype", None)
+    saved = _DTYPES.get(saved, saved) if isinstance(saved, str) else saved
+    return saved if saved in (torch.float16, torch.bfloat16) else torch.bfloat16
+
+
+def load_model(config: EngineConfig, device: torch.device) -> tuple[torch.nn.Module, ModelSpec]:
+    """``from_pretrained`` on ``device`` in eval mode with our attention registered."""
+    remote = config.trust_remote_code
+    hf_config = AutoConfig.from_pretrained(config.model, trust_remote_code=remote)
+    decoder = is_decoder(hf_config)
+    dtype = resolve_dtype(config.dtype, hf_config, device.type)
+    backend = attention.select_backend(config.attention_backend, device.type, dtype)
+    if hf_config.model_type not in TESTED_MODEL_TYPES:
+        logger.warning("model type %r is untested with packed forwards (tested: %s)",
+                       hf_config.model_type, ", ".join(sorted(TESTED_MODEL_TYPES)))
+    auto_cls = AutoModelForCausalLM if decoder else AutoModel
+    model = auto_cls.from_pretrained(
+        config.model, config=hf_config, dtype=dtype, trust_remote_code=remote,
+        attn_implementation=attention.register(backend),
+    )
+    model.to(device).eval()
+    base = model.base_model
+    spec = ModelSpec(
+        model_type=hf_config.model_type,
+        is_decoder=decoder,
+        hidden_size=hf_config.hidden_size,
+        vocab_size=int(model.get_input_embeddings().num_embeddings),
+        max_position_embeddings=getattr(hf_config, "max_position_embeddings", None),
+        dtype=dtype,
+        attention_backend=backend,
+        takes_token_type_ids=hasattr(getattr(base, "embeddings", None), "token_type_embeddings"),
+    )
+    logger.info("loaded %s (%s, %s, %s attention) on %s", config.model, spec.model_type,
+                dtype, backend, device)
+    return model, spec

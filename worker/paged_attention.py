@@ -1,0 +1,292 @@
+"""Attention over the paged KV cache for one packed step of prefill chunks and decodes.
+
+Sequence ``i`` of a step brings ``q_len`` new tokens (a prefill chunk, or 1 for a
+decode) on top of ``k_len - q_len`` tokens already cached; its new K/V are written to
+the cache first, then its queries attend to all ``k_len`` cached tokens, causal and
+aligned bottom-right::
+
+    query j of the chunk (0 <= j < q_len) sees keys 0 .. k_len - q_len + j
+    with a sliding window w also only keys > k_len - q_len + j - w
+
+Backends (``select_paged_backend``; why, measured, in docs/decisions.md):
+
+| name            | where                                    | how                             |
+|-----------------|------------------------------------------|---------------------------------|
+| ``flash_attn``  | CUDA, half, flash-attn, block % 256 == 0 | flash_attn_varlen_func(block_table) |
+| ``torch_paged`` | CUDA, half, varlen_attn(block_table)     | torch >= 2.12; block % 256 == 0 |
+| ``gather``      | CUDA, half, torch >= 2.10                | context to a scratch, varlen_attn |
+| ``reference``   | anywhere (CPU)                           | gather blocks, then SDPA        |
+
+The function registered into transformers (``install``) dispatches on the
+``packserve_paged`` forward kwarg: present -> this module; absent -> the packed
+(cache-free) backend the model was loaded with, so one model serves both paths.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import functools
+import importlib.util
+import inspect
+
+import numpy as np
+import torch
+import torch.nn.functional as F
+from transformers import AttentionInterface
+from transformers.modeling_utils import ALL_ATTENTION_FUNCTIONS
+
+from worker.kv_cache import KVCache
+
+PAGED_BACKENDS = ("flash_attn", "torch_paged", "gather", "reference")
+PAGED_KERNEL_BLOCK_MULTIPLE = 256  # FA2's paged kernels refuse other page sizes
+
+
+@dataclasses.dataclass(frozen=True)
+class PagedMetadata:
+    """Where a step's tokens go in the cache and what each sequence attends to."""
+
+    slot_mapping: torch.Tensor  # [T] int64: cache slot of each new token
+    cu_seqlens_q: torch.Tensor  # [B + 1] int32: new tokens per sequence, prefix sums
+    cu_seqlens_k: torch.Tensor  # [B + 1] int32: cached + new tokens, prefix sums
+    seqlens_k: torch.Tensor  # [B] int32: cached + new tokens
+    block_tables: torch.Tensor  # [B, W] int32: W >= the longest table; unused entries 0
+    max_seqlen_q: int
+    max_seqlen_k: int
+    host_cu_seqlens_q: np.ndarray  # [B + 1] int64 (the reference loop reads no device)
+    host_seqlens_k: np.ndarray  # [B] int64
+    block_size: int
+    context_slots: torch.Tensor | None = None  # [sum k_len] int64: ``gather`` backend only
+
+    @property
+    def num_seqs(self) -> int:
+        return int(self.host_seqlens_k.shape[0])
+
+
+@dataclasses.dataclass(frozen=True)
+class PagedContext:
+    """What the model's forward carries to every attention layer (``packserve_paged=``)."""
+
+    cache: KVCache
+    meta: PagedMetadata
+    backend: str  # one of PAGED_BACKENDS
+
+
+def context_slots(block_tables: torch.Tensor, seqlens_k: torch.Tensor,
+                  cu_seqlens_k: torch.Tensor, total_k: int, block_size: int) -> torch.Tensor:
+    """Cache slots of every sequence's whole context, back to back -> [total_k] int64."""
+    device = block_tables.device
+    seq = torch.repeat_interleave(torch.arange(seqlens_k.shape[0], device=device),
+                                  seqlens_k.long(), output_size=total_k)
+    pos = torch.arange(total_k, device=device) - cu_seqlens_k[:-1].long()[seq]
+    return block_tables.long()[seq, pos // block_size] * block_size + pos % block_size
+
+
+def build_metadata(tables: list[list[int]], num_cached, num_new, block_size: int,
+                   device, *, with_context_slots: bool = False) -> PagedMetadata:
+    """Metadata from host lists (tests, tools); the runner stages the same fields in place."""
+    num_cached = np.asarray(num_cached, np.int64)
+    num_new = np.asarray(num_new, np.int64)
+    seqlens_k = num_cached + num_new
+    cu_q = np.concatenate([[0], np.cumsum(num_new)])
+    cu_k = np.concatenate([[0], np.cumsum(seqlens_k)])
+    width = max(1, max(len(t) for t in tables))
+    bt = np.zeros((len(tables), width), np.int32)
+    for i, table in enumerate(tables):
+        bt[i, : len(table)] = table
+    bt_t = torch.from_numpy(bt)
+    slots = [np.asarray(t, np.int64)[p // block_size] * block_size + p % block_size
+             for t, p in ((tables[i], np.arange(num_cached[i], seqlens_k[i]))
+                          for i in range(len(tables)))]
+    to = functools.partial(torch.as_tensor, device=device)
+    meta = PagedMetadata(
+        to(np.concatenate(slots)), to(cu_q.astype(np.int32)), to(cu_k.astype(np.int32)),
+        to(seqlens_k.astype(np.int32)), bt_t.to(device), int(num_new.max()),
+        int(seqlens_k.max()), cu_q, seqlens_k, block_size)
+    if not with_context_slots:
+        return meta
+    slots_k = context_slots(meta.block_tables, meta.seqlens_k, meta.cu_seqlens_k,
+                            int(cu_k[-1]), block_size)
+    return dataclasses.replace(meta, context_slots=slots_k)
+
+
+# ---- backends: (q [T, Hq, D], k_cache, v_cache [N, bs, Hkv, D], meta, scale, window) ----
+
+def reference_paged(q, k_cache, v_cache, meta: PagedMetadata, scale, window) -> torch.Tensor:
+    """Decodes in one padded SDPA; each prefill chunk gathers its blocks for its own SDPA
+    with a bottom-right causal mask."""
+    out = torch.empty_like(q)
+    cu, lens, bs = meta.host_cu_seqlens_q, meta.host_seqlens_k, meta.block_size
+    q_lens = np.diff(cu)
+    decodes = np.flatnonzero(q_lens == 1)
+    if decodes.size:
+        _reference_decodes(q, k_cache, v_cache, meta, scale, window, decodes, out)
+    for i in np.flatnonzero(q_lens > 1):  # per prefill chunk, every layer: the CPU path
+        start, end, k_len = int(cu[i]), int(cu[i + 1]), int(lens[i])
+        blocks = meta.block_tables[i, : -(-k_len // bs)].long()
+        k = k_cache[blocks].flatten(0, 1)[:k_len].transpose(0, 1)
+        v = v_cache[blocks].flatten(0, 1)[:k_len].transpose(0, 1)
+        mask = bottom_right_mask(end - start, k_len, window, q.device)
+        o = F.scaled_dot_product_attention(
+            q[start:end].transpose(0, 1), k, v, attn_mask=mask, scale=scale,
+            is_causal=mask is None and end - start == k_len, enable_gqa=True)
+        out[start:end] = o.transpose(0, 1)
+    return out
+
+
+def _reference_decodes(q, k_cache, v_cache, meta, scale, window, decodes, out) -> None:
+    """Every one-token query at once: contexts gathered into [n, max_k] padded rows."""
+    device, bs = q.device, meta.block_size
+    idx = torch.from_numpy(decodes).to(device)
+    k_lens = torch.from_numpy(meta.host_seqlens_k[decodes]).to(device)
+    max_k = int(meta.host_seqlens_k[decodes].max())
+    pos = torch.arange(max_k, device=device)
+    slots = meta.block_tables[idx][:, pos // bs].long() * bs + pos % bs  # [n, max_k]
+    h, d = k_cache.shape[-2:]
+    k = k_cache.view(-1, h, d)[slots].transpose(1, 2)  # [n, Hkv, max_k, D]
+    v = v_cache.view(-1, h, d)[slots].transpose(1, 2)
+    valid = pos[None, :] < k_lens[:, None]
+    if window:
+        valid &= pos[None, :] > k_lens[:, None] - 1 - window
+    rows = torch.from_numpy(meta.host_cu_seqlens_q[decodes]).to(device)
+    o = F.scaled_dot_product_attention(q[rows][:, :, None], k, v, attn_mask=valid[:, None, None],
+                                       scale=scale, enable_gqa=True)
+    out[rows] = o[:, :, 0]
+
+
+def bottom_right_mask(q_len: int, k_len: int, window, device) -> torch.Tensor | None:
+    """[q_len, k_len] bool (True = attend); None when plain SDPA does the same."""
+    if (q_len == 1 or q_len == k_len) and (not window or k_len <= window):
+        return None  # a decode sees everything; a full prefill is top-left == bottom-right
+    qpos = torch.arange(k_len - q_len, k_len, device=device)[:, None]
+    kpos = torch.arange(k_len, device=device)[None, :]
+    mask = kpos <= qpos
+    if window:
+        mask &= kpos > qpos - window
+    return mask
+
+
+def gather_paged(q, k_cache, v_cache, meta: PagedMetadata, scale, window) -> torch.Tensor:
+    """Copy every sequence's context into a contiguous scratch, then ``varlen_attn``
+    (FlashAttention-2 in torch; causal aligned bottom-right like flash-attn >= 2.1)."""
+    from torch.nn.attention.varlen import varlen_attn
+
+    if meta.context_slots is None:
+        raise ValueError("the gather backend needs PagedMetadata.context_slots")
+    h, d = k_cache.shape[-2:]
+    k = k_cache.view(-1, h, d).index_select(0, meta.context_slots)
+    v = v_cache.view(-1, h, d).index_select(0, meta.context_slots)
+    q, extra = _varlen_extra(q, h, scale, window)
+    if "enable_gqa" not in extra and q.shape[1] != h:
+        rep = q.shape[1] // h
+        k, v = k.repeat_interleave(rep, dim=1), v.repeat_interleave(rep, dim=1)
+    return varlen_attn(q, k, v, meta.cu_seqlens_q, meta.cu_seqlens_k, meta.max_seqlen_q,
+                       meta.max_seqlen_k, **extra)
+
+
+def torch_paged(q, k_cache, v_cache, meta: PagedMetadata, scale, window) -> torch.Tensor:
+    """``varlen_attn`` reading the page pool through ``block_table`` (torch >= 2.12)."""
+    from torch.nn.attention.varlen import varlen_attn
+
+    q, extra = _varlen_extra(q, k_cache.shape[-2], scale, window)
+    return varlen_attn(q, k_cache, v_cache, meta.cu_seqlens_q, meta.cu_seqlens_k,
+                       meta.max_seqlen_q, meta.max_seqlen_k, seqused_k=meta.seqlens_k,
+                       block_table=meta.block_tables, **extra)
+
+
+def flash_attn_paged(q, k_cache, v_cache, meta: PagedMetadata, scale, window) -> torch.Tensor:
+    """flash-attn's varlen kernel over the page pool (``block_table``; GQA native)."""
+    from flash_attn import flash_attn_varlen_func
+
+    return flash_attn_varlen_func(
+        q, k_cache, v_cache, meta.cu_seqlens_q, meta.cu_seqlens_k, meta.max_seqlen_q,
+        meta.max_seqlen_k, softmax_scale=scale, causal=True,
+        window_size=(window - 1 if window else -1, 0), block_table=meta.block_tables)
+
+
+@functools.cache
+def _varlen_params() -> frozenset[str]:
+    from torch.nn.attention.varlen import varlen_attn
+
+    return frozenset(inspect.signature(varlen_attn).parameters)
+
+
+def _varlen_extra(q, num_kv_heads: int, scale, window):
+    """(q, keywords) for the installed ``varlen_attn``: causal, scale and GQA. Without
+    ``enable_gqa`` in the signature the caller repeats K/V heads."""
+    params, extra = _varlen_params(), {}
+    if "window_size" in params:  # torch >= 2.11: (-1, 0) is causal
+        extra["window_size"] = (window - 1 if window else -1, 0)
+    else:  # torch 2.10
+        if window:
+            raise NotImplementedError("sliding-window attention needs torch >= 2.11")
+        extra["is_causal"] = True
+    if "scale" in params:
+        extra["scale"] = scale
+    elif scale is not None:
+        q = q * (scale * q.shape[-1] ** 0.5)
+    if q.shape[1] != num_kv_heads and "enable_gqa" in params:
+        extra["enable_gqa"] = True
+    return q, extra
+
+
+_BACKENDS = {"flash_attn": flash_attn_paged, "torch_paged": torch_paged,
+             "gather": gather_paged, "reference": reference_paged}
+
+
+# ---- selection and registration --------------------------------------------------------
+
+def torch_paged_available() -> bool:
+    try:
+        return "block_table" in _varlen_params()
+    except ImportError:
+        return False
+
+
+def select_paged_backend(device_type: str, dtype: torch.dtype, block_size: int) -> str:
+    """The fastest backend that runs here (see the module table)."""
+    if device_type != "cuda" or dtype not in (torch.float16, torch.bfloat16):
+        return "reference"
+    paged_ok = block_size % PAGED_KERNEL_BLOCK_MULTIPLE == 0
+    if paged_ok and importlib.util.find_spec("flash_attn") is not None:
+        return "flash_attn"
+    if paged_ok and torch_paged_available():
+        return "torch_paged"
+    try:
+        _varlen_params()
+    except ImportError:
+        return "reference"
+    return "gather"
+
+
+def paged_attention_forward(module, query, key, value, attention_mask, scaling=None,
+                            sliding_window=None, packserve_paged: PagedContext = None, **_):
+    """transformers layout in ([1, H, T, D]), ([1, T, Hq, D], None) out."""
+    if attention_mask is not None:
+        raise ValueError("paged attention received a dense attention_mask; the model built "
+                         "its own mask and is not supported by packserve's paged backends")
+    ctx, layer = packserve_paged, module.layer_idx
+    q, k, v = query[0].transpose(0, 1), key[0].transpose(0, 1), value[0].transpose(0, 1)
+    ctx.cache.write(layer, k, v, ctx.meta.slot_mapping)
+    out = _BACKENDS[ctx.backend](q, ctx.cache.key(layer), ctx.cache.value(layer), ctx.meta,
+                                 scaling, sliding_window)
+    return out.unsqueeze(0), None
+
+
+def install(name: str) -> None:
+    """Make the attention registered as ``name`` take the paged path when a forward
+    carries ``packserve_paged``. Idempotent and cheap: the runner calls it before every
+    generation forward, because loading another engine re-registers ``name`` unwrapped
+    (and the packed function would silently ignore the paged kwarg)."""
+    inner = ALL_ATTENTION_FUNCTIONS[name]
+    if getattr(inner, "_packserve_paged", False):
+        return
+
+    def dispatch(module, query, key, value, attention_mask, *args, packserve_paged=None,
+                 **kwargs):
+        if packserve_paged is None:
+            return inner(module, query, key, value, attention_mask, *args, **kwargs)
+        return paged_attention_forward(module, query, key, value, attention_mask, *args,
+                                       packserve_paged=packserve_paged, **kwargs)
+
+    dispatch._packserve_paged = True
+    AttentionInterface.register(name, dispatch)
