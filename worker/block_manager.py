@@ -86,6 +86,20 @@ class BlockManager:
         self._num_tokens[seq_id] = self.num_tokens(seq_id) + num_new_tokens
         return AllocStatus.OK
 
+    def trim(self, seq_id: int, num_tokens: int) -> None:
+        """Keep slots for ``seq_id``'s first ``num_tokens`` tokens only; return the blocks
+        past them (undoes the reservations of a step that did not run)."""
+        if not 0 <= num_tokens <= self.num_tokens(seq_id):
+            raise ValueError(f"cannot trim sequence {seq_id} to {num_tokens} tokens: it "
+                             f"holds {self.num_tokens(seq_id)}")
+        if seq_id not in self._tables:
+            return
+        table = self._tables[seq_id]
+        keep = -(-num_tokens // self.block_size)
+        self._free.extend(reversed(table[keep:]))
+        del table[keep:]
+        self._num_tokens[seq_id] = num_tokens
+
     def free(self, seq_id: int) -> int:
         """Return every block of ``seq_id`` to the free list; the number returned."""
         table = self._tables.pop(seq_id, None)

@@ -52,9 +52,10 @@ class EngineStats:
     num_tokens: int = 0  # real tokens run
     num_requests_finished: int = 0
     num_requests_failed: int = 0  # failed while running (out of memory alone)
-    num_oom: int = 0  # bins that ran out of memory (each shrank the budget)
+    num_oom: int = 0  # bins or generation steps that ran out of memory (each shrank a budget)
     token_budget: int = 0  # current budget per bin
     num_generated_tokens: int = 0
+    gen_token_budget: int = 0  # current generation step budget (0 until generation starts)
 
 
 class Engine(GenerateAPI):

@@ -17,6 +17,7 @@ from collections.abc import Sequence as Seq
 
 from worker.errors import EngineDeadError, InvalidRequestError, UnsupportedTaskError
 from worker.gen_output import DeltaTracker, GenerationDelta, GenerationOutput
+from worker.gen_scheduler import GenSchedulerOutput
 from worker.generation import Generation, GenerationSettings
 from worker.sampling import SamplingParams
 from worker.sequence import Sequence
@@ -130,13 +131,31 @@ class GenerateAPI:
             err.__cause__ = exc
             self._die(err)
             raise
+        if result is None:
+            return self._recover_generation_oom(gen, out)
         finished = gen.postprocess(out, result)
         s = self._stats
         s.num_steps += 1
         s.num_tokens += out.num_tokens
         s.num_generated_tokens += len(result[0])
         s.num_requests_finished += len(finished)
+        s.gen_token_budget = gen.scheduler.max_num_batched_tokens  # may have regrown
         return len(finished)
+
+    def _recover_generation_oom(self, gen: Generation, out: GenSchedulerOutput) -> int:
+        """The step's forward ran out of memory; nothing was postprocessed. Free the
+        allocator cache, shrink the step budget, and let the next step reschedule."""
+        self.device.empty_cache()
+        before = gen.scheduler.max_num_batched_tokens
+        failed = gen.recover_from_oom(out, self.config.align)
+        s = self._stats
+        s.num_oom += 1
+        s.num_requests_failed += len(failed)
+        s.gen_token_budget = gen.scheduler.max_num_batched_tokens
+        logger.warning("out of memory on a generation step of %d tokens (%d sequences): step "
+                       "budget %d -> %d, %d running, %d failed", out.num_tokens, len(out.seqs),
+                       before, s.gen_token_budget, len(gen.scheduler.running), len(failed))
+        return len(failed)
 
     def _generation_has_work(self) -> bool:
         return self._gen is not None and self._gen.has_work()
@@ -161,6 +180,7 @@ class GenerateAPI:
                         "takes the rest)", self.scheduler.token_budget,
                         settings.max_num_batched_tokens)
             self.scheduler.token_budget = settings.max_num_batched_tokens
+        self._stats.gen_token_budget = settings.max_num_batched_tokens
         model = self.runner.model
         return Generation(model, self.device, settings, max_model_len=self.config.max_model_len,
                           vocab_size=self.spec.vocab_size, report=report,

@@ -13,11 +13,15 @@ Keep this file minimal. The step's host inputs are laid out in one persistent bu
 
 The host waits for every step's sampled tokens (the next step's inputs depend on
 them), so one buffer is enough: it is never refilled while its copy is in flight.
+
+Out of memory in the forward: ``run`` returns None and the engine recovers (see
+``Generation.recover_from_oom``); sampling never ran, so no generator advanced.
 """
 
 from __future__ import annotations
 
 import dataclasses
+from collections.abc import Callable
 
 import numpy as np
 import torch
@@ -27,6 +31,7 @@ from worker.block_manager import BlockManager
 from worker.gen_scheduler import GenSchedulerOutput
 from worker.kv_cache import KVCache
 from worker.paged_attention import PagedContext, PagedMetadata, context_slots, install
+from worker.probe import is_out_of_memory
 from worker.sampling import SampledTokens, Sampler
 from worker.sequence import Sequence
 
@@ -84,20 +89,39 @@ class GenRunner:
         self.host = torch.zeros(words, dtype=torch.int64, pin_memory=device.pin_memory)
         self.dev = (torch.empty(words, dtype=torch.int64, device=device.device)
                     if device.needs_copy else self.host)
+        # Test-only fault injection: called as fault_hook(num_tokens, num_seqs) before
+        # every forward; raise torch.OutOfMemoryError from it to exercise OOM recovery.
+        self.fault_hook: Callable[[int, int], None] | None = None
 
     def release(self, seq: Sequence) -> None:
         """Forget ``seq``'s tokens (it finished or was preempted)."""
         self.table.release(seq.seq_id)
 
     @torch.inference_mode()
-    def run(self, out: GenSchedulerOutput) -> tuple[list[Sequence], SampledTokens]:
-        """Run the step; returns the sequences that sampled and their new tokens."""
+    def run(self, out: GenSchedulerOutput) -> tuple[list[Sequence], SampledTokens] | None:
+        """Run the step; returns the sequences that sampled and their new tokens, or None
+        when the forward ran out of device memory. The K/V it wrote then sit in slots
+        not counted as computed, and are written again when the tokens are rescheduled.
+        Out of memory while sampling is not caught: generators may have advanced."""
         install(self.attn_name)
         rows, starts, picked = self._rows(out)
         samplers = [out.seqs[i] for i in picked]
+        try:
+            logits = self._logits(out, rows, starts, picked)
+        except RuntimeError as exc:  # torch.OutOfMemoryError is a RuntimeError
+            if not is_out_of_memory(exc):
+                raise
+            return None  # leaving the except block frees the traceback's tensors
+        params = [s.params for s in samplers]
+        return samplers, self.sampler.sample(logits, params, [s.generator for s in samplers])
+
+    def _logits(self, out: GenSchedulerOutput, rows, starts, picked) -> torch.Tensor:
+        """Stage and forward the step -> [len(picked), vocab] fp32 logits."""
         lay = _Layout(out.num_tokens, len(picked), len(out.seqs),
                       max(len(self.blocks.block_table(s.seq_id)) for s in out.seqs))
         cu_q, seqlens_k, max_q = self._fill_host(out, rows, starts, picked, lay)
+        if self.fault_hook is not None:
+            self.fault_hook(out.num_tokens, len(out.seqs))
         dev = self._copy(lay.words)
         meta = self._metadata(dev, lay, cu_q, seqlens_k, max_q)
         ctx = PagedContext(self.cache, meta, self.backend)
@@ -107,8 +131,7 @@ class GenRunner:
         logits = self.head(hidden.index_select(0, dev[3 * lay.t: lay.i32])).float()
         if self.softcap:
             logits = torch.tanh(logits / self.softcap) * self.softcap
-        params = [s.params for s in samplers]
-        return samplers, self.sampler.sample(logits, params, [s.generator for s in samplers])
+        return logits
 
     def _rows(self, out: GenSchedulerOutput):
         """Token-table rows, chunk starts, and which sequences sample, in step order."""

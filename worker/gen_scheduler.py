@@ -17,6 +17,12 @@ Out of KV blocks: a decode, or a prefill that cannot fit even one token, preempt
 newest running sequence not yet scheduled this step (recompute: its blocks are freed at
 once and it goes back to the waiting queue in arrival order; its tokens are kept and
 prefilled again). A decode that is itself the newest preempts itself.
+
+Out of device memory (the step's forward raised): ``undo`` returns the step's slot
+reservations, then ``shrink_budget`` sets the budget to 90% of the failed step (aligned
+down), for good. Every running sequence must keep its decode row, so at most ``budget``
+sequences run: when the new budget is below the running count, the newest running
+sequences are preempted (recompute) down to it, and admission stops at the budget too.
 """
 
 from __future__ import annotations
@@ -24,11 +30,14 @@ from __future__ import annotations
 import bisect
 import enum
 import itertools
+import logging
 from collections import deque
 from dataclasses import dataclass, field
 
 from worker.block_manager import AllocStatus, BlockInvariantError, BlockManager
 from worker.sequence import FinishReason, SeqStatus, Sequence
+
+logger = logging.getLogger(__name__)
 
 
 class StopReason(str, enum.Enum):
@@ -58,6 +67,11 @@ class GenSchedulerOutput:
 class GenScheduler:
     """Waiting queue and running set over one ``BlockManager``."""
 
+    # After an out-of-memory shrink, this many clean steps in a row double the budget
+    # again, up to the configured one: a transient spike (another process, a burst of
+    # long prompts) must not cap the engine for the rest of its life.
+    regrow_after_steps = 256
+
     def __init__(self, blocks: BlockManager, *, max_num_batched_tokens: int,
                  max_num_seqs: int, max_prefill_chunk: int = 0):
         if not 1 <= max_num_seqs <= max_num_batched_tokens:
@@ -66,6 +80,8 @@ class GenScheduler:
                              "running decode must fit in one step")
         self.blocks = blocks
         self.max_num_batched_tokens, self.max_num_seqs = max_num_batched_tokens, max_num_seqs
+        self.configured_num_batched_tokens = max_num_batched_tokens  # the regrow ceiling
+        self._clean_steps = 0  # steps since the last out-of-memory shrink
         self.max_prefill_chunk = max_prefill_chunk
         self.waiting: deque[Sequence] = deque()  # arrival order
         self.running: list[Sequence] = []  # arrival order; every one holds blocks
@@ -110,6 +126,43 @@ class GenScheduler:
         for seq, n in zip(out.seqs, out.num_new_tokens):  # per scheduled sequence
             if seq.status is SeqStatus.RUNNING:
                 seq.num_computed += n
+        self._maybe_regrow()
+
+    def _maybe_regrow(self) -> None:
+        if self.max_num_batched_tokens >= self.configured_num_batched_tokens:
+            return
+        self._clean_steps += 1
+        if self._clean_steps >= self.regrow_after_steps:
+            self._clean_steps = 0
+            self.max_num_batched_tokens = min(self.configured_num_batched_tokens,
+                                              2 * self.max_num_batched_tokens)
+            logger.info("generation step budget regrown to %d tokens",
+                        self.max_num_batched_tokens)
+
+    def undo(self, out: GenSchedulerOutput) -> None:
+        """``out`` did not run: return the slots it reserved (a running sequence holds
+        exactly its ``num_computed`` tokens between steps). Admitted sequences stay
+        running, with no slots."""
+        for seq in out.seqs:  # per scheduled sequence of the failed step
+            if seq.status is SeqStatus.RUNNING:
+                self.blocks.trim(seq.seq_id, seq.num_computed)
+
+    def shrink_budget(self, failed_num_tokens: int, align: int) -> list[Sequence]:
+        """After a step of ``failed_num_tokens`` ran out of memory (and ``undo``): the
+        budget becomes 90% of it, aligned down to ``align`` when at least that, and at
+        least 1; ``regrow_after_steps`` clean steps later it doubles again (up to the
+        configured budget). The newest running sequences are preempted until every
+        running decode fits the budget; returns them."""
+        self._clean_steps = 0
+        target = int(failed_num_tokens * 0.9)
+        if target >= align:
+            target -= target % align
+        self.max_num_batched_tokens = min(self.max_num_batched_tokens, max(1, target))
+        preempted = []
+        while len(self.running) > self.max_num_batched_tokens:  # newest first
+            preempted.append(self.running[-1])
+            self._preempt(self.running[-1])
+        return preempted
 
     def check_invariants(self) -> None:
         """Blocks are consistent and owned exactly by the running sequences."""
@@ -131,7 +184,8 @@ class GenScheduler:
         """One slot for ``seq``'s decode, preempting the newest others as needed."""
         while self.blocks.allocate(seq.seq_id, 1) is AllocStatus.OUT_OF_BLOCKS:
             victim = self.running[-1]
-            self._preempt(victim, step)
+            self._preempt(victim)
+            step.preempted.append(victim)
             if victim is seq:
                 return False
         return True
@@ -154,8 +208,8 @@ class GenScheduler:
             seq = self.waiting[0]
             if seq in step.preempted:  # just lost its blocks: admitting it again would thrash
                 return StopReason.OUT_OF_BLOCKS
-            if len(self.running) >= self.max_num_seqs:
-                return StopReason.MAX_NUM_SEQS
+            if len(self.running) >= min(self.max_num_seqs, self.max_num_batched_tokens):
+                return StopReason.MAX_NUM_SEQS  # the budget caps it after an OOM shrink
             n = self._chunk(seq, step.budget)
             if n == 0:
                 return StopReason.TOKEN_BUDGET
@@ -182,11 +236,12 @@ class GenScheduler:
             if victim.arrival <= seq.arrival:
                 return False
             if victim not in step.scheduled:  # scheduled ones already hold this step's slots
-                self._preempt(victim, step)
+                self._preempt(victim)
+                step.preempted.append(victim)
                 return True
         return False
 
-    def _preempt(self, seq: Sequence, step: _Step) -> None:
+    def _preempt(self, seq: Sequence) -> None:
         self.running.remove(seq)
         self.blocks.free(seq.seq_id)
         seq.num_computed, seq.status = 0, SeqStatus.WAITING
@@ -195,7 +250,6 @@ class GenScheduler:
         while i < len(self.waiting) and self.waiting[i].arrival < seq.arrival:
             i += 1  # preempted sequences are older than most waiting ones: a short scan
         self.waiting.insert(i, seq)
-        step.preempted.append(seq)
 
 
 def _by_arrival(seq: Sequence) -> int:

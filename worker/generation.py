@@ -3,7 +3,8 @@
 ``Generation`` composes one manager per resource (``BlockManager`` for KV blocks,
 ``GenScheduler`` for the per-step token budget, ``GenRunner`` for the forward and the
 sampler, ``OutputProcessor`` for stop rules and text) and exposes the engine's three
-step calls: ``schedule``, ``run``, ``postprocess``. Requests come in through
+step calls: ``schedule``, ``run``, ``postprocess`` (or ``recover_from_oom`` when the
+forward ran out of device memory). Requests come in through
 ``submit`` (any thread); everything else runs under the engine's step lock.
 """
 
@@ -18,7 +19,7 @@ import torch
 
 from worker.block_manager import BlockManager
 from worker.config import ConfigError
-from worker.errors import InvalidRequestError
+from worker.errors import InvalidRequestError, RequestOutOfMemoryError
 from worker.gen_output import OutputProcessor
 from worker.gen_runner import GenRunner
 from worker.gen_scheduler import GenScheduler, GenSchedulerOutput
@@ -198,8 +199,25 @@ class Generation:
                                f"{self.scheduler.num_unfinished} requests unfinished")
         return out
 
-    def run(self, out: GenSchedulerOutput) -> tuple[list[Sequence], SampledTokens]:
+    def run(self, out: GenSchedulerOutput) -> tuple[list[Sequence], SampledTokens] | None:
+        """The step's sampled tokens; None when its forward ran out of device memory."""
         return self.runner.run(out)
+
+    def recover_from_oom(self, out: GenSchedulerOutput, align: int) -> list[Sequence]:
+        """``out``'s forward ran out of device memory and nothing advanced: return its KV
+        slots and shrink the step budget (preempting the newest sequences if the decodes
+        alone no longer fit; see ``GenScheduler.shrink_budget``). A step of one token
+        cannot shrink: its sequence fails alone with ``RequestOutOfMemoryError``.
+        Returns the sequences failed."""
+        self.scheduler.undo(out)
+        failed = []
+        if out.num_tokens == 1:
+            seq = out.seqs[0]
+            self._fail(seq, RequestOutOfMemoryError(seq.num_tokens, 1))
+            failed.append(seq)
+        for seq in self.scheduler.shrink_budget(out.num_tokens, align):  # newest first
+            self.runner.release(seq)
+        return failed
 
     def postprocess(self, out: GenSchedulerOutput,
                     result: tuple[list[Sequence], SampledTokens]) -> list[Sequence]:
@@ -227,8 +245,11 @@ class Generation:
         """Abort every unfinished request with ``error`` (engine shutdown or death)."""
         self._drain_intake()
         for seq in list(self._live.values()):  # once per unfinished request
-            seq.error = error
-            self._finish(seq, FinishReason.ABORT)
+            self._fail(seq, error)
+
+    def _fail(self, seq: Sequence, error: BaseException) -> None:
+        seq.error = error
+        self._finish(seq, FinishReason.ABORT)
 
     def _finish(self, seq: Sequence, reason: FinishReason) -> None:
         if seq.finished:

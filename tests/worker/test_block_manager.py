@@ -105,3 +105,17 @@ def test_bad_arguments():
         BlockManager(0, 16)
     with pytest.raises(ValueError, match="num_new_tokens"):
         BlockManager(2, 16).allocate(0, -1)
+
+
+def test_trim_returns_the_blocks_past_the_kept_tokens():
+    bm = BlockManager(6, 4)
+    bm.allocate(1, 5)
+    bm.allocate(1, 6)  # 11 tokens: 3 blocks
+    bm.trim(1, 5)
+    assert bm.num_tokens(1) == 5 and len(bm.block_table(1)) == 2 and bm.num_free_blocks == 4
+    bm.trim(1, 0)
+    assert bm.has(1) and bm.block_table(1) == [] and bm.num_free_blocks == 6
+    bm.check_invariants()
+    bm.trim(2, 0)  # unknown: nothing to do
+    with pytest.raises(ValueError, match="cannot trim"):
+        bm.trim(1, 1)
