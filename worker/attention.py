@@ -72,10 +72,22 @@ def select_backend(requested: str, device_type: str, dtype: torch.dtype) -> str:
 
 
 def register(backend: str) -> str:
-    """Register ``backend`` with transformers; returns the ``attn_implementation`` name."""
+    """Register ``backend`` with transformers; returns the ``attn_implementation`` name.
+
+    The registered function serves both paths of one model: a forward that carries
+    ``packserve_paged=`` (a ``PagedContext``, generation over the KV cache) goes to that
+    context; any other forward runs the packed, cache-free ``backend``.
+    """
     name = BACKEND_NAMES[backend]
-    AttentionInterface.register(name, _FUNCTIONS[backend])
+    AttentionInterface.register(name, functools.partial(_dispatch, _FUNCTIONS[backend]))
     return name
+
+
+def _dispatch(packed, module, query, key, value, attention_mask, *args, packserve_paged=None,
+              **kwargs):
+    if packserve_paged is None:
+        return packed(module, query, key, value, attention_mask, *args, **kwargs)
+    return packserve_paged.attend(module, query, key, value, attention_mask, *args, **kwargs)
 
 
 def check_no_mask(attention_mask) -> None:
@@ -90,7 +102,7 @@ def _is_causal(module, is_causal) -> bool:
     return bool(is_causal if is_causal is not None else getattr(module, "is_causal", True))
 
 
-def _window(sliding_window, causal: bool) -> tuple[int, int]:
+def varlen_window(sliding_window, causal: bool) -> tuple[int, int]:
     """flash-attn style (left, right) window; -1 = unbounded."""
     left = sliding_window - 1 if sliding_window else -1
     return left, 0 if causal else left
@@ -148,24 +160,9 @@ def torch_varlen_attention(module, query, key, value, attention_mask, scaling=No
 
     causal = _is_causal(module, is_causal)
     q, k, v = _to_varlen(query, key, value)
-    params = _varlen_params()
-    extra = {}
-    if "is_causal" in params:  # torch 2.10
-        if sliding_window:
-            raise NotImplementedError("sliding-window attention needs torch >= 2.11 varlen_attn")
-        extra["is_causal"] = causal
-    else:  # torch >= 2.11: causal is window (-1, 0)
-        extra["window_size"] = _window(sliding_window, causal)
-    if "scale" in params:
-        extra["scale"] = scaling
-    elif scaling is not None:
-        q = q * (scaling * q.shape[-1] ** 0.5)
-    if q.shape[1] != k.shape[1]:
-        if "enable_gqa" in params:
-            extra["enable_gqa"] = True
-        else:
-            rep = q.shape[1] // k.shape[1]
-            k, v = k.repeat_interleave(rep, dim=1), v.repeat_interleave(rep, dim=1)
+    q, extra, rep = varlen_kwargs(q, k.shape[1], scaling, sliding_window, causal)
+    if rep > 1:
+        k, v = k.repeat_interleave(rep, dim=1), v.repeat_interleave(rep, dim=1)
     cu_k = cu_seq_lens_k if cu_seq_lens_k is not None else cu_seq_lens_q
     max_k = max_length_k if max_length_k is not None else max_length_q
     out = varlen_attn(q, k, v, cu_seq_lens_q, cu_k, max_length_q, max_k, **extra)
@@ -173,10 +170,42 @@ def torch_varlen_attention(module, query, key, value, attention_mask, scaling=No
 
 
 @functools.cache
-def _varlen_params() -> frozenset[str]:
+def varlen_params() -> frozenset[str]:
+    """Parameter names of the installed ``varlen_attn`` (its signature moved between
+    torch 2.10, 2.11 and 2.12)."""
     from torch.nn.attention.varlen import varlen_attn
 
     return frozenset(inspect.signature(varlen_attn).parameters)
+
+
+def varlen_kwargs(q: torch.Tensor, num_kv_heads: int, scaling, sliding_window, causal: bool):
+    """(q, keywords, kv_repeat) for the installed ``varlen_attn``, q as [T, Hq, D].
+
+    ==========  ================================  ===================================
+    torch       causal / window                   GQA
+    ==========  ================================  ===================================
+    2.10        ``is_causal`` (no window)          caller repeats K/V ``kv_repeat`` x
+    2.11        ``window_size=(left, 0)``          caller repeats K/V ``kv_repeat`` x
+    2.12+       ``window_size=(left, 0)``          ``enable_gqa=True`` (kv_repeat 1)
+    ==========  ================================  ===================================
+
+    Without a ``scale`` parameter the scale is folded into q.
+    """
+    params, extra = varlen_params(), {}
+    if "window_size" in params:
+        extra["window_size"] = varlen_window(sliding_window, causal)
+    else:
+        if sliding_window:
+            raise NotImplementedError("sliding-window attention needs torch >= 2.11 varlen_attn")
+        extra["is_causal"] = causal
+    if "scale" in params:
+        extra["scale"] = scaling
+    elif scaling is not None:
+        q = q * (scaling * q.shape[-1] ** 0.5)
+    rep = q.shape[1] // num_kv_heads
+    if rep > 1 and "enable_gqa" in params:
+        extra["enable_gqa"], rep = True, 1
+    return q, extra, rep
 
 
 def flash_attn_attention(module, query, key, value, attention_mask, scaling=None, dropout=0.0,
@@ -195,7 +224,7 @@ def flash_attn_attention(module, query, key, value, attention_mask, scaling=None
         max_length_q,
         max_length_k if max_length_k is not None else max_length_q,
         dropout_p=0.0, softmax_scale=scaling, causal=causal,
-        window_size=_window(sliding_window, causal),
+        window_size=varlen_window(sliding_window, causal),
     )
     return out.unsqueeze(0), None
 

@@ -29,6 +29,16 @@ def resolve_max_model_len(config: EngineConfig, spec) -> int:
     return config.max_model_len
 
 
+def shrunk_budget(failed_num_tokens: int, align: int, minimum: int) -> int:
+    """The budget after a step of ``failed_num_tokens`` ran out of memory: 90% of it,
+    rounded down to ``align`` when at least ``align``, and never below ``minimum``
+    (``align`` for pooled bins, 1 for generation steps, which may be single decodes)."""
+    target = int(failed_num_tokens * 0.9)
+    if target >= align:
+        target -= target % align
+    return max(minimum, target)
+
+
 def probe_settings(config: EngineConfig, max_model_len: int):
     from worker.probe import ProbeSettings
 

@@ -30,7 +30,7 @@ import packing_cy
 from worker.block_manager import BlockManager
 from worker.gen_scheduler import GenSchedulerOutput
 from worker.kv_cache import KVCache
-from worker.paged_attention import PagedContext, PagedMetadata, context_slots, install
+from worker.paged_attention import PagedContext, PagedMetadata, context_slots
 from worker.probe import is_out_of_memory
 from worker.sampling import SampledTokens, Sampler
 from worker.sequence import Sequence
@@ -77,7 +77,6 @@ class GenRunner:
                  backend: str, max_num_batched_tokens: int, max_num_seqs: int,
                  max_model_len: int):
         self.model, self.cache, self.blocks, self.device = model, cache, blocks, device
-        self.attn_name = model.config._attn_implementation
         self.base, self.head = model.base_model, model.get_output_embeddings()
         self.softcap = getattr(model.config, "final_logit_softcapping", None)
         self.backend, self.sampler = backend, Sampler()
@@ -103,7 +102,6 @@ class GenRunner:
         when the forward ran out of device memory. The K/V it wrote then sit in slots
         not counted as computed, and are written again when the tokens are rescheduled.
         Out of memory while sampling is not caught: generators may have advanced."""
-        install(self.attn_name)
         rows, starts, picked = self._rows(out)
         samplers = [out.seqs[i] for i in picked]
         try:

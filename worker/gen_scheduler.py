@@ -35,6 +35,7 @@ from collections import deque
 from dataclasses import dataclass, field
 
 from worker.block_manager import AllocStatus, BlockInvariantError, BlockManager
+from worker.budget import shrunk_budget
 from worker.sequence import FinishReason, SeqStatus, Sequence
 
 logger = logging.getLogger(__name__)
@@ -154,10 +155,8 @@ class GenScheduler:
         configured budget). The newest running sequences are preempted until every
         running decode fits the budget; returns them."""
         self._clean_steps = 0
-        target = int(failed_num_tokens * 0.9)
-        if target >= align:
-            target -= target % align
-        self.max_num_batched_tokens = min(self.max_num_batched_tokens, max(1, target))
+        self.max_num_batched_tokens = min(self.max_num_batched_tokens,
+                                          shrunk_budget(failed_num_tokens, align, minimum=1))
         preempted = []
         while len(self.running) > self.max_num_batched_tokens:  # newest first
             preempted.append(self.running[-1])

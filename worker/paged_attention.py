@@ -17,24 +17,28 @@ Backends (``select_paged_backend``; why, measured, in docs/decisions.md):
 | ``gather``      | CUDA, half, torch >= 2.10                | context to a scratch, varlen_attn |
 | ``reference``   | anywhere (CPU)                           | gather blocks, then SDPA        |
 
-The function registered into transformers (``install``) dispatches on the
-``packserve_paged`` forward kwarg: present -> this module; absent -> the packed
-(cache-free) backend the model was loaded with, so one model serves both paths.
+The function ``worker.attention.register`` puts into transformers dispatches on the
+``packserve_paged`` forward kwarg: present -> ``PagedContext.attend`` (this module);
+absent -> the packed (cache-free) backend the model was loaded with, so one model
+serves both paths.
 """
 
 from __future__ import annotations
 
 import dataclasses
 import functools
-import importlib.util
-import inspect
 
 import numpy as np
 import torch
 import torch.nn.functional as F
-from transformers import AttentionInterface
-from transformers.modeling_utils import ALL_ATTENTION_FUNCTIONS
 
+from worker.attention import (
+    flash_attn_available,
+    torch_varlen_available,
+    varlen_kwargs,
+    varlen_params,
+    varlen_window,
+)
 from worker.kv_cache import KVCache
 
 PAGED_BACKENDS = ("flash_attn", "torch_paged", "gather", "reference")
@@ -69,6 +73,20 @@ class PagedContext:
     cache: KVCache
     meta: PagedMetadata
     backend: str  # one of PAGED_BACKENDS
+
+    def attend(self, module, query, key, value, attention_mask, scaling=None,
+               sliding_window=None, **_):
+        """One layer: transformers layout in ([1, H, T, D]), ([1, T, Hq, D], None) out."""
+        if attention_mask is not None:
+            raise ValueError("paged attention received a dense attention_mask; the model "
+                             "built its own mask and is not supported by packserve's paged "
+                             "backends")
+        layer = module.layer_idx
+        q, k, v = query[0].transpose(0, 1), key[0].transpose(0, 1), value[0].transpose(0, 1)
+        self.cache.write(layer, k, v, self.meta.slot_mapping)
+        out = _BACKENDS[self.backend](q, self.cache.key(layer), self.cache.value(layer),
+                                      self.meta, scaling, sliding_window)
+        return out.unsqueeze(0), None
 
 
 def context_slots(block_tables: torch.Tensor, seqlens_k: torch.Tensor,
@@ -175,9 +193,8 @@ def gather_paged(q, k_cache, v_cache, meta: PagedMetadata, scale, window) -> tor
     h, d = k_cache.shape[-2:]
     k = k_cache.view(-1, h, d).index_select(0, meta.context_slots)
     v = v_cache.view(-1, h, d).index_select(0, meta.context_slots)
-    q, extra = _varlen_extra(q, h, scale, window)
-    if "enable_gqa" not in extra and q.shape[1] != h:
-        rep = q.shape[1] // h
+    q, extra, rep = varlen_kwargs(q, h, scale, window, causal=True)
+    if rep > 1:
         k, v = k.repeat_interleave(rep, dim=1), v.repeat_interleave(rep, dim=1)
     return varlen_attn(q, k, v, meta.cu_seqlens_q, meta.cu_seqlens_k, meta.max_seqlen_q,
                        meta.max_seqlen_k, **extra)
@@ -187,7 +204,8 @@ def torch_paged(q, k_cache, v_cache, meta: PagedMetadata, scale, window) -> torc
     """``varlen_attn`` reading the page pool through ``block_table`` (torch >= 2.12)."""
     from torch.nn.attention.varlen import varlen_attn
 
-    q, extra = _varlen_extra(q, k_cache.shape[-2], scale, window)
+    # torch >= 2.12 (block_table) also has enable_gqa, so no K/V repeat is ever asked for.
+    q, extra, _ = varlen_kwargs(q, k_cache.shape[-2], scale, window, causal=True)
     return varlen_attn(q, k_cache, v_cache, meta.cu_seqlens_q, meta.cu_seqlens_k,
                        meta.max_seqlen_q, meta.max_seqlen_k, seqused_k=meta.seqlens_k,
                        block_table=meta.block_tables, **extra)
@@ -200,33 +218,7 @@ def flash_attn_paged(q, k_cache, v_cache, meta: PagedMetadata, scale, window) ->
     return flash_attn_varlen_func(
         q, k_cache, v_cache, meta.cu_seqlens_q, meta.cu_seqlens_k, meta.max_seqlen_q,
         meta.max_seqlen_k, softmax_scale=scale, causal=True,
-        window_size=(window - 1 if window else -1, 0), block_table=meta.block_tables)
-
-
-@functools.cache
-def _varlen_params() -> frozenset[str]:
-    from torch.nn.attention.varlen import varlen_attn
-
-    return frozenset(inspect.signature(varlen_attn).parameters)
-
-
-def _varlen_extra(q, num_kv_heads: int, scale, window):
-    """(q, keywords) for the installed ``varlen_attn``: causal, scale and GQA. Without
-    ``enable_gqa`` in the signature the caller repeats K/V heads."""
-    params, extra = _varlen_params(), {}
-    if "window_size" in params:  # torch >= 2.11: (-1, 0) is causal
-        extra["window_size"] = (window - 1 if window else -1, 0)
-    else:  # torch 2.10
-        if window:
-            raise NotImplementedError("sliding-window attention needs torch >= 2.11")
-        extra["is_causal"] = True
-    if "scale" in params:
-        extra["scale"] = scale
-    elif scale is not None:
-        q = q * (scale * q.shape[-1] ** 0.5)
-    if q.shape[1] != num_kv_heads and "enable_gqa" in params:
-        extra["enable_gqa"] = True
-    return q, extra
+        window_size=varlen_window(window, True), block_table=meta.block_tables)
 
 
 _BACKENDS = {"flash_attn": flash_attn_paged, "torch_paged": torch_paged,
@@ -236,10 +228,7 @@ _BACKENDS = {"flash_attn": flash_attn_paged, "torch_paged": torch_paged,
 # ---- selection and registration --------------------------------------------------------
 
 def torch_paged_available() -> bool:
-    try:
-        return "block_table" in _varlen_params()
-    except ImportError:
-        return False
+    return torch_varlen_available() and "block_table" in varlen_params()
 
 
 def select_paged_backend(device_type: str, dtype: torch.dtype, block_size: int) -> str:
@@ -247,46 +236,8 @@ def select_paged_backend(device_type: str, dtype: torch.dtype, block_size: int) 
     if device_type != "cuda" or dtype not in (torch.float16, torch.bfloat16):
         return "reference"
     paged_ok = block_size % PAGED_KERNEL_BLOCK_MULTIPLE == 0
-    if paged_ok and importlib.util.find_spec("flash_attn") is not None:
+    if paged_ok and flash_attn_available():
         return "flash_attn"
     if paged_ok and torch_paged_available():
         return "torch_paged"
-    try:
-        _varlen_params()
-    except ImportError:
-        return "reference"
-    return "gather"
-
-
-def paged_attention_forward(module, query, key, value, attention_mask, scaling=None,
-                            sliding_window=None, packserve_paged: PagedContext = None, **_):
-    """transformers layout in ([1, H, T, D]), ([1, T, Hq, D], None) out."""
-    if attention_mask is not None:
-        raise ValueError("paged attention received a dense attention_mask; the model built "
-                         "its own mask and is not supported by packserve's paged backends")
-    ctx, layer = packserve_paged, module.layer_idx
-    q, k, v = query[0].transpose(0, 1), key[0].transpose(0, 1), value[0].transpose(0, 1)
-    ctx.cache.write(layer, k, v, ctx.meta.slot_mapping)
-    out = _BACKENDS[ctx.backend](q, ctx.cache.key(layer), ctx.cache.value(layer), ctx.meta,
-                                 scaling, sliding_window)
-    return out.unsqueeze(0), None
-
-
-def install(name: str) -> None:
-    """Make the attention registered as ``name`` take the paged path when a forward
-    carries ``packserve_paged``. Idempotent and cheap: the runner calls it before every
-    generation forward, because loading another engine re-registers ``name`` unwrapped
-    (and the packed function would silently ignore the paged kwarg)."""
-    inner = ALL_ATTENTION_FUNCTIONS[name]
-    if getattr(inner, "_packserve_paged", False):
-        return
-
-    def dispatch(module, query, key, value, attention_mask, *args, packserve_paged=None,
-                 **kwargs):
-        if packserve_paged is None:
-            return inner(module, query, key, value, attention_mask, *args, **kwargs)
-        return paged_attention_forward(module, query, key, value, attention_mask, *args,
-                                       packserve_paged=packserve_paged, **kwargs)
-
-    dispatch._packserve_paged = True
-    AttentionInterface.register(name, dispatch)
+    return "gather" if torch_varlen_available() else "reference"

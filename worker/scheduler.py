@@ -14,6 +14,7 @@ from dataclasses import dataclass
 import numpy as np
 
 import packing_cy
+from worker.budget import shrunk_budget
 from worker.request import Request
 
 logger = logging.getLogger(__name__)
@@ -101,8 +102,7 @@ class Scheduler:
         rounded down to ``align``, when that is below the budget. A failed bin larger
         than the budget (formed before an earlier shrink) changes nothing, so one bad
         step with many splits shrinks the budget once per size, not once per failure."""
-        target = int(failed_num_tokens * 0.9) // self.align * self.align
-        new = max(self.align, target)
+        new = shrunk_budget(failed_num_tokens, self.align, minimum=self.align)
         if new < self.token_budget:
             logger.warning("out of memory on a bin of %d tokens: token budget %d -> %d",
                            failed_num_tokens, self.token_budget, new)

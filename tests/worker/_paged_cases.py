@@ -47,7 +47,7 @@ def _chunk_sizes(rng, live, seqs, done):
 
 
 def run_chunked(seqs, rng, window, scale, *, block_size, num_blocks=64, backend="reference"):
-    """Feed every sequence through ``paged_attention_forward`` in random chunks (several
+    """Feed every sequence through ``PagedContext.attend`` in random chunks (several
     sequences per step, scattered blocks); returns each sequence's outputs [L, Hq, D]."""
     q0, k0 = seqs[0][0], seqs[0][1]
     spec = KVCacheSpec(1, k0.shape[1], k0.shape[2], k0.dtype, block_size)
@@ -70,10 +70,9 @@ def run_chunked(seqs, rng, window, scale, *, block_size, num_blocks=64, backend=
         assert meta.slot_mapping.tolist() == want.tolist()
         pick = [slice(done[i], done[i] + c) for i, c in zip(live, counts)]
         q, k, v = (torch.cat([seqs[i][j][p] for i, p in zip(live, pick)]) for j in range(3))
-        out, weights = pa.paged_attention_forward(
+        out, weights = pa.PagedContext(cache, meta, backend).attend(
             module, q.transpose(0, 1)[None], k.transpose(0, 1)[None], v.transpose(0, 1)[None],
-            None, scaling=scale, sliding_window=window,
-            packserve_paged=pa.PagedContext(cache, meta, backend))
+            None, scaling=scale, sliding_window=window)
         assert weights is None and out.shape == (1, q.shape[0], q.shape[1], q.shape[2])
         cu = meta.host_cu_seqlens_q
         for n, (i, p) in enumerate(zip(live, pick)):

@@ -51,4 +51,6 @@ def test_registration_names():
 
     name = attention.register("reference")
     assert name == "packserve_reference"
-    assert AttentionInterface._global_mapping[name] is attention.reference_attention
+    registered = AttentionInterface._global_mapping[name]
+    assert registered.func is attention._dispatch
+    assert registered.args == (attention.reference_attention,)

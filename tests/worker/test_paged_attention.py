@@ -50,23 +50,26 @@ def test_context_slots_cover_each_context_in_order():
     assert (meta.max_seqlen_q, meta.max_seqlen_k) == (8, 12)
 
 
-def test_install_dispatches_on_the_paged_kwarg():
-    from transformers import AttentionInterface
-    from transformers.modeling_utils import ALL_ATTENTION_FUNCTIONS
+def test_registered_attention_dispatches_on_the_paged_kwarg():
+    """One registered function serves both paths: a forward carrying ``packserve_paged``
+    goes to that context, any other runs the packed backend."""
+    from worker.attention import _dispatch
 
-    calls = []
+    packed_calls, paged_calls = [], []
 
-    def inner(module, q, k, v, mask, **kwargs):
-        calls.append(kwargs)
+    def packed(module, q, k, v, mask, **kwargs):
+        packed_calls.append(kwargs)
         return "packed", None
 
-    AttentionInterface.register("packserve_test_dispatch", inner)
-    pa.install("packserve_test_dispatch")
-    pa.install("packserve_test_dispatch")  # idempotent: not wrapped twice
-    fn = ALL_ATTENTION_FUNCTIONS["packserve_test_dispatch"]
-    assert fn(None, 1, 2, 3, None, scaling=0.5) == ("packed", None)
-    assert calls == [{"scaling": 0.5}]
-    assert fn.__closure__ is not None and fn is not inner
+    class FakeContext:
+        def attend(self, module, q, k, v, mask, **kwargs):
+            paged_calls.append(kwargs)
+            return "paged", None
+
+    assert _dispatch(packed, None, 1, 2, 3, None, scaling=0.5) == ("packed", None)
+    assert _dispatch(packed, None, 1, 2, 3, None, scaling=0.25,
+                     packserve_paged=FakeContext()) == ("paged", None)
+    assert packed_calls == [{"scaling": 0.5}] and paged_calls == [{"scaling": 0.25}]
 
 
 def test_cpu_selects_the_reference():
