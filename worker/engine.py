@@ -27,6 +27,7 @@ from worker.errors import EngineDeadError, InvalidRequestError, RequestOutOfMemo
 from worker.loader import load_model
 from worker.loop import StepLoop
 from worker.model_runner import ModelRunner, StepResult
+from worker.observe import ObserveAPI
 from worker.request import (
     Pooling,
     Request,
@@ -58,7 +59,7 @@ class EngineStats:
     gen_token_budget: int = 0  # current generation step budget (0 until generation starts)
 
 
-class Engine(GenerateAPI):
+class Engine(GenerateAPI, ObserveAPI):
     """Packed, padding-free forwards over one device. See the module docstring."""
 
     def __init__(self, config: EngineConfig):
@@ -154,12 +155,16 @@ class Engine(GenerateAPI):
             out = self.scheduler.schedule()
             if out is None:
                 return 0
+            budget = self.scheduler.token_budget
             try:
                 result = self.runner.run(out.batch)
             except BaseException as exc:
                 self._fail_step(out, exc)
                 raise
             self._postprocess(out, result)
+            if self._obs is not None:
+                self._obs.forward_step(out, result, budget, self.scheduler.token_budget,
+                                       self._gen, self.num_waiting)
             return len(out.requests)
 
     def _postprocess(self, out: SchedulerOutput, result: StepResult) -> None:
@@ -239,6 +244,8 @@ class Engine(GenerateAPI):
                 raise r.error
 
     def _enqueue(self, requests: list[Request]) -> None:
+        if self._obs is not None:
+            self._obs.stamp(requests)
         self._intake.extend(requests)
         if self._loop is not None:
             self._loop.wake()

@@ -21,6 +21,7 @@ from worker.gen_scheduler import GenSchedulerOutput
 from worker.generation import Generation, GenerationSettings
 from worker.sampling import SamplingParams
 from worker.sequence import Sequence
+from worker.sources import resolve_model
 
 logger = logging.getLogger(__name__)
 
@@ -124,8 +125,9 @@ class GenerateAPI:
         out = gen.schedule()
         if out is None:
             return 0
+        obs = self._obs
         try:
-            result = gen.run(out)
+            result = gen.run(out) if obs is None else obs.run_generation(gen, out)
         except BaseException as exc:
             err = EngineDeadError(f"a generation step failed, the engine is dead: {exc!r}")
             err.__cause__ = exc
@@ -140,6 +142,8 @@ class GenerateAPI:
         s.num_generated_tokens += len(result[0])
         s.num_requests_finished += len(finished)
         s.gen_token_budget = gen.scheduler.max_num_batched_tokens  # may have regrown
+        if self._obs is not None:
+            self._obs.generation_step(gen, out, self.num_waiting)
         return len(finished)
 
     def _recover_generation_oom(self, gen: Generation, out: GenSchedulerOutput) -> int:
@@ -155,6 +159,8 @@ class GenerateAPI:
         logger.warning("out of memory on a generation step of %d tokens (%d sequences): step "
                        "budget %d -> %d, %d running, %d failed", out.num_tokens, len(out.seqs),
                        before, s.gen_token_budget, len(gen.scheduler.running), len(failed))
+        if self._obs is not None:
+            self._obs.generation_oom(gen, self.num_waiting)
         return len(failed)
 
     def _generation_has_work(self) -> bool:
@@ -202,6 +208,8 @@ class GenerateAPI:
         return seqs
 
     def _submit(self, gen: Generation, seqs: list[Sequence]) -> None:
+        if self._obs is not None:
+            self._obs.stamp(seqs)
         for seq in seqs:
             gen.submit(seq)
         if self._loop is not None:
@@ -219,7 +227,7 @@ def _load_tokenizer(config):
     from transformers import AutoTokenizer
 
     try:
-        return AutoTokenizer.from_pretrained(config.model,
+        return AutoTokenizer.from_pretrained(resolve_model(config.model),
                                              trust_remote_code=config.trust_remote_code)
     except Exception as exc:  # noqa: BLE001 - any failure means "no tokenizer", logged
         logger.info("no tokenizer for %s (%s): outputs carry token ids only", config.model,

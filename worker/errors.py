@@ -9,7 +9,21 @@ from __future__ import annotations
 
 
 class WorkerError(Exception):
-    """Base of every error the worker raises on purpose."""
+    """Base of every error the worker raises on purpose.
+
+    Picklable whatever the subclass's constructor takes (Ray sends a replica's errors to
+    the ingress by pickling them): rebuilt from the message and the attributes.
+    """
+
+    def __reduce__(self):
+        return _rebuild, (type(self), self.args, self.__dict__)
+
+
+def _rebuild(cls, args, state):
+    err = cls.__new__(cls)
+    Exception.__init__(err, *args)
+    err.__dict__.update(state)
+    return err
 
 
 class InvalidRequestError(WorkerError, ValueError):

@@ -137,6 +137,7 @@ class Generation:
         self.processor = OutputProcessor(eos_token_ids(model), tokenizer)
         self._intake: deque[Sequence] = deque()
         self._live: dict[int, Sequence] = {}  # unfinished, by seq_id (intake included)
+        self.num_preemptions = 0  # sequences preempted so far (recompute), for observers
         logger.info("generation: %d KV blocks of %d tokens (%.2f GiB), %s paged attention",
                     num_blocks, settings.kv_block_size, self.cache.num_bytes / 2**30, self.backend)
 
@@ -185,6 +186,11 @@ class Generation:
     def has_work(self) -> bool:
         return bool(self._intake) or self.scheduler.num_unfinished > 0
 
+    @property
+    def num_waiting(self) -> int:
+        """Sequences queued, preempted ones included, not yet running."""
+        return len(self._intake) + len(self.scheduler.waiting)
+
     # ---- the step -------------------------------------------------------------------
 
     def schedule(self) -> GenSchedulerOutput | None:
@@ -192,6 +198,7 @@ class Generation:
         out = self.scheduler.schedule()
         if out is None:
             return None
+        self.num_preemptions += len(out.preempted)
         for seq in out.preempted:  # per preempted sequence: its tokens leave the table
             self.runner.release(seq)
         if not out.seqs:
@@ -217,6 +224,7 @@ class Generation:
             failed.append(seq)
         for seq in self.scheduler.shrink_budget(out.num_tokens, align):  # newest first
             self.runner.release(seq)
+            self.num_preemptions += 1
         return failed
 
     def postprocess(self, out: GenSchedulerOutput,

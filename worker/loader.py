@@ -20,6 +20,7 @@ from transformers.models.auto.modeling_auto import (
 
 from worker import attention
 from worker.config import ConfigError, EngineConfig
+from worker.sources import resolve_model
 
 logger = logging.getLogger(__name__)
 
@@ -70,7 +71,8 @@ def resolve_dtype(requested: str, hf_config, device_type: str) -> torch.dtype:
 def load_model(config: EngineConfig, device: torch.device) -> tuple[torch.nn.Module, ModelSpec]:
     """``from_pretrained`` on ``device`` in eval mode with our attention registered."""
     remote = config.trust_remote_code
-    hf_config = AutoConfig.from_pretrained(config.model, trust_remote_code=remote)
+    path = resolve_model(config.model)  # packaged:, smoke: specs -> a local directory
+    hf_config = AutoConfig.from_pretrained(path, trust_remote_code=remote)
     decoder = is_decoder(hf_config)
     dtype = resolve_dtype(config.dtype, hf_config, device.type)
     backend = attention.select_backend(config.attention_backend, device.type, dtype)
@@ -79,7 +81,7 @@ def load_model(config: EngineConfig, device: torch.device) -> tuple[torch.nn.Mod
                        hf_config.model_type, ", ".join(sorted(TESTED_MODEL_TYPES)))
     auto_cls = AutoModelForCausalLM if decoder else AutoModel
     model = auto_cls.from_pretrained(
-        config.model, config=hf_config, dtype=dtype, trust_remote_code=remote,
+        path, config=hf_config, dtype=dtype, trust_remote_code=remote,
         attn_implementation=attention.register(backend),
     )
     model.to(device).eval()

@@ -20,6 +20,7 @@ import numpy as np
 import torch
 
 from worker.loader import ModelSpec
+from worker.observe import StepTimer
 from worker.probe import is_out_of_memory
 from worker.request import OutputMode
 from worker.scheduler import StepBatch
@@ -66,6 +67,7 @@ class ModelRunner:
         # Test-only fault injection: called as fault_hook(num_tokens, num_seqs) before
         # every forward; raise torch.OutOfMemoryError from it to exercise the split path.
         self.fault_hook: Callable[[int, int], None] | None = None
+        self.timer: StepTimer | None = None  # set only while the engine is observed
 
     @torch.inference_mode()
     def run(self, batch: StepBatch) -> StepResult:
@@ -119,13 +121,18 @@ class ModelRunner:
         num_score = int(np.count_nonzero(modes == OutputMode.SCORE))
         staged = self.staging.stage(batch.token_ids, batch.offsets, bin)
         cu = staged.host_cu_seqlens.astype(np.int64)  # copy now: the slot is reused later
+        timer = self.timer
         try:
             if self.fault_hook is not None:
                 self.fault_hook(staged.num_tokens, staged.num_seqs)
+            if timer is not None:
+                timer.forward.begin(self.device.compute_stream())
             hidden = self.forward(staged)
             pooled = {int(m): _POOLERS[OutputMode(int(m))](hidden, staged)
                       for m in np.unique(modes) if m != OutputMode.SCORE}
             logprobs = self._score(hidden, staged, int(cu[num_score])) if num_score else None
+            if timer is not None:
+                timer.end_bin(staged.num_tokens, self.device.compute_stream())
         finally:
             self.staging.release(staged)
         return _BinOutput(bin, modes, pooled, logprobs, cu[: num_score + 1])

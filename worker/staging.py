@@ -60,6 +60,7 @@ class Staging:
         words = 2 * max_num_tokens + (max_num_seqs + 2) // 2
         self._slots = [_Slot(words, device), _Slot(words, device)]
         self._next = 0
+        self.timer = None  # a worker.observe.StepTimer while the engine is observed
 
     def stage(self, token_ids: np.ndarray, offsets: np.ndarray, bin: np.ndarray) -> StagedBin:
         """Fill the next slot with ``bin`` (indices into the sequences) and start its copy."""
@@ -89,12 +90,19 @@ class Staging:
         slot.compute_done.record(self.device.compute_stream())
 
     def _copy(self, slot: _Slot, used: int) -> None:
+        timer = self.timer
+        if timer is not None:
+            timer.h2d_bytes += 8 * used  # int64 words
         if slot.dev is slot.host:
             return
         dev, stream = self.device, self.device.copy_stream()
         with dev.use_stream(stream):
             dev.wait_event(stream, slot.compute_done)
+            if timer is not None:
+                timer.copy.begin(stream)
             slot.dev[:used].copy_(slot.host[:used], non_blocking=True)
+            if timer is not None:
+                timer.copy.end(stream)
             slot.copy_done.record(stream)
         dev.wait_event(dev.compute_stream(), slot.copy_done)
 

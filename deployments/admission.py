@@ -1,0 +1,150 @@
+"""The global admission controller: one Serve replica holding the cluster's ledger.
+
+Every ingress replica asks it for a lease before routing a request, and releases the
+lease when the request ends; every engine replica reports its measured capacity (and
+the leases it is serving) each ``heartbeat_s``. A reaper expires silent replicas and
+ingresses and reclaims their leases (see ``deployments/ledger.py``). When the pool is
+full, ``reserve`` either answers at once (a 429 with Retry-After from the drain rate) or,
+with ``max_wait_s > 0``, queues the caller FIFO until room frees or the wait runs out.
+
+Why not Ray's own tools: ``max_queued_requests`` bounds requests per caller, not tokens
+cluster-wide; ``CapacityQueue`` counts requests against static per-replica limits.
+Neither knows a 4,000-token prompt from a 10-token one (docs/decisions.md).
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+import time
+from collections import deque
+
+from ray import serve
+
+from deployments.config import AdmissionArgs
+from deployments.ledger import AdmissionLedger, Decision, Verdict
+
+logger = logging.getLogger("ray.serve")
+
+
+@serve.deployment(num_replicas=1, max_ongoing_requests=100_000,
+                  ray_actor_options={"num_cpus": 0})
+class AdmissionController:
+    """Lease tokens against the replicas' measured capacity (one replica, cluster-wide)."""
+
+    def __init__(self, args: dict):
+        self.args = AdmissionArgs.model_validate(args)
+        a = self.args
+        self.ledger = AdmissionLedger(
+            capacity_fraction=a.capacity_fraction, retry_after_min_s=a.retry_after_min_s,
+            retry_after_max_s=a.retry_after_max_s, drain_window_s=a.drain_window_s,
+            replica_timeout_s=a.replica_timeout_s, holder_timeout_s=a.holder_timeout_s)
+        self._waiters: dict[str, deque] = {}  # model -> FIFO of (future, tokens, holder, clamp)
+        self._reaper: asyncio.Task | None = None
+        self.metrics = None  # an AdmissionMetrics once deployments.metrics is wired
+
+    async def reserve(self, model: str, tokens: int, holder: str, clamp: bool = False
+                      ) -> Decision:
+        """A lease for ``tokens`` of ``model``, or the reason there is none."""
+        self._start_reaper()
+        queue = self._waiters.setdefault(model, deque())
+        decision = (Decision(Verdict.CAPACITY) if queue  # FIFO: nobody jumps the queue
+                    else self.ledger.reserve(model, tokens, holder, time.monotonic(), clamp=clamp))
+        if decision.verdict is Verdict.CAPACITY and self.args.max_wait_s > 0:
+            decision = await self._wait(queue, model, tokens, holder, clamp)
+        elif decision.verdict is Verdict.CAPACITY and queue:
+            decision = self._refusal(model, tokens)
+        self._record(model, decision)
+        return decision
+
+    async def release(self, lease_ids: list[str]) -> int:
+        """End leases (idempotent); returns how many were still live."""
+        now = time.monotonic()
+        models = {self.ledger.leases[i].model for i in lease_ids if i in self.ledger.leases}
+        released = sum(self.ledger.release(i, now) for i in lease_ids)
+        for model in models:
+            self._admit_waiters(model)
+        return released
+
+    async def replica_report(self, model: str, replica: str, capacity_tokens: int,
+                             lease_ids: list[str], load: dict | None = None) -> None:
+        self._start_reaper()
+        self.ledger.replica_report(model, replica, capacity_tokens, lease_ids, time.monotonic(),
+                                   load)
+        self._admit_waiters(model)
+
+    async def holder_report(self, holder: str) -> None:
+        self.ledger.holder_report(holder, time.monotonic())
+
+    async def snapshot(self) -> dict[str, dict]:
+        """Per model: reserved, capacity, largest replica, replicas, leases, waiters."""
+        return {model: {**self.ledger.snapshot(model),
+                        "num_waiters": len(self._waiters.get(model, ()))}
+                for model in self.ledger.pools}
+
+    def check_health(self) -> None:
+        if self._reaper is not None and self._reaper.done():
+            raise RuntimeError(f"admission reaper stopped: {self._reaper.exception()!r}")
+
+    # ---- internals ------------------------------------------------------------------
+
+    async def _wait(self, queue: deque, model: str, tokens: int, holder: str, clamp: bool
+                    ) -> Decision:
+        future = asyncio.get_running_loop().create_future()
+        entry = (future, tokens, holder, clamp)
+        queue.append(entry)
+        try:
+            return await asyncio.wait_for(asyncio.shield(future), self.args.max_wait_s)
+        except asyncio.CancelledError:  # the caller left: give back a grant it never saw
+            if future.done() and not future.cancelled():
+                self.ledger.release(future.result().lease_id, time.monotonic())
+            future.cancel()
+            raise
+        except TimeoutError:
+            if future.done() and not future.cancelled():  # admitted as the clock ran out
+                return future.result()
+            future.cancel()
+            refusal = self._refusal(model, tokens)
+            return Decision(Verdict.TIMEOUT, retry_after_s=refusal.retry_after_s,
+                            capacity=refusal.capacity, largest=refusal.largest)
+        finally:
+            if entry in queue:
+                queue.remove(entry)
+
+    def _admit_waiters(self, model: str) -> None:
+        queue = self._waiters.get(model)
+        now = time.monotonic()
+        while queue:
+            future, tokens, holder, clamp = queue[0]
+            if future.done():
+                queue.popleft()
+                continue
+            decision = self.ledger.reserve(model, tokens, holder, now, clamp=clamp)
+            if decision.verdict is Verdict.CAPACITY:
+                return
+            queue.popleft()
+            future.set_result(decision)
+
+    def _refusal(self, model: str, tokens: int) -> Decision:
+        snap = self.ledger.snapshot(model)
+        return Decision(Verdict.CAPACITY,
+                        retry_after_s=self.ledger.retry_after(model, tokens, time.monotonic()),
+                        capacity=snap["capacity"], largest=snap["largest"])
+
+    def _record(self, model: str, decision: Decision) -> None:
+        if self.metrics is not None:
+            self.metrics.decision(model, decision, self.ledger.snapshot(model))
+
+    def _start_reaper(self) -> None:
+        if self._reaper is None:
+            self._reaper = asyncio.get_running_loop().create_task(self._reap())
+
+    async def _reap(self) -> None:
+        while True:
+            await asyncio.sleep(self.args.heartbeat_s)
+            reclaimed = self.ledger.expire(time.monotonic())
+            if reclaimed:
+                logger.warning("admission: reclaimed %d leases of silent replicas/ingresses",
+                               reclaimed)
+            for model in list(self._waiters):
+                self._admit_waiters(model)

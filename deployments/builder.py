@@ -1,0 +1,60 @@
+"""``build_app``: the Serve application from its arguments (the configs' import_path).
+
+One ``AdmissionController`` (cluster-wide), one engine deployment per model
+(``num_replicas`` replicas, ``num_gpus`` each: one replica per GPU on GPU nodes), and
+the ``OpenAIIngress`` in front, holding a handle to each.
+"""
+
+from __future__ import annotations
+
+from ray import serve
+from ray.serve.config import RequestRouterConfig
+
+from deployments.admission import AdmissionController
+from deployments.autoscaling import serve_autoscaling_config
+from deployments.config import AppArgs, ModelArgs, RouterArgs
+from deployments.ingress import OpenAIIngress
+from deployments.replica import EngineReplica
+
+ROUTER_CLASS = "deployments.router:FreeBudgetRouter"
+HEALTH_CHECK_PERIOD_S = 5.0
+
+
+def deployment_name(model_name: str) -> str:
+    """The Serve deployment of a model's replicas (Serve names allow any characters but
+    '#' and '/'; model ids may contain '/')."""
+    return "engine-" + model_name.replace("/", "--").replace("#", "-")
+
+
+def engine_deployment(m: ModelArgs, router: RouterArgs) -> serve.Deployment:
+    options = {
+        "name": deployment_name(m.name), "num_replicas": m.num_replicas,
+        "ray_actor_options": {"num_gpus": m.num_gpus, "num_cpus": m.num_cpus},
+        "max_ongoing_requests": m.max_ongoing_requests,
+        "health_check_period_s": HEALTH_CHECK_PERIOD_S,
+        "graceful_shutdown_timeout_s": 30.0,
+    }
+    if m.autoscaling is not None:
+        del options["num_replicas"]
+        options["autoscaling_config"] = serve_autoscaling_config(m.autoscaling)
+    if router.policy == "free_budget":
+        options["request_router_config"] = RequestRouterConfig(
+            request_router_class=ROUTER_CLASS,
+            request_routing_stats_period_s=router.stats_period_s)
+    return serve.deployment(EngineReplica).options(**options)
+
+
+def build_app(args: dict | None = None) -> serve.Application:
+    """The packserve application; ``args`` as in cluster/*.yaml (validated strictly)."""
+    app_args = AppArgs.parse(args)
+    admission_args = app_args.admission.model_dump()
+    admission = AdmissionController.bind(admission_args) if app_args.admission.enabled else None
+    models = {
+        m.name: engine_deployment(m, app_args.router).bind(m.model_dump(), admission_args,
+                                                            admission)
+        for m in app_args.models
+    }
+    ingress = serve.deployment(OpenAIIngress).options(
+        num_replicas=app_args.http.num_replicas, ray_actor_options={"num_cpus": 0},
+        max_ongoing_requests=app_args.http.max_ongoing_requests)
+    return ingress.bind(app_args.model_dump(), admission, models)

@@ -1,0 +1,112 @@
+"""The ingress's end of admission: reserve a lease, hold it while the request runs,
+release it exactly once.
+
+A ``Lease`` is released explicitly when its request ends; as a safety net it is also
+released when it is garbage-collected unreleased (a streaming response that the server
+dropped before it started iterating never runs its ``finally``). Releases are sent as
+tasks the caller does not wait for, so they survive the request's cancellation.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+import time
+
+from deployments.errors import APIError, bad_request, overloaded, unavailable
+from deployments.ledger import Decision, Verdict
+
+logger = logging.getLogger("ray.serve")
+
+
+class Lease:
+    def __init__(self, client: AdmissionClient, lease_id: str | None, tokens: int):
+        self.client, self.lease_id, self.tokens = client, lease_id, tokens
+        self.released = lease_id is None
+
+    def release(self) -> None:
+        if not self.released:
+            self.released = True
+            self.client.release(self.lease_id)
+
+    def __del__(self) -> None:
+        if not self.released:
+            self.released = True
+            self.client.release_threadsafe(self.lease_id)
+
+
+class AdmissionClient:
+    """Talks to the admission controller on behalf of one ingress replica (the holder)."""
+
+    def __init__(self, handle, holder: str, heartbeat_s: float, enabled: bool = True):
+        self.handle, self.holder, self.heartbeat_s = handle, holder, heartbeat_s
+        self.enabled = enabled and handle is not None
+        self._tasks: set[asyncio.Task] = set()
+        self._loop: asyncio.AbstractEventLoop | None = None
+        self._heartbeat: asyncio.Task | None = None
+        self.reserve_seconds: list[float] = []  # recent admission round trips (bounded)
+
+    async def reserve(self, model: str, tokens: int, *, clamp: bool = False,
+                      what: str = "this request") -> Lease:
+        """A lease for ``tokens``, or raise the ``APIError`` the client should see."""
+        if not self.enabled:
+            return Lease(self, None, tokens)
+        self._start()
+        t0 = time.perf_counter()
+        decision: Decision = await self.handle.reserve.remote(model, tokens, self.holder, clamp)
+        self._note(time.perf_counter() - t0)
+        if decision.verdict is Verdict.ADMITTED:
+            return Lease(self, decision.lease_id, tokens)
+        raise refusal(decision, model, tokens, what)
+
+    def release(self, lease_id: str) -> None:
+        task = asyncio.get_running_loop().create_task(self._send_release(lease_id))
+        self._tasks.add(task)
+        task.add_done_callback(self._tasks.discard)
+
+    def release_threadsafe(self, lease_id: str) -> None:
+        loop = self._loop
+        if loop is not None and not loop.is_closed():
+            try:
+                loop.call_soon_threadsafe(self.release, lease_id)
+            except RuntimeError:  # the loop closed meanwhile: the holder timeout reclaims it
+                pass
+
+    async def _send_release(self, lease_id: str) -> None:
+        try:
+            await self.handle.release.remote([lease_id])
+        except Exception as exc:  # noqa: BLE001 - the controller reclaims it by timeout
+            logger.warning("releasing lease %s failed: %s", lease_id, exc)
+
+    def _start(self) -> None:
+        if self._heartbeat is None:
+            self._loop = asyncio.get_running_loop()
+            self._heartbeat = self._loop.create_task(self._report_forever())
+
+    async def _report_forever(self) -> None:
+        while True:
+            try:
+                await self.handle.holder_report.remote(self.holder)
+            except Exception as exc:  # noqa: BLE001 - keep reporting; it restarts
+                logger.warning("admission holder report failed: %s", exc)
+            await asyncio.sleep(self.heartbeat_s)
+
+    def _note(self, seconds: float) -> None:
+        self.reserve_seconds.append(seconds)
+        if len(self.reserve_seconds) > 4096:
+            del self.reserve_seconds[:2048]
+
+
+def refusal(decision: Decision, model: str, tokens: int, what: str) -> APIError:
+    v = decision.verdict
+    if v is Verdict.TOO_LARGE:
+        return bad_request(
+            f"{what} needs {tokens} tokens, more than one replica of {model!r} can hold "
+            f"({decision.largest} tokens: its measured capacity, see GET /v1/models); "
+            "shorten the prompt or lower max_tokens")
+    if v is Verdict.NO_REPLICAS:
+        return unavailable(f"no replica of {model!r} is ready yet", decision.retry_after_s)
+    return overloaded(
+        f"{model!r} is at capacity: {what} needs {tokens} tokens and the replicas' "
+        f"{decision.capacity} tokens are reserved ({v.value}); retry after "
+        f"{decision.retry_after_s} s", decision.retry_after_s or 1)

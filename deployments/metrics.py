@@ -1,0 +1,279 @@
+"""Every packserve metric, declared once, and the recorders the deployments call.
+
+``METRICS`` is the registry: plain data (name, kind, description, tag keys, histogram
+boundaries) that the tests and the dashboard check read without Ray. The metrics are
+Ray's (``ray.util.metrics``); the Ray metrics agent on each node serves them to
+Prometheus as ``ray_<name>``, counters with ``_total`` appended and histograms as
+``_bucket`` / ``_sum`` / ``_count`` (``MetricSpec.exported_names``).
+
+The Ray metric objects are built in a recorder's ``__init__``, which runs inside the
+actor that records (importing this module needs neither a running Ray nor torch).
+Recorders fix their constant tags once (``set_default_tags``) and keep one prebuilt tag
+dict per value of a varying tag, so a call builds no dict of ours.
+
+Tags: ``model`` (the served model's name), ``replica`` (the engine replica's id),
+``kind`` (``forward`` for embed/score steps, ``generate`` for generation steps),
+``endpoint`` (``chat``, ``completions``, ``embeddings``, ...), ``status`` (the HTTP
+status code), ``reason`` (a ``RejectReason``). ``ray.util.metrics`` rather than
+``ray.serve.metrics``: the latter reserves the ``replica`` tag and adds Serve's own tags
+only inside Serve replicas, so the same metric would carry different labels in
+different processes; here the registry is exactly what Prometheus sees.
+"""
+
+from __future__ import annotations
+
+import enum
+from dataclasses import dataclass
+from typing import TYPE_CHECKING
+
+if TYPE_CHECKING:
+    from worker.observe import StepRecord
+
+PREFIX = "packserve_"
+RAY_PREFIX = "ray_"  # added by Ray's metrics agent to every application metric
+
+
+class MetricKind(enum.StrEnum):
+    COUNTER = "counter"
+    GAUGE = "gauge"
+    HISTOGRAM = "histogram"
+
+
+class RejectReason(enum.StrEnum):
+    """Why the admission controller turned a request away (the ``reason`` tag)."""
+
+    CAPACITY = "capacity"  # the pool is full now: 429 + Retry-After
+    TOO_LARGE = "too_large"  # larger than any replica can hold: 400
+    TIMEOUT = "timeout"  # waited for room and none came: 429
+    NO_REPLICAS = "no_replicas"  # no replica has reported capacity: 503
+
+
+@dataclass(frozen=True)
+class MetricSpec:
+    """One metric as declared; ``exported_names`` are the series Prometheus stores."""
+
+    name: str
+    kind: MetricKind
+    description: str
+    tag_keys: tuple[str, ...]
+    boundaries: tuple[float, ...] = ()  # histograms only: upper bounds, +Inf implied
+
+    @property
+    def exported_names(self) -> tuple[str, ...]:
+        base = RAY_PREFIX + self.name
+        if self.kind is MetricKind.COUNTER:
+            return (base + "_total",)
+        if self.kind is MetricKind.HISTOGRAM:
+            return (base + "_bucket", base + "_sum", base + "_count")
+        return (base,)
+
+    def build(self):
+        """The Ray metric object (call inside the process that records)."""
+        from ray.util import metrics
+
+        if self.kind is MetricKind.COUNTER:
+            return metrics.Counter(self.name, self.description, self.tag_keys)
+        if self.kind is MetricKind.GAUGE:
+            return metrics.Gauge(self.name, self.description, self.tag_keys)
+        return metrics.Histogram(self.name, self.description, list(self.boundaries),
+                                 self.tag_keys)
+
+
+TTFT_S = (0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0, 10.0, 30.0, 60.0)
+TPOT_S = (0.001, 0.0025, 0.005, 0.01, 0.02, 0.05, 0.1, 0.2, 0.5, 1.0, 2.0)
+E2E_S = (0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0, 10.0, 30.0, 60.0, 120.0,
+         300.0)
+QUEUE_S = (0.0005, 0.001, 0.005, 0.01, 0.05, 0.1, 0.5, 1.0, 5.0, 10.0, 30.0, 60.0)
+FORWARD_S = (0.0005, 0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0)
+FILL = (0.1, 0.2, 0.3, 0.4, 0.5, 0.6, 0.7, 0.8, 0.9, 0.95, 0.99, 1.0)
+BINS = (1.0, 2.0, 3.0, 4.0, 6.0, 8.0, 12.0, 16.0, 32.0, 64.0)
+
+_C, _G, _H = MetricKind.COUNTER, MetricKind.GAUGE, MetricKind.HISTOGRAM
+_REQ, _REP, _STEP = ("model", "endpoint"), ("model", "replica"), ("model", "replica", "kind")
+
+_SPECS = [
+    # ingress: one per HTTP request
+    MetricSpec("packserve_requests", _C, "Requests answered, by HTTP status code.",
+               _REQ + ("status",)),
+    MetricSpec("packserve_ttft_seconds", _H, "Time to first token (generation requests).",
+               _REQ, TTFT_S),
+    MetricSpec("packserve_tpot_seconds", _H, "Time per output token after the first "
+               "(generation requests).", _REQ, TPOT_S),
+    MetricSpec("packserve_e2e_seconds", _H, "End-to-end request latency at the ingress.",
+               _REQ, E2E_S),
+    MetricSpec("packserve_queue_wait_seconds", _H, "Wait from arrival at the ingress to "
+               "dispatch to a replica (admission included).", ("model",), QUEUE_S),
+    # admission controller: one pool of tokens per model
+    MetricSpec("packserve_admission_reserved_tokens", _G, "Tokens leased to requests in "
+               "flight.", ("model",)),
+    MetricSpec("packserve_admission_capacity_tokens", _G, "Tokens the live replicas "
+               "measured they can hold.", ("model",)),
+    MetricSpec("packserve_admissions", _C, "Requests admitted (a lease granted).",
+               ("model",)),
+    MetricSpec("packserve_rejections", _C, "Requests refused admission, by reason.",
+               ("model", "reason")),
+    # engine replica: per step (worker.observe.StepRecord)
+    MetricSpec("packserve_real_tokens", _C, "Tokens computed by forwards (no padding).",
+               _STEP),
+    MetricSpec("packserve_padding_tokens_avoided", _C, "Padded-equivalent minus real "
+               "tokens: what arrival-order padded batches would have wasted.", _STEP),
+    MetricSpec("packserve_bin_fill_ratio", _H, "Real tokens / token budget, per bin.", _STEP,
+               FILL),
+    MetricSpec("packserve_bins_per_step", _H, "Bins (forwards) per engine step.", _STEP,
+               BINS),
+    MetricSpec("packserve_forward_seconds", _H, "Device time of one bin's forward.", _STEP,
+               FORWARD_S),
+    MetricSpec("packserve_h2d_bytes", _C, "Bytes staged for host-to-device copies.", _REP),
+    MetricSpec("packserve_h2d_seconds", _C, "Device time of host-to-device copies.", _REP),
+    MetricSpec("packserve_oom_events", _C, "Forwards that ran out of device memory.", _STEP),
+    MetricSpec("packserve_budget_shrinks", _C, "Token budget cuts after out-of-memory "
+               "errors.", _STEP),
+    MetricSpec("packserve_step_token_budget", _G, "Engine token budget: per bin (forward) "
+               "or per step (generate).", _STEP),
+    MetricSpec("packserve_token_budget", _G, "Replica token capacity offered to admission.",
+               _REP),
+    MetricSpec("packserve_free_token_budget", _G, "Replica token capacity not in use.", _REP),
+    MetricSpec("packserve_kv_blocks_used", _G, "KV cache blocks held by sequences.", _REP),
+    MetricSpec("packserve_kv_blocks_free", _G, "KV cache blocks free.", _REP),
+    MetricSpec("packserve_preemptions", _C, "Sequences preempted (recomputed later).", _REP),
+    MetricSpec("packserve_engine_waiting_requests", _G, "Requests queued in the engine, "
+               "not yet running.", _REP),
+    MetricSpec("packserve_engine_queue_wait_seconds", _H, "Wait in the engine's queue "
+               "until first scheduled.", _STEP, QUEUE_S),
+]
+METRICS: dict[str, MetricSpec] = {spec.name: spec for spec in _SPECS}
+
+
+def exported_names() -> dict[str, MetricSpec]:
+    """Every series name Prometheus stores for our metrics -> its spec."""
+    return {name: spec for spec in METRICS.values() for name in spec.exported_names}
+
+
+def _build(*names: str, **default_tags: str) -> list:
+    return [METRICS[n].build().set_default_tags(dict(default_tags)) for n in names]
+
+
+class ReplicaMetrics:
+    """Engine-replica metrics; ``observe_step`` is an engine step observer (it runs on
+    the stepping thread, a few metric calls per bin)."""
+
+    def __init__(self, model: str, replica: str):
+        tags = {"model": model, "replica": replica}
+        (self._real, self._avoided, self._fill, self._bins, self._forward, self._oom,
+         self._shrinks, self._step_budget, self._wait) = _build(
+            "packserve_real_tokens", "packserve_padding_tokens_avoided",
+            "packserve_bin_fill_ratio", "packserve_bins_per_step",
+            "packserve_forward_seconds", "packserve_oom_events", "packserve_budget_shrinks",
+            "packserve_step_token_budget", "packserve_engine_queue_wait_seconds", **tags)
+        (self._h2d_bytes, self._h2d_seconds, self._budget, self._free, self._kv_used,
+         self._kv_free, self._preempt, self._waiting) = _build(
+            "packserve_h2d_bytes", "packserve_h2d_seconds", "packserve_token_budget",
+            "packserve_free_token_budget", "packserve_kv_blocks_used",
+            "packserve_kv_blocks_free", "packserve_preemptions",
+            "packserve_engine_waiting_requests", **tags)
+        self._kind_tags = {k: {"kind": k} for k in ("forward", "generate")}
+
+    def observe_step(self, record: StepRecord) -> None:
+        """Record one engine step (``worker.observe.StepRecord``)."""
+        tags = self._kind_tags[record.kind]
+        if record.num_tokens:
+            self._real.inc(record.num_tokens, tags)
+        if record.num_padding_avoided:
+            self._avoided.inc(record.num_padding_avoided, tags)
+        if record.num_bins:
+            self._bins.observe(record.num_bins, tags)
+        for fill, seconds in zip(record.fill_ratios, record.forward_seconds):  # per bin
+            self._fill.observe(fill, tags)
+            self._forward.observe(seconds, tags)
+        for seconds in record.queue_wait_seconds:  # per request first scheduled
+            self._wait.observe(seconds, tags)
+        if record.num_oom:
+            self._oom.inc(record.num_oom, tags)
+        if record.new_token_budget is not None:
+            self._shrinks.inc(1, tags)
+        self._step_budget.set(record.token_budget, tags)
+        if record.h2d_bytes:
+            self._h2d_bytes.inc(record.h2d_bytes)
+        if record.h2d_seconds > 0:
+            self._h2d_seconds.inc(record.h2d_seconds)
+        if record.num_preemptions:
+            self._preempt.inc(record.num_preemptions)
+        self._kv_used.set(record.num_kv_blocks_used)
+        self._kv_free.set(record.num_kv_blocks_free)
+        self._waiting.set(record.num_waiting)
+
+    def set_budget(self, token_budget: int, free_tokens: int) -> None:
+        """The replica's token capacity and the part of it not in use."""
+        self._budget.set(token_budget)
+        self._free.set(free_tokens)
+
+
+class IngressMetrics:
+    """Per-request metrics at the ingress (any number of models)."""
+
+    def __init__(self):
+        self._requests, self._ttft, self._tpot, self._e2e, self._wait = (
+            METRICS[n].build() for n in ("packserve_requests", "packserve_ttft_seconds",
+                                         "packserve_tpot_seconds", "packserve_e2e_seconds",
+                                         "packserve_queue_wait_seconds"))
+        self._tags: dict[tuple, dict[str, str]] = {}  # bounded: models x endpoints x codes
+
+    def observe_request(self, model: str, endpoint: str, status: int | str,
+                        ttft_s: float | None = None, tpot_s: float | None = None,
+                        e2e_s: float | None = None) -> None:
+        """One answered request. ``ttft_s``/``tpot_s`` for generation only (None
+        otherwise; ``tpot_s`` None when a single token came out)."""
+        self._requests.inc(1, self._tag(model, endpoint, str(status)))
+        tags = self._tag(model, endpoint)
+        if ttft_s is not None:
+            self._ttft.observe(ttft_s, tags)
+        if tpot_s is not None:
+            self._tpot.observe(tpot_s, tags)
+        if e2e_s is not None:
+            self._e2e.observe(e2e_s, tags)
+
+    def observe_queue_wait(self, model: str, seconds: float) -> None:
+        """Wait from arrival to dispatch to a replica (admission included)."""
+        self._wait.observe(seconds, self._tag(model))
+
+    def _tag(self, model: str, endpoint: str | None = None, status: str | None = None):
+        key = (model, endpoint, status)
+        tags = self._tags.get(key)
+        if tags is None:
+            names = ("model", "endpoint", "status")
+            tags = self._tags[key] = {k: v for k, v in zip(names, key) if v is not None}
+        return tags
+
+
+class AdmissionMetrics:
+    """The admission controller's pool and decisions, per model."""
+
+    def __init__(self):
+        self._reserved, self._capacity, self._admitted, self._rejected = (
+            METRICS[n].build() for n in (
+                "packserve_admission_reserved_tokens", "packserve_admission_capacity_tokens",
+                "packserve_admissions", "packserve_rejections"))
+        self._models: dict[str, dict[str, str]] = {}
+        self._reasons: dict[tuple[str, RejectReason], dict[str, str]] = {}
+
+    def set_pool(self, model: str, reserved: int, capacity: int) -> None:
+        tags = self._model(model)
+        self._reserved.set(reserved, tags)
+        self._capacity.set(capacity, tags)
+
+    def admitted(self, model: str) -> None:
+        self._admitted.inc(1, self._model(model))
+
+    def rejected(self, model: str, reason: RejectReason | str) -> None:
+        """``reason``: a ``RejectReason`` or its value (ValueError for anything else)."""
+        key = (model, RejectReason(reason))
+        tags = self._reasons.get(key)
+        if tags is None:
+            tags = self._reasons[key] = {"model": model, "reason": key[1].value}
+        self._rejected.inc(1, tags)
+
+    def _model(self, model: str) -> dict[str, str]:
+        tags = self._models.get(model)
+        if tags is None:
+            tags = self._models[model] = {"model": model}
+        return tags

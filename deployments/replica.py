@@ -1,0 +1,169 @@
+"""The engine replica: one per GPU, a thin Serve deployment over ``worker.Engine``.
+
+Start-up loads the model and runs the Phase-0 budget probe (inside ``Engine``); a
+decoder with a tokenizer also sizes and allocates its KV cache now, so the capacity it
+reports is measured, not assumed. Then, every ``heartbeat_s``, the replica tells the
+admission controller its capacity and the leases it is serving; every
+``stats_period_s`` Serve asks ``record_routing_stats`` for the router. A dead engine loop
+fails the health check, so Serve replaces the replica and the controller, no longer
+hearing from it, reclaims its leases.
+
+| capacity_tokens (what admission reserves against, per replica)                 |
+|---------------------------------------------------------------------------------|
+| generation models: KV cache tokens = num_kv_blocks x kv_block_size              |
+| embedding models: 2 x max_num_bins_per_step x max_num_batched_tokens (one step |
+| running, one staged)                                                           |
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+from collections.abc import AsyncIterator
+
+import numpy as np
+from ray import serve
+
+from deployments.config import AdmissionArgs, ModelArgs
+from deployments.work import EmbedWork, GenerateWork, ModelInfo, ScoreWork, Work
+from worker import Engine
+from worker.gen_output import GenerationDelta, GenerationOutput
+from worker.sources import is_smoke_test
+
+logger = logging.getLogger("ray.serve")
+
+EMBED_STEPS_IN_FLIGHT = 2
+
+
+class EngineReplica:
+    """Serves one model on one device. Deployed once per model by ``build_app``."""
+
+    async def __init__(self, model_args: dict, admission_args: dict, admission=None):
+        self.args = ModelArgs.model_validate(model_args)
+        self.admission_args = AdmissionArgs.model_validate(admission_args)
+        self.engine = await asyncio.to_thread(Engine, self.args.engine_config())
+        self.info = await asyncio.to_thread(self._model_info)
+        self._admission = admission
+        self._active: dict[int, Work] = {}  # id(work) -> work, while serving it
+        self._used_tokens = 0
+        self._num_served = 0
+        self.replica_id = serve.get_replica_context().replica_id.unique_id
+        self._heartbeat = asyncio.get_running_loop().create_task(self._report_forever())
+        self.on_ready()
+        logger.info("replica %s of %s ready: %s", self.replica_id, self.args.name, self.info)
+
+    def on_ready(self) -> None:
+        """Hook for wiring observers (metrics) once the engine is up."""
+
+    # ---- requests -------------------------------------------------------------------
+
+    async def generate(self, work: GenerateWork) -> GenerationOutput:
+        with self._serving(work):
+            outputs = await self.engine.generate_async([work.prompt_token_ids], work.params)
+            return outputs[0]
+
+    async def generate_stream(self, work: GenerateWork) -> AsyncIterator[GenerationDelta]:
+        """Deltas as steps produce them; closing the stream aborts the request."""
+        with self._serving(work):
+            async for delta in self.engine.generate_stream(work.prompt_token_ids, work.params):
+                yield delta
+
+    async def embed(self, work: EmbedWork) -> np.ndarray:
+        """[num_inputs, hidden] float32."""
+        with self._serving(work):
+            return await self.engine.embed_async(work.inputs, work.pooling, work.normalize)
+
+    async def score(self, work: ScoreWork) -> list[np.ndarray]:
+        """Per input, log p(token t | tokens < t) for t = 1..len-1."""
+        with self._serving(work):
+            return await self.engine.score_async(work.inputs)
+
+    async def model_info(self) -> ModelInfo:
+        return self.info
+
+    async def state(self) -> dict:
+        """What this replica holds now (tests check it drains to zero): tokens and
+        requests in service, KV blocks in use (after checking the block invariants)."""
+        used_blocks = 0
+        if self.info.can_generate:
+            self.engine.check_kv_invariants()
+            used_blocks = self.engine.generation.blocks.stats().num_used_blocks
+        return {"replica_id": self.replica_id, "used_tokens": self._used_tokens,
+                "num_requests": len(self._active), "num_served": self._num_served,
+                "kv_used_blocks": used_blocks}
+
+    # ---- Serve hooks ----------------------------------------------------------------
+
+    def record_routing_stats(self) -> dict:
+        return {"capacity_tokens": self.info.capacity_tokens, "used_tokens": self._used_tokens,
+                "num_requests": len(self._active)}
+
+    def record_autoscaling_stats(self) -> dict:
+        """Serve's custom autoscaling metrics, read by ``deployments.autoscaling``."""
+        return {"capacity_tokens": self.info.capacity_tokens, "used_tokens": self._used_tokens,
+                "num_requests": len(self._active)}
+
+    def check_health(self) -> None:
+        if not self.engine.is_alive():
+            raise RuntimeError(f"the engine of {self.args.name} is dead; Serve will replace "
+                               "this replica")
+        if self._heartbeat.done() and not self._heartbeat.cancelled():
+            raise RuntimeError(f"admission heartbeat stopped: {self._heartbeat.exception()!r}")
+
+    def __del__(self) -> None:
+        heartbeat = getattr(self, "_heartbeat", None)
+        if heartbeat is not None:
+            heartbeat.cancel()
+        engine = getattr(self, "engine", None)
+        if engine is not None:
+            engine.shutdown(timeout=10)
+
+    # ---- internals ------------------------------------------------------------------
+
+    def _serving(self, work: Work):
+        return _Serving(self, work)
+
+    def _model_info(self) -> ModelInfo:
+        engine, cfg = self.engine, self.engine.config
+        can_generate = engine.spec.is_decoder
+        if can_generate:
+            blocks = engine.generation.blocks  # allocates the KV cache now, sized by the probe
+            capacity = blocks.num_blocks * blocks.block_size
+        else:
+            capacity = EMBED_STEPS_IN_FLIGHT * cfg.max_num_bins_per_step * cfg.max_num_batched_tokens
+        return ModelInfo(
+            name=self.args.name, is_decoder=engine.spec.is_decoder, can_generate=can_generate,
+            max_model_len=cfg.max_model_len, vocab_size=engine.spec.vocab_size,
+            hidden_size=engine.spec.hidden_size, capacity_tokens=int(capacity),
+            token_budget=cfg.max_num_batched_tokens, smoke_test=is_smoke_test(self.args.model),
+            device=cfg.device, attention_backend=cfg.attention_backend)
+
+    async def _report_forever(self) -> None:
+        if self._admission is None:
+            return
+        while True:
+            leases = [w.lease_id for w in self._active.values() if w.lease_id]
+            try:
+                await self._admission.replica_report.remote(
+                    self.args.name, self.replica_id, self.info.capacity_tokens, leases,
+                    {"used_tokens": self._used_tokens, "num_requests": len(self._active),
+                     "num_served": self._num_served})
+            except Exception as exc:  # noqa: BLE001 - the controller restarts; keep trying
+                logger.warning("admission report failed (%s); retrying", exc)
+            await asyncio.sleep(self.admission_args.heartbeat_s)
+
+
+class _Serving:
+    """Counts a request's tokens as used while the replica serves it."""
+
+    def __init__(self, replica: EngineReplica, work: Work):
+        self.replica, self.work = replica, work
+
+    def __enter__(self) -> None:
+        self.replica._active[id(self.work)] = self.work
+        self.replica._used_tokens += self.work.num_tokens
+        self.replica._num_served += 1
+
+    def __exit__(self, *exc) -> None:
+        self.replica._active.pop(id(self.work), None)
+        self.replica._used_tokens -= self.work.num_tokens

@@ -1,0 +1,87 @@
+"""OpenAI response bodies and stream chunks, built from engine outputs.
+
+Logprobs of prompt tokens (``echo``) come from the engine's scoring pass, which returns
+log p(token t | tokens < t) only: prompt positions carry ``top_logprobs: null``.
+"""
+
+from __future__ import annotations
+
+import json
+import time
+import uuid
+
+from worker.sequence import TokenLogprobs
+
+
+def new_id(prefix: str) -> str:
+    return f"{prefix}-{uuid.uuid4().hex[:24]}"
+
+
+def usage(prompt_tokens: int, completion_tokens: int) -> dict:
+    return {"prompt_tokens": prompt_tokens, "completion_tokens": completion_tokens,
+            "total_tokens": prompt_tokens + completion_tokens}
+
+
+def sse(payload: dict | str) -> str:
+    return f"data: {payload if isinstance(payload, str) else json.dumps(payload)}\n\n"
+
+
+class CompletionLogprobs:
+    """Builds a completion choice's ``logprobs`` (tokens, token_logprobs, top_logprobs,
+    text_offset), prompt first when echoed."""
+
+    def __init__(self, tok, text_offset: int = 0):
+        self.tok = tok
+        self.offset = text_offset
+
+    def prompt(self, token_ids: list[int], scores) -> dict:
+        """First prompt token has no logprob (nothing precedes it)."""
+        values = [None] + [float(x) for x in scores]
+        return self._entries(token_ids, values, [None] * len(token_ids))
+
+    def generated(self, token_ids: list[int], logprobs: list[TokenLogprobs]) -> dict:
+        tops = [{self.tok.token_text(t): lp for t, lp in e.top} for e in logprobs]
+        return self._entries(token_ids, [e.logprob for e in logprobs], tops)
+
+    def _entries(self, token_ids, values, tops) -> dict:
+        out = {"tokens": [], "token_logprobs": [], "top_logprobs": [], "text_offset": []}
+        for token_id, value, top in zip(token_ids, values, tops):
+            text = self.tok.token_text(token_id)
+            out["tokens"].append(text)
+            out["token_logprobs"].append(value)
+            out["top_logprobs"].append(top)
+            out["text_offset"].append(self.offset)
+            self.offset += len(text)
+        return out
+
+
+def merge_logprobs(*parts: dict | None) -> dict | None:
+    parts = [p for p in parts if p]
+    if not parts:
+        return None
+    return {key: [v for p in parts for v in p[key]] for key in parts[0]}
+
+
+def chat_logprobs(tok, token_ids: list[int], logprobs: list[TokenLogprobs] | None) -> dict | None:
+    if logprobs is None:
+        return None
+
+    def entry(token_id: int, value: float) -> dict:
+        text = tok.token_text(token_id)
+        return {"token": text, "logprob": value, "bytes": list(text.encode("utf-8"))}
+
+    return {"content": [
+        {**entry(t, e.logprob), "top_logprobs": [entry(tid, lp) for tid, lp in e.top]}
+        for t, e in zip(token_ids, logprobs)]}
+
+
+class Envelope:
+    """The fields every body or chunk of one response shares."""
+
+    def __init__(self, prefix: str, obj: str, model: str):
+        self.id, self.object, self.model = new_id(prefix), obj, model
+        self.created = int(time.time())
+
+    def body(self, **fields) -> dict:
+        return {"id": self.id, "object": self.object, "created": self.created,
+                "model": self.model, **fields}

@@ -1,0 +1,53 @@
+"""What the ingress hands an engine replica, and what a replica says about itself.
+
+Plain frozen dataclasses (pickled by Ray). Token ids only: text never reaches a replica
+for its input, tensors never reach the ingress. ``num_tokens`` is what the request's
+lease holds; the router reads it to rank replicas by free tokens.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+from worker.sampling import SamplingParams
+
+
+@dataclass(frozen=True)
+class Work:
+    lease_id: str | None  # the admission lease to report while serving (None: admission off)
+    num_tokens: int  # tokens reserved for this request
+
+
+@dataclass(frozen=True)
+class GenerateWork(Work):
+    prompt_token_ids: list[int]  # [prompt_len]
+    params: SamplingParams
+
+
+@dataclass(frozen=True)
+class EmbedWork(Work):
+    inputs: list[list[int]]  # [num_inputs][len_i]
+    pooling: str | None
+    normalize: bool
+
+
+@dataclass(frozen=True)
+class ScoreWork(Work):
+    inputs: list[list[int]]  # [num_inputs][len_i]; each needs >= 2 tokens to score any
+
+
+@dataclass(frozen=True)
+class ModelInfo:
+    """A replica's model, as the ingress validates against it and /v1/models lists it."""
+
+    name: str
+    is_decoder: bool  # decoders generate and score; encoders embed only
+    can_generate: bool  # a decoder with a tokenizer
+    max_model_len: int  # longest sequence (prompt + generated) accepted
+    vocab_size: int
+    hidden_size: int  # embedding dimensions
+    capacity_tokens: int  # what admission reserves against, per replica
+    token_budget: int  # tokens per bin (max_num_batched_tokens)
+    smoke_test: bool  # random weights: output is noise
+    device: str
+    attention_backend: str

@@ -1,0 +1,64 @@
+"""What Prometheus stores is what the registry says: every metric of
+``deployments/metrics.py``, recorded from a Ray actor through the recorders, is scraped
+from Ray's metrics endpoint by a real Prometheus under exactly
+``MetricSpec.exported_names`` (the names the dashboard check relies on)."""
+
+from __future__ import annotations
+
+import time
+
+import pytest
+
+from tests.prometheus_server import DEFAULT_BINARY, PrometheusServer, prometheus_binary
+
+pytestmark = pytest.mark.skipif(prometheus_binary() is None,
+                                reason=f"no Prometheus at {DEFAULT_BINARY}: `make prometheus`")
+
+
+def _recorder_actor():
+    import ray
+
+    @ray.remote(num_cpus=0)
+    class Recorder:
+        def __init__(self):
+            from deployments.metrics import AdmissionMetrics, IngressMetrics, ReplicaMetrics
+            from worker.observe import StepKind, StepRecord
+
+            self.replica = ReplicaMetrics("tiny", "r1")
+            self.ingress, self.admission = IngressMetrics(), AdmissionMetrics()
+            self.step = StepRecord(StepKind.FORWARD, (60, 30), (64, 64), 120, (0.01, 0.02),
+                                   1600, 0.001, 1, 48, 48, 40, 30, 10, 2, 3, (0.5,))
+
+        def record(self) -> None:
+            self.replica.observe_step(self.step)
+            self.replica.set_budget(4096, 1000)
+            self.ingress.observe_request("tiny", "chat", 200, 0.05, 0.01, 0.3)
+            self.ingress.observe_queue_wait("tiny", 0.01)
+            self.admission.set_pool("tiny", 100, 4096)
+            self.admission.admitted("tiny")
+            self.admission.rejected("tiny", "capacity")
+
+    return Recorder.remote()
+
+
+def test_prometheus_stores_the_registry_names(ray_cluster):
+    import ray
+
+    from deployments.metrics import METRICS, exported_names
+
+    port = ray.nodes()[0]["MetricsExportPort"]
+    recorder = _recorder_actor()
+    want = set(exported_names())
+    with PrometheusServer(targets=[f"127.0.0.1:{port}"]) as prom:
+        deadline, got = time.monotonic() + 90, set()
+        while time.monotonic() < deadline and got != want:
+            ray.get(recorder.record.remote())
+            time.sleep(1)
+            result = prom.query('{__name__=~"ray_packserve_.*"}')
+            got = {r["metric"]["__name__"] for r in result}
+        assert got == want, f"missing {sorted(want - got)}, unexpected {sorted(got - want)}"
+        (series,) = prom.query('ray_packserve_real_tokens_total{model="tiny"}')
+        labels = series["metric"]
+        assert {k: labels[k] for k in METRICS["packserve_real_tokens"].tag_keys} == {
+            "model": "tiny", "replica": "r1", "kind": "forward"}
+    ray.kill(recorder)

@@ -1,0 +1,171 @@
+"""The recorders of ``deployments/metrics.py``: with Ray's real metric objects (built
+without a running Ray: tag keys are validated on every call), and with fakes that show
+what each call records."""
+
+from __future__ import annotations
+
+import pytest
+
+from deployments import metrics
+from deployments.metrics import (
+    METRICS,
+    AdmissionMetrics,
+    IngressMetrics,
+    RejectReason,
+    ReplicaMetrics,
+)
+from worker.observe import StepKind, StepRecord
+
+
+def record(**overrides) -> StepRecord:
+    fields = {"kind": StepKind.FORWARD, "bin_num_tokens": (60, 30), "bin_capacity": (64, 64),
+              "padded_num_tokens": 120, "forward_seconds": (0.01, 0.02), "h2d_bytes": 1600,
+              "h2d_seconds": 0.0, "num_oom": 0, "new_token_budget": None, "token_budget": 64,
+              "num_kv_blocks": 0, "num_kv_blocks_used": 0, "num_kv_blocks_free": 0,
+              "num_preemptions": 0, "num_waiting": 3, "queue_wait_seconds": (0.5, 0.25)}
+    return StepRecord(**{**fields, **overrides})
+
+
+OOM_STEP = record(kind=StepKind.GENERATE, bin_num_tokens=(), bin_capacity=(),
+                  padded_num_tokens=0, forward_seconds=(), h2d_bytes=0, num_oom=1,
+                  new_token_budget=57, token_budget=57, num_kv_blocks=40,
+                  num_kv_blocks_used=30, num_kv_blocks_free=10, num_preemptions=2,
+                  queue_wait_seconds=())
+
+
+def test_real_ray_metrics_accept_every_call():
+    replica = ReplicaMetrics("tiny", "r1")
+    replica.observe_step(record())
+    replica.observe_step(record(kind=StepKind.GENERATE, h2d_seconds=0.001))
+    replica.observe_step(OOM_STEP)
+    replica.set_budget(4096, 1024)
+    ingress = IngressMetrics()
+    ingress.observe_request("tiny", "chat", 200, ttft_s=0.05, tpot_s=0.01, e2e_s=0.3)
+    ingress.observe_request("tiny", "embeddings", 429, e2e_s=0.001)
+    ingress.observe_queue_wait("tiny", 0.002)
+    admission = AdmissionMetrics()
+    admission.set_pool("tiny", 100, 4096)
+    admission.admitted("tiny")
+    for reason in RejectReason:
+        admission.rejected("tiny", reason)
+    admission.rejected("tiny", "capacity")  # the value, as Verdict's str enum carries it
+    with pytest.raises(ValueError):
+        admission.rejected("tiny", "bored")
+
+
+class Fake:
+    """Stands in for a Ray metric: keeps (method, value, tags merged with defaults)."""
+
+    def __init__(self, spec):
+        self.spec, self.defaults, self.calls = spec, {}, []
+
+    def set_default_tags(self, tags):
+        self.defaults = dict(tags)
+        return self
+
+    def _record(self, method, value, tags=None):
+        assert isinstance(value, (int, float)) and not isinstance(value, bool)
+        merged = {**self.defaults, **(tags or {})}
+        assert set(merged) == set(self.spec.tag_keys), (self.spec.name, merged)
+        if method == "inc":
+            assert value > 0, f"{self.spec.name}: Ray refuses inc({value})"
+        self.calls.append((method, value, merged))
+
+    def inc(self, value=1.0, tags=None):
+        self._record("inc", value, tags)
+
+    def set(self, value, tags=None):
+        self._record("set", value, tags)
+
+    def observe(self, value, tags=None):
+        self._record("observe", value, tags)
+
+
+@pytest.fixture
+def fakes(monkeypatch):
+    made: dict[str, Fake] = {}
+
+    def build(spec):
+        made[spec.name] = Fake(spec)
+        return made[spec.name]
+
+    monkeypatch.setattr(metrics.MetricSpec, "build", build)
+    return made
+
+
+def values(fake: Fake) -> list:
+    return [value for _, value, _ in fake.calls]
+
+
+def test_replica_metrics_record_a_step(fakes):
+    replica = ReplicaMetrics("tiny", "r1")
+    replica.observe_step(record())
+    tags = {"model": "tiny", "replica": "r1", "kind": "forward"}
+    assert fakes["packserve_real_tokens"].calls == [("inc", 90, tags)]
+    assert values(fakes["packserve_padding_tokens_avoided"]) == [30]
+    assert values(fakes["packserve_bin_fill_ratio"]) == [60 / 64, 30 / 64]
+    assert values(fakes["packserve_forward_seconds"]) == [0.01, 0.02]
+    assert values(fakes["packserve_bins_per_step"]) == [2]
+    assert values(fakes["packserve_engine_queue_wait_seconds"]) == [0.5, 0.25]
+    assert values(fakes["packserve_h2d_bytes"]) == [1600]
+    assert values(fakes["packserve_engine_waiting_requests"]) == [3]
+    for name in ("packserve_h2d_seconds", "packserve_oom_events", "packserve_budget_shrinks",
+                 "packserve_preemptions"):
+        assert fakes[name].calls == [], name  # nothing happened: no zero increments
+
+    replica.observe_step(OOM_STEP)
+    gen = {"model": "tiny", "replica": "r1", "kind": "generate"}
+    assert fakes["packserve_oom_events"].calls == [("inc", 1, gen)]
+    assert fakes["packserve_budget_shrinks"].calls == [("inc", 1, gen)]
+    assert fakes["packserve_step_token_budget"].calls[-1] == ("set", 57, gen)
+    assert values(fakes["packserve_preemptions"]) == [2]
+    assert values(fakes["packserve_kv_blocks_used"])[-1] == 30
+    assert values(fakes["packserve_kv_blocks_free"])[-1] == 10
+    assert values(fakes["packserve_bins_per_step"]) == [2]  # a step with no bin is not one
+
+    replica.set_budget(4096, 1000)
+    assert values(fakes["packserve_token_budget"]) == [4096]
+    assert values(fakes["packserve_free_token_budget"]) == [1000]
+
+
+def test_ingress_and_admission_metrics(fakes):
+    ingress = IngressMetrics()
+    ingress.observe_request("m", "chat", 200, ttft_s=0.05, tpot_s=0.01, e2e_s=0.3)
+    ingress.observe_request("m", "embeddings", 429, e2e_s=0.001)
+    ingress.observe_queue_wait("m", 0.002)
+    assert [tags for *_, tags in fakes["packserve_requests"].calls] == [
+        {"model": "m", "endpoint": "chat", "status": "200"},
+        {"model": "m", "endpoint": "embeddings", "status": "429"}]
+    assert values(fakes["packserve_ttft_seconds"]) == [0.05]
+    assert values(fakes["packserve_tpot_seconds"]) == [0.01]
+    assert values(fakes["packserve_e2e_seconds"]) == [0.3, 0.001]
+    assert fakes["packserve_queue_wait_seconds"].calls == [("observe", 0.002, {"model": "m"})]
+
+    admission = AdmissionMetrics()
+    admission.set_pool("m", 100, 4096)
+    admission.admitted("m")
+    admission.rejected("m", RejectReason.TOO_LARGE)
+    assert values(fakes["packserve_admission_reserved_tokens"]) == [100]
+    assert values(fakes["packserve_admission_capacity_tokens"]) == [4096]
+    assert values(fakes["packserve_admissions"]) == [1]
+    assert fakes["packserve_rejections"].calls == [
+        ("inc", 1, {"model": "m", "reason": "too_large"})]
+
+
+def test_every_metric_is_built_by_a_recorder(fakes):
+    ReplicaMetrics("m", "r")
+    IngressMetrics()
+    AdmissionMetrics()
+    assert set(fakes) == set(METRICS)
+
+
+def test_the_module_imports_no_ray_at_module_level():
+    """Ray is imported where metrics are built (inside the actors), never on import."""
+    import ast
+    from pathlib import Path
+
+    tree = ast.parse(Path(metrics.__file__).read_text())
+    top = [n for n in tree.body if isinstance(n, (ast.Import, ast.ImportFrom))]
+    names = [a.name for n in top if isinstance(n, ast.Import) for a in n.names]
+    names += [n.module for n in top if isinstance(n, ast.ImportFrom)]
+    assert not [n for n in names if n and n.split(".")[0] in ("ray", "torch", "worker")]
