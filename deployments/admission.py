@@ -23,6 +23,7 @@ from ray import serve
 
 from deployments.config import AdmissionArgs
 from deployments.ledger import AdmissionLedger, Decision, Verdict
+from deployments.metrics import AdmissionMetrics
 
 logger = logging.getLogger("ray.serve")
 
@@ -41,7 +42,7 @@ class AdmissionController:
             replica_timeout_s=a.replica_timeout_s, holder_timeout_s=a.holder_timeout_s)
         self._waiters: dict[str, deque] = {}  # model -> FIFO of (future, tokens, holder, clamp)
         self._reaper: asyncio.Task | None = None
-        self.metrics = None  # an AdmissionMetrics once deployments.metrics is wired
+        self.metrics = _admission_metrics()  # None: record nothing
 
     async def reserve(self, model: str, tokens: int, holder: str, clamp: bool = False
                       ) -> Decision:
@@ -64,6 +65,7 @@ class AdmissionController:
         released = sum(self.ledger.release(i, now) for i in lease_ids)
         for model in models:
             self._admit_waiters(model)
+            self._record_pool(model)
         return released
 
     async def replica_report(self, model: str, replica: str, capacity_tokens: int,
@@ -72,6 +74,7 @@ class AdmissionController:
         self.ledger.replica_report(model, replica, capacity_tokens, lease_ids, time.monotonic(),
                                    load)
         self._admit_waiters(model)
+        self._record_pool(model)
 
     async def holder_report(self, holder: str) -> None:
         self.ledger.holder_report(holder, time.monotonic())
@@ -132,8 +135,26 @@ class AdmissionController:
                         capacity=snap["capacity"], largest=snap["largest"])
 
     def _record(self, model: str, decision: Decision) -> None:
-        if self.metrics is not None:
-            self.metrics.decision(model, decision, self.ledger.snapshot(model))
+        """Count one decision and publish the pool after it (never raises)."""
+        if self.metrics is None:
+            return
+        try:
+            if decision.verdict is Verdict.ADMITTED:
+                self.metrics.admitted(model)
+            else:
+                self.metrics.rejected(model, decision.verdict.value)
+        except Exception:  # metrics never fail a request
+            logger.exception("admission metrics failed")
+        self._record_pool(model)
+
+    def _record_pool(self, model: str) -> None:
+        """Publish the pool's reserved and capacity tokens (never raises)."""
+        if self.metrics is None:
+            return
+        try:
+            self.metrics.set_pool(model, *self.ledger.pool_tokens(model))
+        except Exception:  # metrics never fail a request
+            logger.exception("admission metrics failed")
 
     def _start_reaper(self) -> None:
         if self._reaper is None:
@@ -148,3 +169,13 @@ class AdmissionController:
                                reclaimed)
             for model in list(self._waiters):
                 self._admit_waiters(model)
+            for model in list(self.ledger.pools):  # expiry may have dropped replicas
+                self._record_pool(model)
+
+
+def _admission_metrics() -> AdmissionMetrics | None:
+    try:
+        return AdmissionMetrics()
+    except Exception:  # admit without metrics rather than not at all
+        logger.exception("admission metrics unavailable")
+        return None

@@ -1,7 +1,9 @@
 """The HTTP edge: a FastAPI app served by Ray Serve (``@serve.ingress``).
 
-Framing only: routes, API-key auth, the body size limit, and every error rendered in
-OpenAI's format (``deployments/errors.py``). The endpoints' logic lives in
+Framing only: routes, API-key auth, the body size limit, every error rendered in
+OpenAI's format (``deployments/errors.py``), and per-request metrics (status, TTFT, TPOT,
+e2e: ``deployments/request_timer.py``, the outermost middleware, so that 401s, 413s and
+invalid bodies are counted too). The endpoints' logic lives in
 ``deployments/openai_api.py``.
 """
 
@@ -19,6 +21,7 @@ from deployments.errors import APIError, from_exception
 from deployments.leases import AdmissionClient
 from deployments.openai_api import OpenAIService
 from deployments.protocol import ChatCompletionRequest, CompletionRequest, EmbeddingRequest
+from deployments.request_timer import RequestMetrics, set_recorder, timer
 
 logger = logging.getLogger("ray.serve")
 
@@ -91,6 +94,9 @@ async def _auth(request: Request, call_next):
     return await call_next(request)
 
 
+app.add_middleware(RequestMetrics)  # added last: outermost, it sees every status
+
+
 @app.exception_handler(RequestValidationError)
 async def _invalid(request: Request, exc: RequestValidationError) -> JSONResponse:
     return validation_error(exc).to_response()
@@ -142,6 +148,17 @@ class EventStream(StreamingResponse):
             await self.body_iterator.aclose()
 
 
+def _ingress_metrics():
+    """This process's ``IngressMetrics``; None (record nothing) if they cannot be built."""
+    from deployments.metrics import IngressMetrics
+
+    try:
+        return IngressMetrics()
+    except Exception:  # serve without metrics rather than not at all
+        logger.exception("ingress metrics unavailable")
+        return None
+
+
 def _respond(result):
     """A body as JSON, an async iterator of SSE strings as an event stream. (Defined
     before the ingress class: Serve pickles that class when it is decorated.)"""
@@ -161,6 +178,7 @@ class OpenAIIngress:
         client = AdmissionClient(admission, holder, self.args.admission.heartbeat_s,
                                  enabled=self.args.admission.enabled)
         self.service = OpenAIService(self.args, models, client)
+        set_recorder(_ingress_metrics())
 
     @app.get("/health")
     async def health(self) -> JSONResponse:
@@ -182,16 +200,16 @@ class OpenAIIngress:
         return await self.service.list_models()
 
     @app.post("/v1/completions")
-    async def completions(self, body: CompletionRequest):
-        return _respond(await self.service.completions(body))
+    async def completions(self, body: CompletionRequest, request: Request):
+        return _respond(await self.service.completions(body, self._timer(request, body)))
 
     @app.post("/v1/chat/completions")
-    async def chat_completions(self, body: ChatCompletionRequest):
-        return _respond(await self.service.chat(body))
+    async def chat_completions(self, body: ChatCompletionRequest, request: Request):
+        return _respond(await self.service.chat(body, self._timer(request, body)))
 
     @app.post("/v1/embeddings")
-    async def embeddings(self, body: EmbeddingRequest) -> dict:
-        return await self.service.embeddings(body)
+    async def embeddings(self, body: EmbeddingRequest, request: Request) -> dict:
+        return await self.service.embeddings(body, self._timer(request, body))
 
     @app.get("/v1/admission")
     async def admission(self) -> dict:
@@ -200,3 +218,6 @@ class OpenAIIngress:
         if not client.enabled:
             return {}
         return await client.handle.snapshot.remote()
+
+    def _timer(self, request: Request, body):
+        return timer(request.scope, body.model, self.service.handles)

@@ -4,12 +4,14 @@ release it exactly once.
 A ``Lease`` is released explicitly when its request ends; as a safety net it is also
 released when it is garbage-collected unreleased (a streaming response that the server
 dropped before it started iterating never runs its ``finally``). Releases are sent as
-tasks the caller does not wait for, so they survive the request's cancellation.
+tasks the caller does not wait for, in a context of their own, so they survive the
+request's cancellation (see ``_detached``).
 """
 
 from __future__ import annotations
 
 import asyncio
+import contextvars
 import logging
 import time
 
@@ -60,7 +62,7 @@ class AdmissionClient:
         raise refusal(decision, model, tokens, what)
 
     def release(self, lease_id: str) -> None:
-        task = asyncio.get_running_loop().create_task(self._send_release(lease_id))
+        task = _detached(asyncio.get_running_loop(), self._send_release(lease_id))
         self._tasks.add(task)
         task.add_done_callback(self._tasks.discard)
 
@@ -68,7 +70,7 @@ class AdmissionClient:
         loop = self._loop
         if loop is not None and not loop.is_closed():
             try:
-                loop.call_soon_threadsafe(self.release, lease_id)
+                loop.call_soon_threadsafe(self.release, lease_id, context=contextvars.Context())
             except RuntimeError:  # the loop closed meanwhile: the holder timeout reclaims it
                 pass
 
@@ -81,7 +83,7 @@ class AdmissionClient:
     def _start(self) -> None:
         if self._heartbeat is None:
             self._loop = asyncio.get_running_loop()
-            self._heartbeat = self._loop.create_task(self._report_forever())
+            self._heartbeat = _detached(self._loop, self._report_forever())
 
     async def _report_forever(self) -> None:
         while True:
@@ -95,6 +97,13 @@ class AdmissionClient:
         self.reserve_seconds.append(seconds)
         if len(self.reserve_seconds) > 4096:
             del self.reserve_seconds[:2048]
+
+
+def _detached(loop: asyncio.AbstractEventLoop, coro) -> asyncio.Task:
+    """A task outside the current request's context. Serve cancels the handle calls a
+    request made when that request is cancelled (a client that left): a release or a
+    heartbeat sent from its context would be cancelled with it, and the lease leaked."""
+    return loop.create_task(coro, context=contextvars.Context())
 
 
 def refusal(decision: Decision, model: str, tokens: int, what: str) -> APIError:

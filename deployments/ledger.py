@@ -164,6 +164,11 @@ class AdmissionLedger:
             return self.retry_max
         return max(self.retry_min, min(self.retry_max, math.ceil(deficit / rate)))
 
+    def pool_tokens(self, model: str) -> tuple[int, int]:
+        """(reserved, capacity) of ``model``'s pool; O(replicas), for metrics."""
+        pool = self._pool(model)
+        return pool.reserved, self._capacity(pool)
+
     def snapshot(self, model: str) -> dict:
         pool = self._pool(model)
         return {"reserved": pool.reserved, "capacity": self._capacity(pool),

@@ -86,7 +86,10 @@ E2E_S = (0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0, 10.0, 30.0, 60
 QUEUE_S = (0.0005, 0.001, 0.005, 0.01, 0.05, 0.1, 0.5, 1.0, 5.0, 10.0, 30.0, 60.0)
 FORWARD_S = (0.0005, 0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0)
 FILL = (0.1, 0.2, 0.3, 0.4, 0.5, 0.6, 0.7, 0.8, 0.9, 0.95, 0.99, 1.0)
-BINS = (1.0, 2.0, 3.0, 4.0, 6.0, 8.0, 12.0, 16.0, 32.0, 64.0)
+# Ray's metrics agent rebuilds a histogram from its bucket counts, each observation at
+# its bucket's midpoint (the first bucket's lower bound is 0), so ``_sum`` is approximate.
+# Bounds halfway between integers make small bin counts exact (1 bin: (0.5, 1.5] -> 1.0).
+BINS = (0.5, 1.5, 2.5, 3.5, 4.5, 6.5, 8.5, 12.5, 16.5, 32.5, 64.5)
 
 _C, _G, _H = MetricKind.COUNTER, MetricKind.GAUGE, MetricKind.HISTOGRAM
 _REQ, _REP, _STEP = ("model", "endpoint"), ("model", "replica"), ("model", "replica", "kind")
@@ -172,6 +175,8 @@ class ReplicaMetrics:
             "packserve_kv_blocks_free", "packserve_preemptions",
             "packserve_engine_waiting_requests", **tags)
         self._kind_tags = {k: {"kind": k} for k in ("forward", "generate")}
+        self._last: dict[str, StepRecord] = {}  # kind -> its latest step (gauge refresh)
+        self._latest: StepRecord | None = None
 
     def observe_step(self, record: StepRecord) -> None:
         """Record one engine step (``worker.observe.StepRecord``)."""
@@ -191,21 +196,33 @@ class ReplicaMetrics:
             self._oom.inc(record.num_oom, tags)
         if record.new_token_budget is not None:
             self._shrinks.inc(1, tags)
-        self._step_budget.set(record.token_budget, tags)
         if record.h2d_bytes:
             self._h2d_bytes.inc(record.h2d_bytes)
         if record.h2d_seconds > 0:
             self._h2d_seconds.inc(record.h2d_seconds)
         if record.num_preemptions:
             self._preempt.inc(record.num_preemptions)
+        self._step_budget.set(record.token_budget, tags)
+        self._set_engine_gauges(record)
+        self._last[record.kind] = self._latest = record
+
+    def set_budget(self, token_budget: int, free_tokens: int) -> None:
+        """The replica's token capacity and the part of it not in use. Called every
+        heartbeat, it also sets the latest steps' gauges again: Ray drops a gauge that
+        was not set within two export intervals, so an idle engine's KV blocks and step
+        budgets would vanish from Prometheus."""
+        self._budget.set(token_budget)
+        self._free.set(free_tokens)
+        latest = self._latest
+        for record in list(self._last.values()):  # the latest step of each kind
+            self._step_budget.set(record.token_budget, self._kind_tags[record.kind])
+        if latest is not None:
+            self._set_engine_gauges(latest)
+
+    def _set_engine_gauges(self, record: StepRecord) -> None:
         self._kv_used.set(record.num_kv_blocks_used)
         self._kv_free.set(record.num_kv_blocks_free)
         self._waiting.set(record.num_waiting)
-
-    def set_budget(self, token_budget: int, free_tokens: int) -> None:
-        """The replica's token capacity and the part of it not in use."""
-        self._budget.set(token_budget)
-        self._free.set(free_tokens)
 
 
 class IngressMetrics:

@@ -15,6 +15,7 @@ from deployments.config import AppArgs
 from deployments.errors import APIError, bad_request, from_exception, unavailable
 from deployments.leases import AdmissionClient, Lease
 from deployments.protocol import ChatCompletionRequest, CompletionRequest, EmbeddingRequest
+from deployments.request_timer import UNTIMED, RequestTimer
 from deployments.responses import (
     CompletionLogprobs,
     Envelope,
@@ -34,6 +35,7 @@ class OpenAIService:
         self.args, self.handles, self.admission = args, models, admission
         self._infos: dict[str, ModelInfo] = {}
         self._tokenizers: dict[str, ModelTokenizer] = {}
+        self._loading = asyncio.Lock()
 
     # ---- models ---------------------------------------------------------------------
 
@@ -86,15 +88,18 @@ class OpenAIService:
     async def tokenizer(self, name: str) -> ModelTokenizer:
         tok = self._tokenizers.get(name)
         if tok is None:
-            m = self.args.model(name)
-            tok = await asyncio.to_thread(ModelTokenizer, m.model, m.engine.trust_remote_code
-                                          or False)
-            self._tokenizers[name] = tok
+            async with self._loading:  # one load at a time: transformers' lazy imports race
+                tok = self._tokenizers.get(name)
+                if tok is None:
+                    m = self.args.model(name)
+                    tok = await asyncio.to_thread(ModelTokenizer, m.model,
+                                                  m.engine.trust_remote_code or False)
+                    self._tokenizers[name] = tok
         return tok
 
     # ---- completions ----------------------------------------------------------------
 
-    async def completions(self, body: CompletionRequest):
+    async def completions(self, body: CompletionRequest, timer: RequestTimer = UNTIMED):
         handle = self.model(body.model)
         info, tok = await self._generator(body.model)
         try:
@@ -114,7 +119,8 @@ class OpenAIService:
         prompt_lp = None
         try:
             if body.echo and lp is not None:
-                scores = await self._call(handle.score, ScoreWork(lease.lease_id, len(ids), [ids]))
+                scores = await self._call(handle.score,
+                                          ScoreWork(lease.lease_id, len(ids), [ids]), timer)
                 prompt_lp = lp.prompt(ids, scores[0])
             if max_tokens == 0:
                 choice = {"index": 0, "text": prompt_text, "logprobs": prompt_lp,
@@ -127,40 +133,32 @@ class OpenAIService:
             raise
         if body.stream:
             return self._stream_completion(handle, work, lease, env, lp, prompt_text,
-                                           prompt_lp, body.include_usage)
-        try:
-            out = await self._call(handle.generate, work)
-        finally:
-            lease.release()
+                                           prompt_lp, body.include_usage, timer)
+        out = await self._generate(handle, work, lease, timer)
         gen_lp = lp.generated(out.token_ids, out.logprobs) if lp and out.logprobs else None
         choice = {"index": 0, "text": prompt_text + (out.text or ""),
                   "logprobs": merge_logprobs(prompt_lp, gen_lp),
                   "finish_reason": out.finish_reason.value}
         return env.body(choices=[choice], usage=usage(len(ids), len(out.token_ids)))
 
-    async def _stream_completion(self, handle, work, lease, env, lp, prompt_text, prompt_lp,
-                                 include_usage) -> AsyncIterator[str]:
-        num_generated = 0
-        async with aclosing(self._stream(handle, work, lease)) as deltas:
-            async for delta in deltas:
-                if isinstance(delta, APIError):
-                    yield sse(delta.body())
-                    break
-                num_generated += len(delta.token_ids)
-                gen_lp = (lp.generated(delta.token_ids, delta.logprobs)
-                          if lp and delta.logprobs else None)
-                choice = {"index": 0, "text": prompt_text + delta.text,
-                          "logprobs": merge_logprobs(prompt_lp, gen_lp),
-                          "finish_reason": finish(delta)}
-                prompt_text, prompt_lp = "", None
-                yield sse(env.body(choices=[choice]))
-        if include_usage:
-            yield sse(env.body(choices=[], usage=usage(len(work.prompt_token_ids), num_generated)))
-        yield sse("[DONE]")
+    def _stream_completion(self, handle, work, lease, env, lp, prompt_text, prompt_lp,
+                           include_usage, timer) -> AsyncIterator[str]:
+        echo = {"text": prompt_text, "logprobs": prompt_lp}  # the first chunk carries the prompt
+
+        def choice(delta) -> dict:
+            gen_lp = (lp.generated(delta.token_ids, delta.logprobs)
+                      if lp and delta.logprobs else None)
+            out = {"index": 0, "text": echo["text"] + delta.text,
+                   "logprobs": merge_logprobs(echo["logprobs"], gen_lp),
+                   "finish_reason": finish(delta)}
+            echo.update(text="", logprobs=None)
+            return out
+
+        return self._events(handle, work, lease, env, timer, include_usage, choice)
 
     # ---- chat -----------------------------------------------------------------------
 
-    async def chat(self, body: ChatCompletionRequest):
+    async def chat(self, body: ChatCompletionRequest, timer: RequestTimer = UNTIMED):
         handle = self.model(body.model)
         info, tok = await self._generator(body.model)
         try:
@@ -177,39 +175,27 @@ class OpenAIService:
         env = Envelope("chatcmpl", "chat.completion", body.model)
         if body.stream:
             env.object = "chat.completion.chunk"
-            return self._stream_chat(handle, work, lease, env, tok, body.include_usage)
-        try:
-            out = await self._call(handle.generate, work)
-        finally:
-            lease.release()
+            return self._stream_chat(handle, work, lease, env, tok, body.include_usage, timer)
+        out = await self._generate(handle, work, lease, timer)
         choice = {"index": 0, "message": {"role": "assistant", "content": out.text or ""},
                   "logprobs": chat_logprobs(tok, out.token_ids, out.logprobs),
                   "finish_reason": out.finish_reason.value}
         return env.body(choices=[choice], usage=usage(len(ids), len(out.token_ids)))
 
-    async def _stream_chat(self, handle, work, lease, env, tok, include_usage
-                           ) -> AsyncIterator[str]:
+    def _stream_chat(self, handle, work, lease, env, tok, include_usage, timer
+                     ) -> AsyncIterator[str]:
+        def choice(delta) -> dict:
+            return {"index": 0, "delta": {"content": delta.text} if delta.text else {},
+                    "logprobs": chat_logprobs(tok, delta.token_ids, delta.logprobs),
+                    "finish_reason": finish(delta)}
+
         first = {"index": 0, "delta": {"role": "assistant", "content": ""}, "logprobs": None,
                  "finish_reason": None}
-        yield sse(env.body(choices=[first]))
-        num_generated = 0
-        async with aclosing(self._stream(handle, work, lease)) as deltas:
-            async for delta in deltas:
-                if isinstance(delta, APIError):
-                    yield sse(delta.body())
-                    break
-                num_generated += len(delta.token_ids)
-                choice = {"index": 0, "delta": {"content": delta.text} if delta.text else {},
-                          "logprobs": chat_logprobs(tok, delta.token_ids, delta.logprobs),
-                          "finish_reason": finish(delta)}
-                yield sse(env.body(choices=[choice]))
-        if include_usage:
-            yield sse(env.body(choices=[], usage=usage(len(work.prompt_token_ids), num_generated)))
-        yield sse("[DONE]")
+        return self._events(handle, work, lease, env, timer, include_usage, choice, first)
 
     # ---- embeddings -----------------------------------------------------------------
 
-    async def embeddings(self, body: EmbeddingRequest) -> dict:
+    async def embeddings(self, body: EmbeddingRequest, timer: RequestTimer = UNTIMED) -> dict:
         handle = self.model(body.model)
         info = await self.info(body.model)
         tok = await self.tokenizer(body.model)
@@ -228,7 +214,8 @@ class OpenAIService:
         lease = await self.admission.reserve(body.model, total, clamp=True)
         try:
             vectors = await self._call(handle.embed, EmbedWork(lease.lease_id, lease.tokens,
-                                                               inputs, m.pooling, m.normalize))
+                                                               inputs, m.pooling, m.normalize),
+                                       timer)
         finally:
             lease.release()
         data = [{"object": "embedding", "index": i,
@@ -246,8 +233,17 @@ class OpenAIService:
                               "only", param="model")
         return info, await self.tokenizer(name)
 
+    async def _generate(self, handle, work: GenerateWork, lease: Lease, timer: RequestTimer):
+        try:
+            out = await self._call(handle.generate, work, timer)
+        finally:
+            lease.release()
+        timer.generated(len(out.token_ids))
+        return out
+
     @staticmethod
-    async def _call(method, work):
+    async def _call(method, work, timer: RequestTimer = UNTIMED):
+        timer.dispatched()
         try:
             return await method.remote(work)
         except (APIError, asyncio.CancelledError):
@@ -255,13 +251,33 @@ class OpenAIService:
         except Exception as exc:  # noqa: BLE001 - mapped to what the client sees
             raise from_exception(exc) from None
 
+    async def _events(self, handle, work, lease, env, timer, include_usage, choice,
+                      first: dict | None = None) -> AsyncIterator[str]:
+        """The server-sent events of a streamed completion or chat: an optional first
+        chunk, one chunk per delta (``choice(delta)``), usage if asked, ``[DONE]``."""
+        if first is not None:
+            yield sse(env.body(choices=[first]))
+        num_generated = 0
+        async with aclosing(self._stream(handle, work, lease, timer)) as deltas:
+            async for delta in deltas:
+                if isinstance(delta, APIError):
+                    yield sse(delta.body())
+                    break
+                num_generated += len(delta.token_ids)
+                yield sse(env.body(choices=[choice(delta)]))
+        if include_usage:
+            yield sse(env.body(choices=[], usage=usage(len(work.prompt_token_ids), num_generated)))
+        yield sse("[DONE]")
+
     @staticmethod
-    async def _stream(handle, work: GenerateWork, lease: Lease):
+    async def _stream(handle, work: GenerateWork, lease: Lease, timer: RequestTimer):
         """Deltas from the replica; an error mid-stream is yielded as an ``APIError``.
         Closing this generator cancels the replica's stream (which aborts the request)."""
+        timer.dispatched()
         stream = handle.options(stream=True).generate_stream.remote(work)
         try:
             async for delta in stream:
+                timer.delta(len(delta.token_ids))
                 yield delta
         except asyncio.CancelledError:
             raise

@@ -25,6 +25,7 @@ import numpy as np
 from ray import serve
 
 from deployments.config import AdmissionArgs, ModelArgs
+from deployments.metrics import ReplicaMetrics
 from deployments.work import EmbedWork, GenerateWork, ModelInfo, ScoreWork, Work
 from worker import Engine
 from worker.gen_output import GenerationDelta, GenerationOutput
@@ -53,7 +54,15 @@ class EngineReplica:
         logger.info("replica %s of %s ready: %s", self.replica_id, self.args.name, self.info)
 
     def on_ready(self) -> None:
-        """Hook for wiring observers (metrics) once the engine is up."""
+        """Wire the engine's step observer to this replica's metrics (none if they cannot
+        be built: the replica serves without them). Runs before the first heartbeat."""
+        try:
+            self.metrics = ReplicaMetrics(self.args.name, self.replica_id)
+        except Exception:  # serve without metrics rather than not at all
+            logger.exception("replica metrics unavailable")
+            self.metrics = None
+            return
+        self.engine.add_step_observer(self.metrics.observe_step)
 
     # ---- requests -------------------------------------------------------------------
 
@@ -139,18 +148,31 @@ class EngineReplica:
             device=cfg.device, attention_backend=cfg.attention_backend)
 
     async def _report_forever(self) -> None:
-        if self._admission is None:
-            return
+        """Every ``heartbeat_s``: the budget gauges, and the report to admission (if on)."""
         while True:
-            leases = [w.lease_id for w in self._active.values() if w.lease_id]
-            try:
-                await self._admission.replica_report.remote(
-                    self.args.name, self.replica_id, self.info.capacity_tokens, leases,
-                    {"used_tokens": self._used_tokens, "num_requests": len(self._active),
-                     "num_served": self._num_served})
-            except Exception as exc:  # noqa: BLE001 - the controller restarts; keep trying
-                logger.warning("admission report failed (%s); retrying", exc)
+            self._record_budget()
+            if self._admission is not None:
+                await self._report()
             await asyncio.sleep(self.admission_args.heartbeat_s)
+
+    async def _report(self) -> None:
+        leases = [w.lease_id for w in self._active.values() if w.lease_id]
+        try:
+            await self._admission.replica_report.remote(
+                self.args.name, self.replica_id, self.info.capacity_tokens, leases,
+                {"used_tokens": self._used_tokens, "num_requests": len(self._active),
+                 "num_served": self._num_served})
+        except Exception as exc:  # noqa: BLE001 - the controller restarts; keep trying
+            logger.warning("admission report failed (%s); retrying", exc)
+
+    def _record_budget(self) -> None:
+        if self.metrics is None:
+            return
+        capacity = self.info.capacity_tokens
+        try:
+            self.metrics.set_budget(capacity, capacity - self._used_tokens)
+        except Exception:  # metrics never stop the heartbeat
+            logger.exception("replica metrics failed")
 
 
 class _Serving:

@@ -48,3 +48,17 @@ def ray_cluster():
     context = start_local_ray()
     yield context
     ray.shutdown()
+
+
+@pytest.fixture(scope="session")
+def serve_url(ray_cluster):
+    """Ray Serve on the run's cluster, HTTP on a free loopback port (the Serve tests of
+    tests/deployments and tests/dashboards share it: one Serve instance per cluster)."""
+    from ray import serve
+
+    from tests.ray_cluster import free_port
+
+    port = free_port()
+    serve.start(http_options={"host": "127.0.0.1", "port": port})
+    yield f"http://127.0.0.1:{port}"
+    serve.shutdown()

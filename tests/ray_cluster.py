@@ -2,7 +2,7 @@
 
 Started with ``ray.init(address="local")`` (never joins a cluster it finds), auth off,
 no dashboard, four fake GPUs (``num_gpus=4`` is bookkeeping only: replicas that ask for a
-GPU are placed by it and run on the CPU), and its own temp dir. Never ``ray stop``: the
+GPU are placed by it and run on the CPU), and its own temp dir. It never stops Ray by name: the
 fixture shuts down only what it started.
 """
 
@@ -30,6 +30,9 @@ def start_local_ray(num_cpus: int = 8, num_gpus: int = NUM_FAKE_GPUS):
     os.environ.setdefault("RAY_AUTH_MODE", "disabled")
     os.environ.setdefault("RAY_USAGE_STATS_ENABLED", "0")
     os.environ.setdefault("RAY_DEDUP_LOGS", "0")
+    # every process exports its metrics each second (default 10 s): the Prometheus tests
+    # wait on scrapes, not on Ray's export period (Ray floors it at 1 s)
+    os.environ.setdefault("RAY_metrics_report_interval_ms", "1000")
     os.environ.setdefault("PACKSERVE_CACHE_DIR", tempfile.mkdtemp(prefix="ps-models-"))
     temp_dir = tempfile.mkdtemp(prefix="psray-", dir="/tmp")  # short: socket paths are capped
     return ray.init(

@@ -1,7 +1,7 @@
 """A real multi-node Ray cluster on this machine: a head and worker nodes, each started by
 its own ``ray start --block`` process, with its own ports and its own temp dir.
 
-Never ``ray stop``: it kills every Ray process on the machine, other people's clusters
+Never the CLI's stop command: it kills every Ray process on the machine, other people's clusters
 included. A node's processes are found by PID: the descendants of its ``ray start``
 process, plus any process whose command line names the node's temp dir (made by
 ``mkdtemp``, so nobody else's). ``RayNode.kill`` signals exactly those PIDs, one by one;

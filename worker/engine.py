@@ -268,9 +268,10 @@ class Engine(GenerateAPI, ObserveAPI):
     def _fail_step(self, out: SchedulerOutput, exc: BaseException) -> None:
         err = EngineDeadError(f"a step failed, the engine is dead: {exc!r}")
         err.__cause__ = exc
+        self._die(err)  # dead before any caller hears of it: a retry must see it dead
         for request in out.requests:  # per request of the failed step
-            request.finish(error=err)
-        self._die(err)
+            if not request.finished:
+                request.finish(error=err)
 
     def _die(self, err: BaseException) -> None:
         """Mark dead (first reason wins) and fail every queued request."""

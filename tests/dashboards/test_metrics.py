@@ -128,6 +128,23 @@ def test_replica_metrics_record_a_step(fakes):
     assert values(fakes["packserve_free_token_budget"]) == [1000]
 
 
+def test_each_heartbeat_sets_the_latest_step_gauges_again(fakes):
+    """Ray drops a gauge not set within two export intervals: an idle replica's
+    heartbeat (``set_budget``) keeps the step gauges alive with their latest values."""
+    replica = ReplicaMetrics("tiny", "r1")
+    replica.set_budget(4096, 4096)  # before any step: only the budget gauges
+    assert fakes["packserve_kv_blocks_used"].calls == []
+    replica.observe_step(record())
+    replica.observe_step(OOM_STEP)
+    n = len(fakes["packserve_step_token_budget"].calls)
+    replica.set_budget(4096, 1000)
+    budgets = fakes["packserve_step_token_budget"].calls[n:]
+    assert sorted((v, t["kind"]) for _, v, t in budgets) == [(57, "generate"), (64, "forward")]
+    assert values(fakes["packserve_kv_blocks_used"])[-1] == 30  # the latest step's
+    assert values(fakes["packserve_kv_blocks_free"])[-1] == 10
+    assert values(fakes["packserve_engine_waiting_requests"])[-1] == 3
+
+
 def test_ingress_and_admission_metrics(fakes):
     ingress = IngressMetrics()
     ingress.observe_request("m", "chat", 200, ttft_s=0.05, tpot_s=0.01, e2e_s=0.3)

@@ -1,6 +1,7 @@
-"""Fixtures for the Serve tests: one Serve instance on the run's Ray cluster, apps
-deployed per module, and the invariant every test can check: no leaked lease, no
-request or KV block still held once the load has drained."""
+"""Helpers for the Serve tests: apps deployed per module on the run's one Serve instance
+(the ``serve_url`` fixture, in tests/conftest.py: tests/dashboards deploys apps too),
+and the invariant every test can check: no leaked lease, no request or KV block still
+held once the load has drained."""
 
 from __future__ import annotations
 
@@ -8,22 +9,9 @@ import contextlib
 import time
 
 import httpx
-import pytest
-
-from tests.ray_cluster import free_port
 
 APP = "packserve"
 DRAIN_TIMEOUT_S = 60.0
-
-
-@pytest.fixture(scope="session")
-def serve_url(ray_cluster):
-    from ray import serve
-
-    port = free_port()
-    serve.start(http_options={"host": "127.0.0.1", "port": port})
-    yield f"http://127.0.0.1:{port}"
-    serve.shutdown()
 
 
 @contextlib.contextmanager
