@@ -6,7 +6,7 @@ PIP := $(PY) -m pip --disable-pip-version-check
 STAMP := $(VENV)/.installed
 PYTEST_ARGS ?=
 
-.PHONY: install serve prometheus test test-packing-pure bench bench-packer bench-forward bench-generate bench-batch clean
+.PHONY: install serve prometheus test test-packing-pure bench bench-packer bench-forward bench-generate bench-batch bench-serve clean
 
 install: $(STAMP)
 
@@ -61,7 +61,7 @@ test: install prometheus
 test-packing-pure: install
 	PACKSERVE_PURE_PYTHON=1 $(PY) -m pytest -q tests/packing
 
-bench: bench-packer bench-forward bench-generate bench-batch
+bench: bench-packer bench-forward bench-generate bench-batch bench-serve
 
 bench-packer: install
 	$(PY) -m benchmarks.packer --out benchmarks/results/packer.json
@@ -78,6 +78,11 @@ bench-generate: install
 bench-batch: install
 	$(PY) -m benchmarks.batch --device cpu --num-docs 512 \
 		--out benchmarks/results/batch_cpu.json
+
+# The Azure trace's arrivals over HTTP (Serve) vs the in-process engine (benchmarks/serve_load.py).
+bench-serve: install
+	RAY_AUTH_MODE=disabled $(PY) -m benchmarks.serve_load --num-requests 200 --rates 2,0 \
+		--out benchmarks/results/serve_load_cpu.json
 
 clean:
 	rm -rf build *.egg-info packing_cy/_ffd.c packing_cy/*.so
