@@ -24,6 +24,7 @@ from collections import Counter
 import httpx
 import pytest
 
+from benchmarks.metrics_demo import APP_ARGS, EMBED, GEN
 from dashboards import queries
 from deployments.request_timer import UNKNOWN_MODEL
 from tests.deployments.conftest import running_app, wait_drained
@@ -32,16 +33,9 @@ from tests.prometheus_server import DEFAULT_BINARY, PrometheusServer, prometheus
 pytestmark = pytest.mark.skipif(prometheus_binary() is None,
                                 reason=f"no Prometheus at {DEFAULT_BINARY}: `make prometheus`")
 
-GEN, EMBED = "packserve-smoke", "all-MiniLM-L6-v2"
-ARGS = {
-    "models": [
-        {"name": GEN, "model": "smoke:decoder",  # 16 blocks x 16 tokens: 256 tokens
-         "engine": {"max_num_batched_tokens": 512, "num_kv_blocks": 16, "max_model_len": 256}},
-        {"name": EMBED, "model": "packaged:all-MiniLM-L6-v2",
-         "engine": {"max_num_batched_tokens": 256}},
-    ],
-    "admission": {"replica_timeout_s": 3.0, "heartbeat_s": 0.5},
-}
+# The demo's app (a 256-token KV cache, so an overload burst gets 429s), with a shorter
+# replica timeout for the test.
+ARGS = {**APP_ARGS, "admission": {"replica_timeout_s": 3.0, "heartbeat_s": 0.5}}
 # $model as Grafana renders a multi-value selection: this app's models, and "unknown" (the
 # label of requests that name no served model), not the series other tests of the
 # session left behind (e.g. model="tiny"); "All" would be ".*"
