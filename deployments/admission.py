@@ -49,12 +49,10 @@ class AdmissionController:
         """A lease for ``tokens`` of ``model``, or the reason there is none."""
         self._start_reaper()
         queue = self._waiters.setdefault(model, deque())
-        decision = (Decision(Verdict.CAPACITY) if queue  # FIFO: nobody jumps the queue
+        decision = (Decision(Verdict.CAPACITY) if queue  # FIFO: nobody jumps the waiters
                     else self.ledger.reserve(model, tokens, holder, time.monotonic(), clamp=clamp))
         if decision.verdict is Verdict.CAPACITY and self.args.max_wait_s > 0:
             decision = await self._wait(queue, model, tokens, holder, clamp)
-        elif decision.verdict is Verdict.CAPACITY and queue:
-            decision = self._refusal(model, tokens)
         self._record(model, decision)
         return decision
 

@@ -19,11 +19,12 @@ MAX_TOKENS = 40
 CLIENT_TIMEOUT_S = 180
 
 
-def app_args(num_replicas: int) -> dict:
+def app_args(num_replicas: int, max_wait_s: float = 0.0) -> dict:
     return {"models": [{"name": GEN, "model": "smoke:decoder", "num_replicas": num_replicas,
                         "engine": {"max_num_batched_tokens": 512, "num_kv_blocks": KV_BLOCKS,
                                    "max_model_len": 256}}],
-            "admission": {"replica_timeout_s": 3.0, "heartbeat_s": 0.5}}
+            "admission": {"replica_timeout_s": 3.0, "heartbeat_s": 0.5,
+                          "max_wait_s": max_wait_s}}
 
 
 def prompts(n: int) -> list[str]:
@@ -76,6 +77,22 @@ def test_a_burst_of_ten_times_capacity_gets_200_or_429(serve_url, expected):
             assert int(r.headers["Retry-After"]) >= 1
             assert r.json()["error"]["type"] == "rate_limit_error"
             assert "capacity" in r.json()["error"]["message"]
+        wait_drained(serve_url, [GEN])
+
+
+def test_with_a_bounded_wait_the_same_burst_queues_instead(serve_url, expected):
+    """``admission.max_wait_s``: requests that do not fit wait FIFO for room instead of a
+    429; with room freed by the ones ahead, every request of the burst completes."""
+    with running_app(app_args(1, max_wait_s=120.0)):
+        burst = prompts(30)
+        per_request = len(burst[0].split()) + MAX_TOKENS  # a lower bound on its tokens
+        assert len(burst) * per_request > 4 * admission(serve_url)[GEN]["capacity"]
+        with cf.ThreadPoolExecutor(len(burst)) as pool:
+            responses = list(pool.map(lambda p: complete(serve_url, p), burst))
+        assert [r.status_code for r in responses] == [200] * len(burst), \
+            [r.text for r in responses if r.status_code != 200]
+        for prompt, r in zip(burst, responses):
+            assert r.json()["choices"][0]["text"] == expected[prompt]
         wait_drained(serve_url, [GEN])
 
 
