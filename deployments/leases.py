@@ -13,7 +13,6 @@ from __future__ import annotations
 import asyncio
 import contextvars
 import logging
-import time
 
 from deployments.errors import APIError, bad_request, overloaded, unavailable
 from deployments.ledger import Decision, Verdict
@@ -46,7 +45,6 @@ class AdmissionClient:
         self._tasks: set[asyncio.Task] = set()
         self._loop: asyncio.AbstractEventLoop | None = None
         self._heartbeat: asyncio.Task | None = None
-        self.reserve_seconds: list[float] = []  # recent admission round trips (bounded)
 
     async def reserve(self, model: str, tokens: int, *, clamp: bool = False,
                       what: str = "this request") -> Lease:
@@ -54,9 +52,7 @@ class AdmissionClient:
         if not self.enabled:
             return Lease(self, None, tokens)
         self._start()
-        t0 = time.perf_counter()
         decision: Decision = await self.handle.reserve.remote(model, tokens, self.holder, clamp)
-        self._note(time.perf_counter() - t0)
         if decision.verdict is Verdict.ADMITTED:
             return Lease(self, decision.lease_id, tokens)
         raise refusal(decision, model, tokens, what)
@@ -92,11 +88,6 @@ class AdmissionClient:
             except Exception as exc:  # noqa: BLE001 - keep reporting; it restarts
                 logger.warning("admission holder report failed: %s", exc)
             await asyncio.sleep(self.heartbeat_s)
-
-    def _note(self, seconds: float) -> None:
-        self.reserve_seconds.append(seconds)
-        if len(self.reserve_seconds) > 4096:
-            del self.reserve_seconds[:2048]
 
 
 def _detached(loop: asyncio.AbstractEventLoop, coro) -> asyncio.Task:

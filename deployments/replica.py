@@ -97,20 +97,22 @@ class EngineReplica:
         if self.info.can_generate:
             self.engine.check_kv_invariants()
             used_blocks = self.engine.generation.blocks.stats().num_used_blocks
-        return {"replica_id": self.replica_id, "used_tokens": self._used_tokens,
-                "num_requests": len(self._active), "num_served": self._num_served,
-                "kv_used_blocks": used_blocks}
+        return {"replica_id": self.replica_id, **self.load(), "kv_used_blocks": used_blocks}
+
+    def load(self) -> dict:
+        """What the replica holds: the same numbers go to the router, the autoscaler and
+        the admission controller."""
+        return {"capacity_tokens": self.info.capacity_tokens, "used_tokens": self._used_tokens,
+                "num_requests": len(self._active), "num_served": self._num_served}
 
     # ---- Serve hooks ----------------------------------------------------------------
 
     def record_routing_stats(self) -> dict:
-        return {"capacity_tokens": self.info.capacity_tokens, "used_tokens": self._used_tokens,
-                "num_requests": len(self._active)}
+        return self.load()
 
     def record_autoscaling_stats(self) -> dict:
         """Serve's custom autoscaling metrics, read by ``deployments.autoscaling``."""
-        return {"capacity_tokens": self.info.capacity_tokens, "used_tokens": self._used_tokens,
-                "num_requests": len(self._active)}
+        return self.load()
 
     def check_health(self) -> None:
         if not self.engine.is_alive():
@@ -160,8 +162,7 @@ class EngineReplica:
         try:
             await self._admission.replica_report.remote(
                 self.args.name, self.replica_id, self.info.capacity_tokens, leases,
-                {"used_tokens": self._used_tokens, "num_requests": len(self._active),
-                 "num_served": self._num_served})
+                self.load())
         except Exception as exc:  # noqa: BLE001 - the controller restarts; keep trying
             logger.warning("admission report failed (%s); retrying", exc)
 

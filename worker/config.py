@@ -55,13 +55,13 @@ class EngineConfig:
             raise ConfigError("model", f"must be a hub id or a local path, got {self.model!r}")
         if not isinstance(self.device, str) or not DEVICES.match(self.device):
             raise ConfigError("device", f"must be 'cpu', 'cuda' or 'cuda:N', got {self.device!r}")
-        _check_choice("dtype", self.dtype, DTYPES)
-        _check_choice("attention_backend", self.attention_backend, ATTENTION_BACKENDS)
-        _check_int("align", self.align, 1)
-        _check_int("max_num_seqs", self.max_num_seqs, 0)
-        _check_int("max_num_bins_per_step", self.max_num_bins_per_step, 1)
+        check_choice("dtype", self.dtype, DTYPES)
+        check_choice("attention_backend", self.attention_backend, ATTENTION_BACKENDS)
+        check_int("align", self.align, 1)
+        check_int("max_num_seqs", self.max_num_seqs, 0)
+        check_int("max_num_bins_per_step", self.max_num_bins_per_step, 1)
         if self.max_num_batched_tokens is not None:
-            _check_int("max_num_batched_tokens", self.max_num_batched_tokens, self.align)
+            check_int("max_num_batched_tokens", self.max_num_batched_tokens, self.align)
             if self.max_num_batched_tokens % self.align:
                 raise ConfigError(
                     "max_num_batched_tokens",
@@ -69,15 +69,15 @@ class EngineConfig:
                     f"got {self.max_num_batched_tokens}",
                 )
         if self.max_model_len is not None:
-            _check_int("max_model_len", self.max_model_len, 1)
+            check_int("max_model_len", self.max_model_len, 1)
         if not isinstance(self.trust_remote_code, bool):
             raise ConfigError("trust_remote_code",
                               f"must be a bool, got {self.trust_remote_code!r}")
-        _check_int("max_num_running_seqs", self.max_num_running_seqs, 1)
-        _check_int("max_prefill_chunk", self.max_prefill_chunk, 0)
+        check_int("max_num_running_seqs", self.max_num_running_seqs, 1)
+        check_int("max_prefill_chunk", self.max_prefill_chunk, 0)
         for name in ("kv_block_size", "num_kv_blocks"):
             if getattr(self, name) is not None:
-                _check_int(name, getattr(self, name), 1)
+                check_int(name, getattr(self, name), 1)
         if self.device == "cpu" and self.attention_backend in ("flash_attn", "torch_varlen"):
             raise ConfigError(
                 "attention_backend",
@@ -89,11 +89,13 @@ class EngineConfig:
         return self.device.startswith("cuda")
 
 
-def _check_choice(field: str, value, choices: tuple[str, ...]) -> None:
+def check_choice(field: str, value, choices: tuple[str, ...], error=ConfigError) -> None:
+    """Raise ``error(field, message)`` unless ``value`` is one of ``choices``."""
     if value not in choices:
-        raise ConfigError(field, f"must be one of {', '.join(choices)}; got {value!r}")
+        raise error(field, f"must be one of {', '.join(choices)}; got {value!r}")
 
 
-def _check_int(field: str, value, minimum: int) -> None:
+def check_int(field: str, value, minimum: int, error=ConfigError) -> None:
+    """Raise ``error(field, message)`` unless ``value`` is an integer >= ``minimum``."""
     if isinstance(value, bool) or not isinstance(value, int) or value < minimum:
-        raise ConfigError(field, f"must be an integer >= {minimum}, got {value!r}")
+        raise error(field, f"must be an integer >= {minimum}, got {value!r}")

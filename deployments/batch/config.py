@@ -13,7 +13,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import TYPE_CHECKING
 
-from worker.config import EngineConfig
+from worker.config import EngineConfig, check_choice, check_int
 
 if TYPE_CHECKING:
     from worker.sampling import SamplingParams
@@ -69,8 +69,8 @@ class JobConfig:
     progress: bool = True
 
     def __post_init__(self) -> None:
-        _choice("task", self.task, TASKS)
-        _choice("device", self.device, DEVICES)
+        check_choice("task", self.task, TASKS, error=JobConfigError)
+        check_choice("device", self.device, DEVICES, error=JobConfigError)
         for option in ("input", "output", "model"):
             if not isinstance(getattr(self, option), str) or not getattr(self, option):
                 raise JobConfigError(option, f"must be a path, got {getattr(self, option)!r}")
@@ -80,10 +80,10 @@ class JobConfig:
             raise JobConfigError("output", f"must differ from --input ({self.input})")
         if not self.text_field:
             raise JobConfigError("text-field", "must name a field, got ''")
-        _int("shard-size", self.shard_size, 1)
-        _int("padded-batch-size", self.padded_batch_size, 1)
+        check_int("shard-size", self.shard_size, 1, error=JobConfigError)
+        check_int("padded-batch-size", self.padded_batch_size, 1, error=JobConfigError)
         if self.num_actors is not None:
-            _int("num-actors", self.num_actors, 1)
+            check_int("num-actors", self.num_actors, 1, error=JobConfigError)
         if not isinstance(self.num_cpus_per_actor, (int, float)) or self.num_cpus_per_actor <= 0:
             raise JobConfigError("num-cpus-per-actor", f"must be > 0, got {self.num_cpus_per_actor!r}")
         if self.task != "embed" and (self.pooling is not None or self.normalize):
@@ -144,16 +144,6 @@ def _format(option: str, path: str) -> str:
     if suffix not in FORMATS:
         raise JobConfigError(option, f"must end in {', '.join(FORMATS)}, got {path!r}")
     return FORMATS[suffix]
-
-
-def _choice(option: str, value, choices: tuple[str, ...]) -> None:
-    if value not in choices:
-        raise JobConfigError(option, f"must be one of {', '.join(choices)}, got {value!r}")
-
-
-def _int(option: str, value, minimum: int) -> None:
-    if isinstance(value, bool) or not isinstance(value, int) or value < minimum:
-        raise JobConfigError(option, f"must be an integer >= {minimum}, got {value!r}")
 
 
 def _jsonable(value):
