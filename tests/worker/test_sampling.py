@@ -1,4 +1,7 @@
-"""SamplingParams validation and the sampler: greedy, seeded, top-k/top-p, logprobs."""
+"""SamplingParams validation and the sampler: greedy, seeded, top-k/top-p, logprobs.
+
+The batched paths (mixed batches, min-p, persistent rows) are in test_sampler_batched.py.
+"""
 
 from __future__ import annotations
 
@@ -18,6 +21,7 @@ BAD = [
     ("max_tokens", 0), ("max_tokens", 2.0), ("max_tokens", True),
     ("temperature", -0.1), ("temperature", float("nan")), ("temperature", "1"),
     ("top_p", 0.0), ("top_p", 1.5), ("top_k", -1), ("top_k", 1.5),
+    ("min_p", -0.1), ("min_p", 1.5), ("min_p", float("nan")), ("min_p", "0.1"),
     ("seed", -3), ("logprobs", 21), ("logprobs", -1),
     ("stop", [""]), ("stop", [3]), ("stop", 5), ("stop_token_ids", [-1]),
     ("stop_token_ids", ["a"]), ("stop_token_ids", 7), ("ignore_eos", 1),
@@ -79,8 +83,13 @@ def test_unseeded_requests_draw_different_streams():
     assert _draws(row, p, 20) != _draws(row, p, 20)
 
 
-def test_greedy_requests_get_no_generator():
-    assert make_generator(SamplingParams(temperature=0), torch.device("cpu")) is None
+def test_only_seeded_sampling_requests_get_a_generator():
+    cpu = torch.device("cpu")
+    assert make_generator(SamplingParams(temperature=0), cpu) is None
+    assert make_generator(SamplingParams(temperature=0, seed=3), cpu) is None
+    assert make_generator(SamplingParams(temperature=1e-6, seed=3), cpu) is None  # greedy
+    assert make_generator(SamplingParams(temperature=1.0), cpu) is None  # shared noise
+    assert make_generator(SamplingParams(temperature=1.0, seed=3), cpu) is not None
 
 
 def test_top_k_limits_the_support():
