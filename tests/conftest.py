@@ -10,6 +10,18 @@ os.environ.setdefault("HF_HUB_OFFLINE", "1")  # no model hub here: never downloa
 os.environ.setdefault("HF_HUB_DISABLE_PROGRESS_BARS", "1")
 
 
+def _interpret_triton_without_cuda() -> None:
+    """Triton kernels run under its interpreter on CPU; the switch is read when a kernel
+    is decorated, so it must be set before anything imports ``worker.triton_paged``."""
+    import torch
+
+    if "TRITON_INTERPRET" not in os.environ and not torch.cuda.is_available():
+        os.environ["TRITON_INTERPRET"] = "1"
+
+
+_interpret_triton_without_cuda()
+
+
 def pytest_collection_modifyitems(config, items):
     gpu_items = [item for item in items if "gpu" in item.keywords]
     if not gpu_items:

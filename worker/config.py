@@ -12,6 +12,7 @@ from dataclasses import dataclass
 DEVICES = re.compile(r"^(cpu|cuda(:\d+)?)$")
 DTYPES = ("auto", "float32", "bfloat16", "float16")
 ATTENTION_BACKENDS = ("auto", "flash_attn", "torch_varlen", "reference")
+PAGED_ATTENTION_BACKENDS = ("auto", "triton", "flash_attn", "torch_paged", "gather", "reference")
 CPU_DEFAULT_BUDGET = 8192  # tokens per bin on CPU when max_num_batched_tokens is unset
 
 
@@ -44,11 +45,16 @@ class EngineConfig:
     max_model_len: int | None = None  # longest sequence accepted
     trust_remote_code: bool = False
     # Generation (continuous batching over a paged KV cache; see worker/generation.py):
-    kv_block_size: int | None = None  # tokens per KV block; None: 256 where a paged
-    #   flash kernel runs (it needs a multiple of 256), else 16
+    kv_block_size: int | None = None  # tokens per KV block; None: 256 when
+    #   paged_attention_backend names flash_attn or torch_paged (they need a multiple of
+    #   256), else 16
     num_kv_blocks: int | None = None  # None: sized from the probe (CUDA) or a cap (CPU)
     max_num_running_seqs: int = 256  # sequences generating at once (each holds KV blocks)
     max_prefill_chunk: int = 0  # prefill tokens per request per step; 0 = the step budget
+    paged_attention_backend: str = "auto"  # auto: triton > flash_attn > torch_paged >
+    #   gather on CUDA (the first that runs and passes its self-check), reference on CPU
+    cuda_graphs: bool = True  # decode-only steps replay CUDA graphs (CUDA only; False =
+    #   every step eager, vLLM's enforce_eager)
 
     def __post_init__(self) -> None:
         if not isinstance(self.model, str) or not self.model:
@@ -75,6 +81,14 @@ class EngineConfig:
                               f"must be a bool, got {self.trust_remote_code!r}")
         check_int("max_num_running_seqs", self.max_num_running_seqs, 1)
         check_int("max_prefill_chunk", self.max_prefill_chunk, 0)
+        check_choice("paged_attention_backend", self.paged_attention_backend,
+                     PAGED_ATTENTION_BACKENDS)
+        if not isinstance(self.cuda_graphs, bool):
+            raise ConfigError("cuda_graphs", f"must be a bool, got {self.cuda_graphs!r}")
+        if self.kv_block_size is not None and self.kv_block_size % 16 and \
+                self.paged_attention_backend == "triton":
+            raise ConfigError("kv_block_size", "must be a multiple of 16 for the triton "
+                              f"paged attention backend, got {self.kv_block_size}")
         for name in ("kv_block_size", "num_kv_blocks"):
             if getattr(self, name) is not None:
                 check_int(name, getattr(self, name), 1)

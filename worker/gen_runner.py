@@ -1,18 +1,13 @@
-"""Run one generation step: stage the packed chunk batch, forward over the paged cache,
-sample the next tokens.
+"""Run one generation step: stage the step's inputs, forward over the paged cache (a
+CUDA graph for decode-only steps, eager otherwise), sample the next tokens.
 
-Keep this file minimal. The step's host inputs are laid out in one persistent buffer
-(pinned on CUDA) and reach the device in one copy (int64 words)::
-
-    [0, T)              input_ids        from packing_cy.fill (chunks read in place)
-    [T, 2T)             position_ids     continue from each sequence's cached prefix
-    [2T, 3T)            slot_mapping     cache slot of each new token
-    [3T, 3T + S)        sample_rows      row of each sequence's last token, S samplers
-    then, as int32:     cu_seqlens_q [B+1], cu_seqlens_k [B+1], seqlens_k [B],
-                        block_tables [B, W]
+Keep this file minimal. What a step's buffer holds, and how rows of persistent state
+make staging O(what changed), is in ``worker.gen_inputs``; graph capture and replay in
+``worker.cuda_graphs``.
 
 The host waits for every step's sampled tokens (the next step's inputs depend on
-them), so one buffer is enough: it is never refilled while its copy is in flight.
+them), so one staging buffer is enough: it is never refilled while its copy is in
+flight.
 
 Out of memory in the forward: ``run`` returns None and the engine recovers (see
 ``Generation.recover_from_oom``); sampling never ran, so no generator advanced.
@@ -26,52 +21,20 @@ from collections.abc import Callable
 import numpy as np
 import torch
 
-import packing_cy
 from worker.block_manager import BlockManager
+from worker.gen_inputs import BatchState, HostMeta, StepLayout, apply_updates, stage_step
 from worker.gen_scheduler import GenSchedulerOutput
 from worker.kv_cache import KVCache
 from worker.paged_attention import PagedContext, PagedMetadata, context_slots
 from worker.probe import is_out_of_memory
-from worker.sampling import SampledTokens, Sampler
+from worker.sampling import SampledTokens, Sampler, SamplingRows
 from worker.sequence import Sequence
 
 
-class TokenTable:
-    """Every running sequence's tokens in a row of one [rows, max_model_len] int64 array,
-    so ``packing_cy.fill`` takes prefill chunks and decode tokens straight from it."""
-
-    def __init__(self, num_rows: int, max_model_len: int):
-        self.ids = np.zeros((num_rows, max_model_len), np.int64)
-        self.flat = self.ids.reshape(-1)
-        self.offsets = np.arange(num_rows + 1, dtype=np.int64) * max_model_len
-        self.starts = np.zeros(num_rows, np.int64)  # per row: fill's ``starts``
-        self.counts = np.zeros(num_rows, np.int64)  # per row: fill's ``counts``
-        self._free = list(range(num_rows - 1, -1, -1))
-        self._rows: dict[int, tuple[int, int]] = {}  # seq_id -> (row, tokens stored)
-
-    def sync(self, seq: Sequence) -> int:
-        """``seq``'s row, with every token it has written there; copies only new ones."""
-        row, stored = self._rows.get(seq.seq_id, (None, 0))
-        if row is None:
-            row = self._free.pop()
-        n = seq.num_tokens
-        if stored < n:
-            self.ids[row, stored:n] = seq.token_ids[stored:n]
-        self._rows[seq.seq_id] = (row, n)
-        return row
-
-    def release(self, seq_id: int) -> None:
-        entry = self._rows.pop(seq_id, None)
-        if entry is not None:
-            self._free.append(entry[0])
-
-    @property
-    def num_rows_used(self) -> int:
-        return len(self._rows)
-
-
 class GenRunner:
-    """Owns the step buffers and the sampler; borrows the model, cache and block tables."""
+    """Owns the step buffers, the persistent rows and the sampler; borrows the model, the
+    cache (whose block ``cache.num_blocks - 1`` is the padding rows' scratch block) and
+    the block manager."""
 
     def __init__(self, model: torch.nn.Module, cache: KVCache, blocks: BlockManager, device, *,
                  backend: str, max_num_batched_tokens: int, max_num_seqs: int,
@@ -79,22 +42,31 @@ class GenRunner:
         self.model, self.cache, self.blocks, self.device = model, cache, blocks, device
         self.base, self.head = model.base_model, model.get_output_embeddings()
         self.softcap = getattr(model.config, "final_logit_softcapping", None)
-        self.backend, self.sampler = backend, Sampler()
-        self.table = TokenTable(max_num_seqs, max_model_len)
-        self.max_tokens, self.max_seqs = max_num_batched_tokens, max_num_seqs
-        self.max_width = -(-max_model_len // blocks.block_size)
-        words = 3 * self.max_tokens + self.max_seqs
-        words += (3 * self.max_seqs + 2 + self.max_seqs * self.max_width + 1) // 2
+        self.vocab_size = self.head.weight.shape[0]
+        self.backend, self.max_model_len = backend, max_model_len
+        self.sampler = Sampler(device.device, max_num_seqs)
+        self.state = BatchState(max_num_seqs, max_model_len, blocks.block_size,
+                                cache.num_blocks - 1, SamplingRows(max_num_seqs))
+        self.table = torch.from_numpy(self.state.tables).to(device.device, copy=True)
+        # A step adds at most a block per sequence plus one per block_size tokens.
+        self.max_updates = max_num_batched_tokens // blocks.block_size + max_num_seqs + 1
+        words = StepLayout.capacity(max_num_batched_tokens, max_num_seqs, self.max_updates)
         self.host = torch.zeros(words, dtype=torch.int64, pin_memory=device.pin_memory)
         self.dev = (torch.empty(words, dtype=torch.int64, device=device.device)
                     if device.needs_copy else self.host)
+        self.graphs = None  # a DecodeGraphs once installed (worker.cuda_graphs)
+        self.num_graph_steps = 0  # steps that replayed a graph (or ran padded on CPU)
         # Test-only fault injection: called as fault_hook(num_tokens, num_seqs) before
         # every forward; raise torch.OutOfMemoryError from it to exercise OOM recovery.
         self.fault_hook: Callable[[int, int], None] | None = None
 
     def release(self, seq: Sequence) -> None:
-        """Forget ``seq``'s tokens (it finished or was preempted)."""
-        self.table.release(seq.seq_id)
+        """Forget ``seq``'s row (it finished or was preempted)."""
+        self.state.release(seq.seq_id)
+
+    def resync(self, seq: Sequence) -> None:
+        """``seq``'s blocks past a kept prefix were returned (a step undone)."""
+        self.state.resync_blocks(seq.seq_id)
 
     @torch.inference_mode()
     def run(self, out: GenSchedulerOutput) -> tuple[list[Sequence], SampledTokens] | None:
@@ -102,106 +74,73 @@ class GenRunner:
         when the forward ran out of device memory. The K/V it wrote then sit in slots
         not counted as computed, and are written again when the tokens are rescheduled.
         Out of memory while sampling is not caught: generators may have advanced."""
-        rows, starts, picked = self._rows(out)
-        samplers = [out.seqs[i] for i in picked]
+        rows, picked = self._rows(out)
+        bucket = self.graphs.bucket(out) if self.graphs is not None else 0
+        meta = stage_step(self.host.numpy(), self.state, out.seqs, out.num_new_tokens, rows,
+                          picked, pad_to=bucket, max_updates=self.max_updates)
         try:
-            logits = self._logits(out, rows, starts, picked)
+            if self.fault_hook is not None:
+                self.fault_hook(out.num_tokens, len(out.seqs))
+            dev = self._copy(meta.layout.words)
+            apply_updates(self.table, dev, meta, self.state)
+            if bucket:
+                self.num_graph_steps += 1
+                logits = self.graphs.run(bucket, meta)[: len(picked)]
+            else:
+                logits = self.forward(dev, meta)
         except RuntimeError as exc:  # torch.OutOfMemoryError is a RuntimeError
             if not is_out_of_memory(exc):
                 raise
             return None  # leaving the except block frees the traceback's tensors
-        params = [s.params for s in samplers]
-        return samplers, self.sampler.sample(logits, params, [s.generator for s in samplers])
+        sampled = self.sampler.sample_rows(logits, self.state.sampling, rows[picked])
+        return [out.seqs[i] for i in picked], sampled
 
-    def _logits(self, out: GenSchedulerOutput, rows, starts, picked) -> torch.Tensor:
-        """Stage and forward the step -> [len(picked), vocab] fp32 logits."""
-        lay = _Layout(out.num_tokens, len(picked), len(out.seqs),
-                      max(len(self.blocks.block_table(s.seq_id)) for s in out.seqs))
-        cu_q, seqlens_k, max_q = self._fill_host(out, rows, starts, picked, lay)
-        if self.fault_hook is not None:
-            self.fault_hook(out.num_tokens, len(out.seqs))
-        dev = self._copy(lay.words)
-        meta = self._metadata(dev, lay, cu_q, seqlens_k, max_q)
-        ctx = PagedContext(self.cache, meta, self.backend)
-        hidden = self.base(input_ids=dev[: lay.t].view(1, -1),
-                           position_ids=dev[lay.t: 2 * lay.t].view(1, -1),
-                           use_cache=False, packserve_paged=ctx).last_hidden_state[0]
-        logits = self.head(hidden.index_select(0, dev[3 * lay.t: lay.i32])).float()
-        if self.softcap:
-            logits = torch.tanh(logits / self.softcap) * self.softcap
-        return logits
-
-    def _rows(self, out: GenSchedulerOutput):
-        """Token-table rows, chunk starts, and which sequences sample, in step order."""
-        rows = np.empty(len(out.seqs), np.int64)
-        starts = np.empty(len(out.seqs), np.int64)
-        picked = []
-        for i, (seq, n) in enumerate(zip(out.seqs, out.num_new_tokens)):  # per sequence
-            row = rows[i] = self.table.sync(seq)
-            starts[i] = self.table.starts[row] = seq.num_computed
-            self.table.counts[row] = n
-            if seq.num_computed + n == seq.num_tokens:  # reaches its end: samples next
-                picked.append(i)
-        return rows, starts, picked
-
-    def _fill_host(self, out: GenSchedulerOutput, rows, starts, picked, lay: _Layout):
-        """Write the whole step into the host buffer (see the module table)."""
-        h, t, b, w = self.host.numpy(), lay.t, lay.b, lay.w
-        i32 = h[lay.i32:].view(np.int32)
-        cu_q, cu_k, lens_k = i32[: b + 1], i32[b + 1: 2 * b + 2], i32[2 * b + 2: 3 * b + 2]
-        _, max_q = packing_cy.fill(self.table.flat, self.table.offsets, rows, h[:t],
-                                   h[t: 2 * t], cu_q, starts=self.table.starts,
-                                   counts=self.table.counts)
-        seqlens_k = starts + np.asarray(out.num_new_tokens, np.int64)
-        cu_k[0] = 0
-        np.cumsum(seqlens_k, out=cu_k[1:])
-        lens_k[:] = seqlens_k
-        tables = i32[3 * b + 2: 3 * b + 2 + b * w].reshape(b, w)
-        tables[:] = 0
-        for i, seq in enumerate(out.seqs):  # per scheduled sequence, every step
-            table = self.blocks.block_table(seq.seq_id)
-            tables[i, : len(table)] = table
-        bs, pos = self.blocks.block_size, h[t: 2 * t]
-        seq_of_token = np.repeat(np.arange(b), out.num_new_tokens)
-        h[2 * t: 3 * t] = tables[seq_of_token, pos // bs].astype(np.int64) * bs + pos % bs
-        h[3 * t: lay.i32] = cu_q[1:][picked].astype(np.int64) - 1  # last row of each
-        return cu_q.astype(np.int64), seqlens_k, max_q
-
-    def _metadata(self, dev: torch.Tensor, lay: _Layout, cu_q, seqlens_k, max_q):
-        t, b, w = lay.t, lay.b, lay.w
-        d32 = dev[lay.i32: lay.words].view(torch.int32)
-        meta = PagedMetadata(
+    def forward(self, dev: torch.Tensor, meta: HostMeta, *, all_rows: bool = False,
+                out: torch.Tensor | None = None) -> torch.Tensor:
+        """The staged step through the model -> fp32 logits of its sampling rows (every
+        row with ``all_rows``), into ``out`` when given (the graphs' static output)."""
+        lay = meta.layout
+        t, s, b = lay.t, lay.s, lay.b
+        d32 = dev[lay.i32: lay.updates].view(torch.int32)
+        table_rows = dev[3 * t + s: lay.i32]
+        width = self.state.width if all_rows else meta.width  # graphs read any context
+        paged = PagedMetadata(
             slot_mapping=dev[2 * t: 3 * t], cu_seqlens_q=d32[: b + 1],
             cu_seqlens_k=d32[b + 1: 2 * b + 2], seqlens_k=d32[2 * b + 2: 3 * b + 2],
-            block_tables=d32[3 * b + 2: 3 * b + 2 + b * w].view(b, w),
-            max_seqlen_q=int(max_q), max_seqlen_k=int(seqlens_k.max()),
-            host_cu_seqlens_q=cu_q, host_seqlens_k=seqlens_k,
+            block_tables=self.table[:, :width].index_select(0, table_rows),
+            max_seqlen_q=meta.max_seqlen_q,
+            max_seqlen_k=self.max_model_len if all_rows else int(meta.seqlens_k.max()),
+            host_cu_seqlens_q=meta.cu_seqlens_q, host_seqlens_k=meta.seqlens_k,
             block_size=self.blocks.block_size)
-        if self.backend != "gather":
-            return meta
-        slots = context_slots(meta.block_tables, meta.seqlens_k, meta.cu_seqlens_k,
-                              int(seqlens_k.sum()), meta.block_size)
-        return dataclasses.replace(meta, context_slots=slots)
+        if self.backend == "gather":
+            paged = dataclasses.replace(paged, context_slots=context_slots(
+                paged.block_tables, paged.seqlens_k, paged.cu_seqlens_k,
+                int(meta.seqlens_k.sum()), paged.block_size))
+        ctx = PagedContext(self.cache, paged, self.backend)
+        hidden = self.base(input_ids=dev[:t].view(1, -1), position_ids=dev[t: 2 * t].view(1, -1),
+                           use_cache=False, packserve_paged=ctx).last_hidden_state[0]
+        if not all_rows:
+            hidden = hidden.index_select(0, dev[3 * t: 3 * t + s])
+        logits = self.head(hidden)
+        if out is None:
+            out = logits.float()
+        else:
+            out.copy_(logits)
+        if self.softcap:
+            out.div_(self.softcap).tanh_().mul_(self.softcap)
+        return out
+
+    def _rows(self, out: GenSchedulerOutput) -> tuple[np.ndarray, list[int]]:
+        """Each scheduled sequence's row (synced), and which sequences sample, in step order."""
+        state, rows, picked = self.state, np.empty(len(out.seqs), np.int64), []
+        for i, (seq, n) in enumerate(zip(out.seqs, out.num_new_tokens)):  # per sequence
+            row = rows[i] = state.sync(seq, self.blocks.block_table(seq.seq_id))
+            state.starts[row], state.counts[row] = seq.num_computed, n
+            if seq.num_computed + n == seq.num_tokens:  # reaches its end: samples next
+                picked.append(i)
+        return rows, picked
 
     def _copy(self, words: int) -> torch.Tensor:
         if self.dev is not self.host:
             self.dev[:words].copy_(self.host[:words], non_blocking=True)
         return self.dev
-
-
-@dataclasses.dataclass(frozen=True)
-class _Layout:
-    """Sizes of one step's buffer: tokens, samplers, sequences, block-table width."""
-
-    t: int
-    s: int
-    b: int
-    w: int
-
-    @property
-    def i32(self) -> int:  # first word of the int32 area
-        return 3 * self.t + self.s
-
-    @property
-    def words(self) -> int:
-        return self.i32 + (3 * self.b + 2 + self.b * self.w + 1) // 2

@@ -10,6 +10,7 @@ forward ran out of device memory). Requests come in through
 
 from __future__ import annotations
 
+import functools
 import logging
 from collections import deque
 from dataclasses import dataclass
@@ -19,12 +20,23 @@ import torch
 
 from worker.block_manager import BlockManager
 from worker.config import ConfigError
+from worker.cuda_graphs import (
+    GRAPH_BACKENDS,
+    CaptureReport,
+    DecodeGraphs,
+    graph_buckets,
+    graph_memory_estimate,
+)
 from worker.errors import InvalidRequestError, RequestOutOfMemoryError
 from worker.gen_output import OutputProcessor
 from worker.gen_runner import GenRunner
 from worker.gen_scheduler import GenScheduler, GenSchedulerOutput
 from worker.kv_cache import KVCache, KVCacheSpec, kv_bytes_from_report
-from worker.paged_attention import select_paged_backend
+from worker.paged_attention import (
+    PAGED_KERNEL_BLOCK_MULTIPLE,
+    check_paged_backend,
+    select_paged_backend,
+)
 from worker.sampling import SampledTokens, SamplingParams, make_generator
 from worker.sequence import FinishReason, Sequence
 
@@ -46,6 +58,8 @@ class GenerationSettings:
     max_prefill_chunk: int = 0  # prefill tokens per sequence per step; 0 = the budget
     kv_block_size: int = 16  # tokens per KV block
     num_kv_blocks: int | None = None  # None: from the probe (CUDA) or a byte cap (CPU)
+    paged_attention_backend: str = "auto"  # see worker.paged_attention
+    cuda_graphs: bool = True  # decode-only steps replay CUDA graphs (CUDA, triton only)
 
     def __post_init__(self) -> None:
         for name, low in (("max_num_batched_tokens", 1), ("max_num_running_seqs", 1),
@@ -68,17 +82,19 @@ class GenerationSettings:
                     measured: bool) -> GenerationSettings:
         """From a resolved ``EngineConfig``. A measured (probe) budget is capped at
         ``GEN_MEASURED_STEP_TOKENS``: decode-heavy steps gain nothing from more, and the
-        KV cache gets the memory instead. ``kv_block_size`` None: 256 where a paged flash
-        kernel can run (it needs multiples of 256), else 16."""
+        KV cache gets the memory instead. ``kv_block_size`` None: 256 when the paged
+        backend asked for is a flash kernel (it needs multiples of 256), else 16 (our
+        Triton kernel's default, as vLLM's)."""
         step = config.max_num_batched_tokens
         if measured:
             step = min(step, GEN_MEASURED_STEP_TOKENS)
         block = config.kv_block_size
         if block is None:
-            fast = select_paged_backend(device_type, dtype, 256) in ("flash_attn", "torch_paged")
-            block = 256 if fast else 16
+            flash = config.paged_attention_backend in ("flash_attn", "torch_paged")
+            block = PAGED_KERNEL_BLOCK_MULTIPLE if flash else 16
+        check_paged_backend(config.paged_attention_backend, device_type, dtype, block)
         return cls(step, config.max_num_running_seqs, config.max_prefill_chunk, block,
-                   config.num_kv_blocks)
+                   config.num_kv_blocks, config.paged_attention_backend, config.cuda_graphs)
 
 
 def eos_token_ids(model) -> frozenset[int]:
@@ -91,19 +107,21 @@ def eos_token_ids(model) -> frozenset[int]:
 
 
 def resolve_num_kv_blocks(settings: GenerationSettings, spec: KVCacheSpec, device,
-                          report, max_model_len: int) -> int:
+                          report, max_model_len: int, reserve_bytes: int = 0) -> int:
     """``num_kv_blocks`` if set; CUDA: what the probe left free after a step's
-    activations (else a fraction of free memory); CPU: ``CPU_KV_CACHE_BYTES`` at most,
-    and no more than every running sequence at full length needs."""
+    activations and ``reserve_bytes`` (the CUDA graphs), else a fraction of free memory;
+    CPU: ``CPU_KV_CACHE_BYTES`` at most, and no more than every running sequence at full
+    length needs."""
     if settings.num_kv_blocks is not None:
         return settings.num_kv_blocks
     full = spec.num_blocks_for_tokens(max_model_len) * settings.max_num_running_seqs
     if device.device.type != "cuda":
         return max(1, min(full, spec.num_blocks_for_bytes(CPU_KV_CACHE_BYTES)))
     if report is not None and getattr(report, "activation_bytes_per_token", None):
-        free = kv_bytes_from_report(report, settings.max_num_batched_tokens)
+        free = kv_bytes_from_report(report, settings.max_num_batched_tokens) - reserve_bytes
     else:
-        free = int(torch.cuda.mem_get_info(device.device)[0] * CUDA_UNPROBED_KV_FRACTION)
+        free = int(torch.cuda.mem_get_info(device.device)[0] * CUDA_UNPROBED_KV_FRACTION
+                   ) - reserve_bytes
     blocks = spec.num_blocks_for_bytes(free)
     if blocks < spec.num_blocks_for_tokens(max_model_len):
         raise ConfigError(
@@ -120,12 +138,21 @@ class Generation:
                  vocab_size: int, report=None, tokenizer=None):
         dtype = next(model.parameters()).dtype
         spec = KVCacheSpec.from_model_config(model.config, dtype, settings.kv_block_size)
-        num_blocks = resolve_num_kv_blocks(settings, spec, device, report, max_model_len)
+        self.backend = select_paged_backend(
+            device.device.type, dtype, settings.kv_block_size, settings.paged_attention_backend,
+            functools.partial(_self_check, model.config, spec, device.device))
+        buckets = graph_buckets(settings.max_num_running_seqs)
+        graphs = (settings.cuda_graphs and device.device.type == "cuda"
+                  and self.backend in GRAPH_BACKENDS)
+        reserve = graph_memory_estimate(model.config, dtype, buckets[-1], getattr(
+            report, "activation_bytes_per_token", None)) if graphs else 0
+        num_blocks = resolve_num_kv_blocks(settings, spec, device, report, max_model_len,
+                                           reserve)
         self.settings, self.max_model_len, self.vocab_size = settings, max_model_len, vocab_size
         self.device = device
         self.blocks = BlockManager(num_blocks, settings.kv_block_size)
-        self.cache = KVCache(spec, num_blocks, device.device)
-        self.backend = select_paged_backend(device.device.type, dtype, settings.kv_block_size)
+        # One block more than the manager hands out: the scratch block of padding rows.
+        self.cache = KVCache(spec, num_blocks + 1, device.device)
         self.scheduler = GenScheduler(self.blocks,
                                       max_num_batched_tokens=settings.max_num_batched_tokens,
                                       max_num_seqs=settings.max_num_running_seqs,
@@ -138,8 +165,30 @@ class Generation:
         self._intake: deque[Sequence] = deque()
         self._live: dict[int, Sequence] = {}  # unfinished, by seq_id (intake included)
         self.num_preemptions = 0  # sequences preempted so far (recompute), for observers
+        self.graph_report: CaptureReport | None = None
         logger.info("generation: %d KV blocks of %d tokens (%.2f GiB), %s paged attention",
                     num_blocks, settings.kv_block_size, self.cache.num_bytes / 2**30, self.backend)
+        if graphs:
+            self._capture_graphs(buckets, reserve)
+
+    def _capture_graphs(self, buckets: tuple[int, ...], reserve: int) -> None:
+        """Capture the decode graphs; any failure leaves every step eager (logged)."""
+        graphs = DecodeGraphs(self.runner, buckets, capture=True)
+        try:
+            report = graphs.capture_all()
+        except Exception as exc:  # noqa: BLE001 - a failed capture must not stop the engine
+            del graphs
+            self.device.empty_cache()
+            logger.warning("CUDA graphs disabled, every step runs eager: capture failed: %r",
+                           exc)
+            return
+        self.runner.graphs, self.graph_report = graphs, report
+        logger.info("CUDA graphs: %d decode buckets (1..%d) captured in %.1f s, %.3f GiB "
+                    "(%.3f GiB were kept out of the KV cache for them)", len(buckets),
+                    buckets[-1], report.seconds, report.memory_bytes / 2**30, reserve / 2**30)
+        if report.memory_bytes > reserve:
+            logger.warning("the CUDA graphs took %.3f GiB, more than the %.3f GiB reserved",
+                           report.memory_bytes / 2**30, reserve / 2**30)
 
     # ---- requests -------------------------------------------------------------------
 
@@ -217,6 +266,8 @@ class Generation:
         cannot shrink: its sequence fails alone with ``RequestOutOfMemoryError``.
         Returns the sequences failed."""
         self.scheduler.undo(out)
+        for seq in out.seqs:  # their block tables lost a suffix: write them again
+            self.runner.resync(seq)
         failed = []
         if out.num_tokens == 1:
             seq = out.seqs[0]
@@ -245,8 +296,8 @@ class Generation:
     def check_invariants(self) -> None:
         """No leaked or double-owned KV block; blocks held exactly by running sequences."""
         self.scheduler.check_invariants()
-        if self.runner.table.num_rows_used != len(self.scheduler.running):
-            raise AssertionError(f"token table holds {self.runner.table.num_rows_used} rows "
+        if self.runner.state.num_rows_used != len(self.scheduler.running):
+            raise AssertionError(f"the batch state holds {self.runner.state.num_rows_used} rows "
                                  f"for {len(self.scheduler.running)} running sequences")
 
     def fail_all(self, error: BaseException) -> None:
@@ -273,6 +324,19 @@ class Generation:
     def _drain_intake(self) -> None:
         while self._intake:
             self.scheduler.add(self._intake.popleft())
+
+
+def _self_check(model_config, spec: KVCacheSpec, device, name: str) -> str | None:
+    """Run the ``name`` kernel once on a small random step shaped like this model's
+    attention and compare it with the reference; None when it agrees."""
+    from worker.triton_paged import self_check
+
+    window = getattr(model_config, "sliding_window", None)
+    if not isinstance(window, int) or getattr(model_config, "use_sliding_window", True) is False:
+        window = None
+    return self_check(device, spec.dtype, num_heads=model_config.num_attention_heads,
+                      num_kv_heads=spec.num_kv_heads, head_dim=spec.head_dim,
+                      block_size=spec.block_size, window=window)
 
 
 def _token_list(token_ids, vocab_size: int) -> list[int]:

@@ -12,10 +12,14 @@ Backends (``select_paged_backend``; why, measured, in docs/decisions.md):
 
 | name            | where                                    | how                             |
 |-----------------|------------------------------------------|---------------------------------|
+| ``triton``      | CUDA, half, triton; passes its self-check | ours: one launch, K/V in place (``worker.triton_paged``) |
 | ``flash_attn``  | CUDA, half, flash-attn, block % 256 == 0 | flash_attn_varlen_func(block_table) |
 | ``torch_paged`` | CUDA, half, varlen_attn(block_table)     | torch >= 2.12; block % 256 == 0 |
 | ``gather``      | CUDA, half, torch >= 2.10                | context to a scratch, varlen_attn |
 | ``reference``   | anywhere (CPU)                           | gather blocks, then SDPA        |
+
+``triton`` also runs on CPU tensors under Triton's interpreter (``TRITON_INTERPRET=1``),
+for tests only, when asked for by name.
 
 The function ``worker.attention.register`` puts into transformers dispatches on the
 ``packserve_paged`` forward kwarg: present -> ``PagedContext.attend`` (this module);
@@ -27,6 +31,7 @@ from __future__ import annotations
 
 import dataclasses
 import functools
+import logging
 
 import numpy as np
 import torch
@@ -41,7 +46,9 @@ from worker.attention import (
 )
 from worker.kv_cache import KVCache
 
-PAGED_BACKENDS = ("flash_attn", "torch_paged", "gather", "reference")
+logger = logging.getLogger(__name__)
+
+PAGED_BACKENDS = ("triton", "flash_attn", "torch_paged", "gather", "reference")
 PAGED_KERNEL_BLOCK_MULTIPLE = 256  # FA2's paged kernels refuse other page sizes
 
 
@@ -221,7 +228,14 @@ def flash_attn_paged(q, k_cache, v_cache, meta: PagedMetadata, scale, window) ->
         window_size=varlen_window(window, True), block_table=meta.block_tables)
 
 
-_BACKENDS = {"flash_attn": flash_attn_paged, "torch_paged": torch_paged,
+def triton_paged(q, k_cache, v_cache, meta: PagedMetadata, scale, window) -> torch.Tensor:
+    """Our Triton kernel (``worker.triton_paged``), imported on first use."""
+    from worker.triton_paged import triton_paged as kernel
+
+    return kernel(q, k_cache, v_cache, meta, scale, window)
+
+
+_BACKENDS = {"triton": triton_paged, "flash_attn": flash_attn_paged, "torch_paged": torch_paged,
              "gather": gather_paged, "reference": reference_paged}
 
 
@@ -231,13 +245,60 @@ def torch_paged_available() -> bool:
     return torch_varlen_available() and "block_table" in varlen_params()
 
 
-def select_paged_backend(device_type: str, dtype: torch.dtype, block_size: int) -> str:
-    """The fastest backend that runs here (see the module table)."""
+def paged_backend_candidates(device_type: str, dtype: torch.dtype, block_size: int) -> list[str]:
+    """The backends that can run here, fastest first (see the module table)."""
     if device_type != "cuda" or dtype not in (torch.float16, torch.bfloat16):
-        return "reference"
-    paged_ok = block_size % PAGED_KERNEL_BLOCK_MULTIPLE == 0
-    if paged_ok and flash_attn_available():
-        return "flash_attn"
-    if paged_ok and torch_paged_available():
-        return "torch_paged"
-    return "gather" if torch_varlen_available() else "reference"
+        return ["reference"]
+    from worker.triton_paged import triton_available
+
+    names = ["triton"] if triton_available() else []
+    if block_size % PAGED_KERNEL_BLOCK_MULTIPLE == 0:
+        names += [n for n, ok in (("flash_attn", flash_attn_available),
+                                  ("torch_paged", torch_paged_available)) if ok()]
+    if torch_varlen_available():
+        names.append("gather")
+    return names + ["reference"]
+
+
+def check_paged_backend(requested: str, device_type: str, dtype: torch.dtype,
+                        block_size: int) -> None:
+    """Raise ``ConfigError`` (naming ``paged_attention_backend``) unless ``requested``
+    can run here."""
+    from worker.config import ConfigError
+
+    if requested == "auto" or requested in paged_backend_candidates(device_type, dtype,
+                                                                    block_size):
+        return
+    if requested == "triton" and device_type == "cpu":
+        from worker.triton_paged import triton_available
+
+        if triton_available():
+            return
+        raise ConfigError("paged_attention_backend", "'triton' runs on CPU only under "
+                          "Triton's interpreter (TRITON_INTERPRET=1, for tests); use 'auto'")
+    raise ConfigError("paged_attention_backend", f"{requested!r} cannot run on {device_type} "
+                      f"with dtype {dtype} and kv_block_size {block_size} (flash_attn and "
+                      "torch_paged need CUDA, half precision and a block size multiple of "
+                      f"{PAGED_KERNEL_BLOCK_MULTIPLE}); use 'auto'")
+
+
+def select_paged_backend(device_type: str, dtype: torch.dtype, block_size: int,
+                         requested: str = "auto", self_check=None) -> str:
+    """``requested`` (checked) or the fastest backend that runs here. ``self_check(name)``
+    returns None when the named kernel works on this device, else why not; a kernel that
+    fails it is skipped with a warning, so a kernel that does not compile never stops the
+    engine from starting (``triton`` is the one checked)."""
+    check_paged_backend(requested, device_type, dtype, block_size)
+    names = paged_backend_candidates(device_type, dtype, block_size)
+    if requested != "auto":
+        names = [requested] + [n for n in names if n != requested]
+    for name in names:
+        problem = self_check(name) if self_check is not None and name in CHECKED else None
+        if problem is None:
+            return name
+        logger.warning("paged attention backend %r failed its start-up self-check, falling "
+                       "back to the next one: %s", name, problem)
+    return "reference"
+
+
+CHECKED = ("triton",)  # backends of ours that must pass a self-check on the device

@@ -30,11 +30,34 @@ def dense_truth(q, k, v, scale, window):
 
 
 def random_sequences(lengths, kv_heads, rng, head_dim=HEAD_DIM, device="cpu",
-                     dtype=torch.float32):
+                     dtype=torch.float32, heads=HEADS):
     """Per sequence (q [L, Hq, D], k [L, Hkv, D], v [L, Hkv, D])."""
     g = torch.Generator().manual_seed(int(rng.integers(1 << 30)))
     return [tuple(torch.randn(n, h, head_dim, generator=g).to(device, dtype)
-                  for h in (HEADS, kv_heads, kv_heads)) for n in lengths]
+                  for h in (heads, kv_heads, kv_heads)) for n in lengths]
+
+
+def random_step(rng, cached, new, *, heads, kv_heads, head_dim, block_size, device="cpu",
+                dtype=torch.float32, num_layers=1, layer=0, block_major=False):
+    """One step over a cache of random K/V: (q [T, Hq, D], k_cache, v_cache, meta).
+
+    Sequence i has ``cached[i]`` tokens in the cache and brings ``new[i]`` (their K/V are
+    in the cache already, as after ``KVCache.write``); block tables are scattered. The
+    caches are layer views of ``[L, 2, N, bs, Hkv, D]`` like ``KVCache``'s, or with
+    ``block_major`` of ``[N, bs, L, 2, Hkv, D]`` (views with non-contiguous strides).
+    """
+    sizes = [-(-(c + n) // block_size) for c, n in zip(cached, new)]
+    num_blocks = sum(sizes) + 3
+    order = [int(b) for b in rng.permutation(num_blocks)]
+    tables = [order[sum(sizes[:i]): sum(sizes[: i + 1])] for i in range(len(sizes))]
+    g = torch.Generator().manual_seed(int(rng.integers(1 << 30)))
+    shape = (num_layers, 2, num_blocks, block_size, kv_heads, head_dim)
+    if block_major:
+        shape = (num_blocks, block_size, num_layers, 2, kv_heads, head_dim)
+    kv = torch.randn(shape, generator=g).to(device, dtype)
+    k, v = (kv[:, :, layer, 0], kv[:, :, layer, 1]) if block_major else (kv[layer, 0], kv[layer, 1])
+    q = torch.randn(sum(new), heads, head_dim, generator=g).to(device, dtype)
+    return q, k, v, pa.build_metadata(tables, cached, new, block_size, device)
 
 
 def _chunk_sizes(rng, live, seqs, done):
@@ -70,9 +93,7 @@ def run_chunked(seqs, rng, window, scale, *, block_size, num_blocks=64, backend=
         assert meta.slot_mapping.tolist() == want.tolist()
         pick = [slice(done[i], done[i] + c) for i, c in zip(live, counts)]
         q, k, v = (torch.cat([seqs[i][j][p] for i, p in zip(live, pick)]) for j in range(3))
-        out, weights = pa.PagedContext(cache, meta, backend).attend(
-            module, q.transpose(0, 1)[None], k.transpose(0, 1)[None], v.transpose(0, 1)[None],
-            None, scaling=scale, sliding_window=window)
+        out, weights = _attend(cache, meta, backend, module, q, k, v, scale, window)
         assert weights is None and out.shape == (1, q.shape[0], q.shape[1], q.shape[2])
         cu = meta.host_cu_seqlens_q
         for n, (i, p) in enumerate(zip(live, pick)):
@@ -80,3 +101,19 @@ def run_chunked(seqs, rng, window, scale, *, block_size, num_blocks=64, backend=
             done[i] = p.stop
     bm.check_invariants()
     return outs
+
+
+def _attend(cache, meta, backend, module, q, k, v, scale, window):
+    """``PagedContext.attend`` for a registered backend; for ``"triton"`` before
+    worker.paged_attention registers it, the same write-then-attend on the kernel."""
+    qt, kt, vt = (x.transpose(0, 1)[None] for x in (q, k, v))
+    if backend in pa._BACKENDS:
+        return pa.PagedContext(cache, meta, backend).attend(
+            module, qt, kt, vt, None, scaling=scale, sliding_window=window)
+    from worker.triton_paged import triton_paged
+
+    assert backend == "triton", backend
+    cache.write(module.layer_idx, k, v, meta.slot_mapping)
+    out = triton_paged(qt[0].transpose(0, 1), cache.key(module.layer_idx),
+                       cache.value(module.layer_idx), meta, scale, window)
+    return out.unsqueeze(0), None

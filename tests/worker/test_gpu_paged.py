@@ -57,8 +57,22 @@ def test_gather_agrees_with_the_reference_on_cuda(dtype):
 
 
 def test_auto_selection_on_cuda():
+    """Our Triton kernel first (it passes its self-check here), then the block-table
+    kernels at block size 256, then the gather path."""
+    from worker.triton_paged import triton_available
+
+    checked = []
+
+    def check(name):
+        checked.append(name)
+        return None
+
+    first = "triton" if triton_available() else None
+    assert pa.select_paged_backend("cuda", torch.bfloat16, 16, self_check=check) == \
+        (first or "gather")
+    assert checked == (["triton"] if first else [])
     block_table_kernel = _available("flash_attn") or pa.torch_paged_available()
-    assert pa.select_paged_backend("cuda", torch.bfloat16, 16) == "gather"
     want = ("flash_attn" if _available("flash_attn") else "torch_paged") \
         if block_table_kernel else "gather"
-    assert pa.select_paged_backend("cuda", torch.bfloat16, 256) == want
+    assert pa.select_paged_backend("cuda", torch.bfloat16, 256,
+                                   self_check=lambda name: "failed") == want
