@@ -86,6 +86,20 @@ class BlockManager:
         self._num_tokens[seq_id] = self.num_tokens(seq_id) + num_new_tokens
         return AllocStatus.OK
 
+    def append_slot(self, seq_id: int) -> bool:
+        """``allocate(seq_id, 1)`` for a sequence that holds a table, on the decode hot
+        path (once per running sequence per step); False when a block is needed and
+        none is free (nothing changed then)."""
+        n = self._num_tokens.get(seq_id)
+        if n is None:
+            return self.allocate(seq_id, 1) is AllocStatus.OK
+        if n % self.block_size == 0:
+            if not self._free:
+                return False
+            self._tables[seq_id].append(self._free.pop())
+        self._num_tokens[seq_id] = n + 1
+        return True
+
     def trim(self, seq_id: int, num_tokens: int) -> None:
         """Keep slots for ``seq_id``'s first ``num_tokens`` tokens only; return the blocks
         past them (undoes the reservations of a step that did not run)."""

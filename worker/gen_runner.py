@@ -131,12 +131,17 @@ class GenRunner:
         return out
 
     def _rows(self, out: GenSchedulerOutput) -> tuple[np.ndarray, list[int]]:
-        """Each scheduled sequence's row (synced), and which sequences sample, in step order."""
-        state, rows, picked = self.state, np.empty(len(out.seqs), np.int64), []
-        for i, (seq, n) in enumerate(zip(out.seqs, out.num_new_tokens)):  # per sequence
-            row = rows[i] = state.sync(seq, self.blocks.block_table(seq.seq_id))
-            state.starts[row], state.counts[row] = seq.num_computed, n
-            if seq.num_computed + n == seq.num_tokens:  # reaches its end: samples next
+        """Each scheduled sequence's row (synced), and which sequences sample, in step
+        order: every decode, and each chunk that reaches its sequence's end."""
+        state, table = self.state, self.blocks.block_table
+        seqs, n = out.seqs, len(out.seqs)
+        rows = np.fromiter([state.sync(s, table(s.seq_id)) for s in seqs], np.int64, n)
+        state.starts[rows] = np.fromiter([s.num_computed for s in seqs], np.int64, n)
+        state.counts[rows] = out.num_new_tokens
+        picked = list(range(out.num_decodes))
+        for i in range(out.num_decodes, n):  # per prefill chunk
+            seq = seqs[i]
+            if seq.num_computed + out.num_new_tokens[i] == seq.num_tokens:
                 picked.append(i)
         return rows, picked
 

@@ -102,8 +102,11 @@ class GenScheduler:
         if not self.running and not self.waiting:
             return None
         step = _Step(self.max_num_batched_tokens)
+        append_slot = self.blocks.append_slot
         for seq in [s for s in self.running if s.is_decode]:  # per running decode, every step
-            if seq.status is SeqStatus.RUNNING and self._reserve_decode(seq, step):
+            if seq.status is not SeqStatus.RUNNING:
+                continue  # preempted earlier in this step
+            if append_slot(seq.seq_id) or self._reserve_decode(seq, step):
                 step.add(seq, 1)
         num_decodes = len(step.seqs)
         stop = self._continue_prefills(step)

@@ -119,3 +119,20 @@ def test_trim_returns_the_blocks_past_the_kept_tokens():
     bm.trim(2, 0)  # unknown: nothing to do
     with pytest.raises(ValueError, match="cannot trim"):
         bm.trim(1, 1)
+
+
+def test_append_slot_is_allocate_one():
+    """The decode fast path reserves exactly what ``allocate(seq, 1)`` would."""
+    fast, slow = BlockManager(6, 4), BlockManager(6, 4)
+    for bm in (fast, slow):
+        bm.allocate(0, 3)
+        bm.allocate(1, 4)
+    for _ in range(9):  # crosses block boundaries until the pool runs dry
+        for seq in (0, 1):
+            ok = fast.append_slot(seq)
+            assert ok == (slow.allocate(seq, 1) is AllocStatus.OK)
+            assert fast.block_table(seq) == slow.block_table(seq)
+            assert fast.num_tokens(seq) == slow.num_tokens(seq)
+    assert fast.num_free_blocks == 0
+    assert fast.append_slot(7) is False  # unknown sequence, no free block: the slow path
+    fast.check_invariants()
