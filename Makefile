@@ -6,7 +6,7 @@ PIP := $(PY) -m pip --disable-pip-version-check
 STAMP := $(VENV)/.installed
 PYTEST_ARGS ?=
 
-.PHONY: install serve prometheus test test-packing-pure bench bench-packer bench-forward bench-generate bench-batch bench-serve clean
+.PHONY: install serve prometheus test test-packing-pure bench bench-packer bench-forward bench-generate bench-decode bench-batch bench-serve clean
 
 install: $(STAMP)
 
@@ -61,7 +61,7 @@ test: install prometheus
 test-packing-pure: install
 	PACKSERVE_PURE_PYTHON=1 $(PY) -m pytest -q tests/packing
 
-bench: bench-packer bench-forward bench-generate bench-batch bench-serve
+bench: bench-packer bench-forward bench-generate bench-decode bench-batch bench-serve
 
 bench-packer: install
 	$(PY) -m benchmarks.packer --out benchmarks/results/packer.json
@@ -73,6 +73,11 @@ bench-forward: install
 bench-generate: install
 	$(PY) -m benchmarks.generate --shape tiny --device cpu --num-requests 1024 \
 		--out benchmarks/results/generate_cpu.json
+
+# Host time per decode step (schedule, stage, postprocess) at batch 1..256 (benchmarks/decode.py).
+bench-decode: install
+	OMP_NUM_THREADS=1 $(PY) -m benchmarks.decode --device cpu --steps 20 \
+		--out benchmarks/results/decode_cpu.json
 
 # packserve batch vs a padded HF script, same embedding job (benchmarks/batch.py).
 bench-batch: install

@@ -64,6 +64,8 @@ def parse_args(argv=None) -> argparse.Namespace:
     p.add_argument("--max-running", type=int, default=256, help="our max_num_running_seqs")
     p.add_argument("--systems", default=",".join(SYSTEMS))
     p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--lower-bound", action="store_true", help="also measure the run's lower "
+                   "bound (longest request's decode at the batch-1 step time + the prefill)")
     p.add_argument("--out", help="JSON path (default benchmarks/results/generate_<device>.json)")
     args = p.parse_args(argv)
     defaults = CUDA_DEFAULTS if args.device.startswith("cuda") else CPU_DEFAULTS
@@ -108,12 +110,68 @@ def _stats(a: np.ndarray) -> dict:
 
 # ---- the three systems: each returns (outputs, extra info) --------------------------
 
-def run_ours(engine, prompts, gens):
+def run_ours(engine, prompts, gens, *, latency: bool = False):
+    """``engine.generate`` over every request at once; with ``latency``, each request's
+    TTFT (from the start of the run: all requests arrive at once) and TPOT percentiles,
+    read from the time each sampled token is appended (a wrapper on the output processor,
+    a dictionary update per token)."""
     from worker.sampling import SamplingParams
 
     params = [SamplingParams(temperature=0, max_tokens=g, ignore_eos=True) for g in gens]
-    outs = engine.generate(prompts, params)
-    return [o.token_ids for o in outs], {}
+    processor = engine.generation.processor
+    marks: dict[int, list[float]] = {}
+    if latency:
+        append = processor.append
+
+        def timed_append(seq, sampled, i):  # per generated token: first and last times
+            now = time.perf_counter()
+            marks.setdefault(seq.seq_id, [now, now])[1] = now
+            return append(seq, sampled, i)
+
+        processor.append = timed_append
+    start = time.perf_counter()
+    try:
+        outs = engine.generate(prompts, params)
+    finally:
+        processor.__dict__.pop("append", None)
+    extra = {}
+    if latency:
+        ttft = np.array([marks[o.request_id][0] - start for o in outs])
+        tpot = np.array([(marks[o.request_id][1] - marks[o.request_id][0])
+                         / (len(o.token_ids) - 1) for o in outs if len(o.token_ids) > 1])
+        extra = {"ttft_s": _percentiles(ttft), "tpot_s": _percentiles(tpot)}
+    return [o.token_ids for o in outs], extra
+
+
+def _percentiles(a: np.ndarray) -> dict:
+    if a.size == 0:
+        return {}
+    return {"p50": float(np.percentile(a, 50)), "p90": float(np.percentile(a, 90)),
+            "p99": float(np.percentile(a, 99)), "mean": float(a.mean())}
+
+
+def lower_bound(engine, prompts, gens, device: str) -> dict:
+    """A short run is bounded by its tail: the longest request's decode steps at the
+    batch-1 step time, plus the whole prefill at the prefill rate, each measured here
+    (prefill: every prompt with max_tokens 1; batch-1 step: one request generating 65
+    tokens minus one generating 1, over 64)."""
+    from worker.sampling import SamplingParams
+
+    def timed(token_lists, max_tokens):
+        _common.synchronize(device)
+        start = time.perf_counter()
+        engine.generate(token_lists, SamplingParams(temperature=0, max_tokens=max_tokens,
+                                                    ignore_eos=True))
+        return time.perf_counter() - start
+
+    prefill_s = timed(prompts, 1)
+    probe = [prompts[int(np.argsort([len(p) for p in prompts])[len(prompts) // 2])]]
+    step_s = (timed(probe, 65) - timed(probe, 1)) / 64
+    prompt_tokens = sum(map(len, prompts))
+    bound = max(gens) * step_s + prefill_s
+    return {"prefill_s": prefill_s, "prefill_tokens_per_s": prompt_tokens / prefill_s,
+            "batch1_step_ms": step_s * 1e3, "longest_generated": max(gens),
+            "probe_context": len(probe[0]), "lower_bound_s": bound}
 
 
 def run_hf_static(model, prompts, gens, batch_size: int, device: str):
@@ -232,7 +290,8 @@ def main(argv=None) -> dict:
     runs |= {
         "generate_batch": (lambda: run_generate_batch(model, prompts, gens, cb_kwargs),
                            lambda: run_generate_batch(model, warm_p, warm_g, cb_kwargs)),
-        "ours": (lambda: run_ours(engine, prompts, gens), lambda: run_ours(engine, warm_p, warm_g)),
+        "ours": (lambda: run_ours(engine, prompts, gens, latency=True),
+                 lambda: run_ours(engine, warm_p, warm_g)),
     }
     # Ours last: on CUDA its KV cache takes what the probe found free, so the baselines
     # run (and release their caches) first.
@@ -247,11 +306,18 @@ def main(argv=None) -> dict:
         gc.collect()
         if args.device.startswith("cuda"):
             torch.cuda.empty_cache()
+    if args.lower_bound and result["systems"].get("ours", {}).get("status") == "ok":
+        bound = lower_bound(engine, prompts, gens, args.device)
+        bound["ours_vs_lower_bound"] = result["systems"]["ours"]["time_s"] / bound["lower_bound_s"]
+        result["lower_bound"] = bound
     if engine._gen is not None:
         gen = engine._gen
         result["ours_settings"] = {**vars(gen.settings), "kv_blocks": gen.blocks.num_blocks,
                                    "paged_attention": gen.backend,
-                                   "attention": engine.config.attention_backend}
+                                   "attention": engine.config.attention_backend,
+                                   "cuda_graphs": None if gen.graph_report is None
+                                   else vars(gen.graph_report),
+                                   "graph_steps": gen.runner.num_graph_steps}
     result["steps_ours"] = engine.stats.num_steps
     result["ratios"] = ratios(result["systems"])
     result["agreement_with_ours"] = {n: agreement(outputs.get("ours"), outputs.get(n))
@@ -280,6 +346,15 @@ def print_table(result: dict) -> None:
               f"{e['total_tokens_per_s']:>14,.0f}")
     for key, value in result["ratios"].items():
         print(f"{key}: {value:.2f}x")
+    ours = result["systems"].get("ours", {})
+    for key in ("ttft_s", "tpot_s"):
+        if ours.get(key):
+            print(f"ours {key}: " + ", ".join(f"{k} {v * 1e3:.1f} ms" for k, v in ours[key].items()))
+    if "lower_bound" in result:
+        b = result["lower_bound"]
+        print(f"lower bound {b['lower_bound_s']:.2f} s (prefill {b['prefill_s']:.2f} s, batch-1 "
+              f"step {b['batch1_step_ms']:.2f} ms x {b['longest_generated']}): ours is "
+              f"{b['ours_vs_lower_bound']:.2f}x it")
     print(f"agreement with ours (identical requests): {result['agreement_with_ours']}")
 
 
