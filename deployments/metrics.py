@@ -139,6 +139,10 @@ _SPECS = [
     MetricSpec("packserve_kv_blocks_used", _G, "KV cache blocks held by sequences.", _REP),
     MetricSpec("packserve_kv_blocks_free", _G, "KV cache blocks free.", _REP),
     MetricSpec("packserve_preemptions", _C, "Sequences preempted (recomputed later).", _REP),
+    MetricSpec("packserve_prefix_cache_queries", _C, "Prompt tokens of admitted generation "
+               "requests, looked up in the prefix cache.", _REP),
+    MetricSpec("packserve_prefix_cache_hits", _C, "Prompt tokens whose KV came from the "
+               "prefix cache.", _REP),
     MetricSpec("packserve_engine_waiting_requests", _G, "Requests queued in the engine, "
                "not yet running.", _REP),
     MetricSpec("packserve_engine_queue_wait_seconds", _H, "Wait in the engine's queue "
@@ -169,11 +173,13 @@ class ReplicaMetrics:
             "packserve_forward_seconds", "packserve_oom_events", "packserve_budget_shrinks",
             "packserve_step_token_budget", "packserve_engine_queue_wait_seconds", **tags)
         (self._h2d_bytes, self._h2d_seconds, self._budget, self._free, self._kv_used,
-         self._kv_free, self._preempt, self._waiting) = _build(
+         self._kv_free, self._preempt, self._waiting, self._prefix_queries,
+         self._prefix_hits) = _build(
             "packserve_h2d_bytes", "packserve_h2d_seconds", "packserve_token_budget",
             "packserve_free_token_budget", "packserve_kv_blocks_used",
             "packserve_kv_blocks_free", "packserve_preemptions",
-            "packserve_engine_waiting_requests", **tags)
+            "packserve_engine_waiting_requests", "packserve_prefix_cache_queries",
+            "packserve_prefix_cache_hits", **tags)
         self._kind_tags = {k: {"kind": k} for k in ("forward", "generate")}
         self._last: dict[str, StepRecord] = {}  # kind -> its latest step (gauge refresh)
         self._latest: StepRecord | None = None
@@ -202,6 +208,10 @@ class ReplicaMetrics:
             self._h2d_seconds.inc(record.h2d_seconds)
         if record.num_preemptions:
             self._preempt.inc(record.num_preemptions)
+        if record.num_prefix_queries:
+            self._prefix_queries.inc(record.num_prefix_queries)
+            if record.num_prefix_hits:
+                self._prefix_hits.inc(record.num_prefix_hits)
         self._step_budget.set(record.token_budget, tags)
         self._set_engine_gauges(record)
         self._last[record.kind] = self._latest = record

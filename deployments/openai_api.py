@@ -139,7 +139,8 @@ class OpenAIService:
         choice = {"index": 0, "text": prompt_text + (out.text or ""),
                   "logprobs": merge_logprobs(prompt_lp, gen_lp),
                   "finish_reason": out.finish_reason.value}
-        return env.body(choices=[choice], usage=usage(len(ids), len(out.token_ids)))
+        return env.body(choices=[choice], usage=usage(len(ids), len(out.token_ids),
+                                                      out.num_cached_tokens))
 
     def _stream_completion(self, handle, work, lease, env, lp, prompt_text, prompt_lp,
                            include_usage, timer) -> AsyncIterator[str]:
@@ -180,7 +181,8 @@ class OpenAIService:
         choice = {"index": 0, "message": {"role": "assistant", "content": out.text or ""},
                   "logprobs": chat_logprobs(tok, out.token_ids, out.logprobs),
                   "finish_reason": out.finish_reason.value}
-        return env.body(choices=[choice], usage=usage(len(ids), len(out.token_ids)))
+        return env.body(choices=[choice], usage=usage(len(ids), len(out.token_ids),
+                                                      out.num_cached_tokens))
 
     def _stream_chat(self, handle, work, lease, env, tok, include_usage, timer
                      ) -> AsyncIterator[str]:
@@ -257,16 +259,18 @@ class OpenAIService:
         chunk, one chunk per delta (``choice(delta)``), usage if asked, ``[DONE]``."""
         if first is not None:
             yield sse(env.body(choices=[first]))
-        num_generated = 0
+        num_generated = num_cached = 0
         async with aclosing(self._stream(handle, work, lease, timer)) as deltas:
             async for delta in deltas:
                 if isinstance(delta, APIError):
                     yield sse(delta.body())
                     break
                 num_generated += len(delta.token_ids)
+                num_cached = delta.num_cached_tokens
                 yield sse(env.body(choices=[choice(delta)]))
         if include_usage:
-            yield sse(env.body(choices=[], usage=usage(len(work.prompt_token_ids), num_generated)))
+            yield sse(env.body(choices=[], usage=usage(len(work.prompt_token_ids), num_generated,
+                                                       num_cached)))
         yield sse("[DONE]")
 
     @staticmethod

@@ -1,17 +1,26 @@
-"""The paged KV cache's bookkeeping: fixed-size blocks, a free list, per-sequence tables.
+"""The paged KV cache's bookkeeping: per-sequence block tables over a ref-counted pool
+(``worker.block_pool``), with prefix caching.
 
 A sequence's token ``p`` lives in cache slot ``table[p // block_size] * block_size +
 p % block_size``. Blocks are handed out on demand (``allocate`` for the tokens a step
-adds) and all returned at once (``free``, on finish, abort or preemption). No prefix
-sharing: every block has at most one owner, which ``check_invariants`` verifies.
+adds) and all released at once (``free``, on finish, abort or preemption). With prefix
+caching, a new sequence first takes the longest chain of cached full blocks that
+matches its prompt (``take_prefix``; those tokens are not computed again), and every
+full block it computes is registered under its chained hash (``register``), so the
+next request with the same prefix finds it. Shared blocks are only ever full ones: a
+sequence writes new tokens into blocks it alone owns. ``check_invariants`` verifies
+ref counts against the tables.
 """
 
 from __future__ import annotations
 
 import enum
+from collections.abc import Iterable
 from dataclasses import dataclass
 
 import numpy as np
+
+from worker.block_pool import BlockPool
 
 
 class AllocStatus(enum.Enum):
@@ -26,11 +35,13 @@ class BlockInvariantError(AssertionError):
 @dataclass(frozen=True)
 class BlockStats:
     num_blocks: int
-    num_free_blocks: int
+    num_free_blocks: int  # evictable cached blocks included
     num_used_blocks: int
     num_seqs: int  # sequences holding a table (possibly empty)
     num_tokens: int  # token slots reserved over all sequences
     block_size: int
+    num_cached_blocks: int = 0  # blocks holding a hashed (reusable) prefix
+    num_evictions: int = 0  # cached blocks handed out for other content so far
 
     @property
     def usage(self) -> float:
@@ -38,21 +49,21 @@ class BlockStats:
 
 
 class BlockManager:
-    """``num_blocks`` blocks of ``block_size`` token slots, owned by sequence ids."""
+    """``num_blocks`` blocks of ``block_size`` token slots, owned by sequence ids.
+    ``order``: the order free blocks are first handed out (tests scatter them)."""
 
-    def __init__(self, num_blocks: int, block_size: int):
+    def __init__(self, num_blocks: int, block_size: int, *, order: Iterable[int] | None = None):
         if num_blocks < 1 or block_size < 1:
             raise ValueError(f"num_blocks ({num_blocks}) and block_size ({block_size}) "
                              "must be >= 1")
         self.num_blocks, self.block_size = num_blocks, block_size
-        # A stack: the block freed last is reused first (still warm in the device caches).
-        self._free: list[int] = list(range(num_blocks - 1, -1, -1))
+        self.pool = BlockPool(num_blocks, order)
         self._tables: dict[int, list[int]] = {}
         self._num_tokens: dict[int, int] = {}
 
     @property
     def num_free_blocks(self) -> int:
-        return len(self._free)
+        return self.pool.num_free
 
     def has(self, seq_id: int) -> bool:
         return seq_id in self._tables
@@ -70,19 +81,18 @@ class BlockManager:
         return max(0, -(-(self.num_tokens(seq_id) + num_new_tokens) // self.block_size) - have)
 
     def can_allocate(self, seq_id: int, num_new_tokens: int) -> bool:
-        return self.num_blocks_needed(seq_id, num_new_tokens) <= len(self._free)
+        return self.num_blocks_needed(seq_id, num_new_tokens) <= self.pool.num_free
 
     def allocate(self, seq_id: int, num_new_tokens: int) -> AllocStatus:
         """Reserve slots for ``num_new_tokens`` more tokens: all the blocks needed or none."""
         if num_new_tokens < 0:
             raise ValueError(f"num_new_tokens must be >= 0, got {num_new_tokens}")
         need = self.num_blocks_needed(seq_id, num_new_tokens)
-        if need > len(self._free):
+        if need > self.pool.num_free:
             return AllocStatus.OUT_OF_BLOCKS
         table = self._tables.setdefault(seq_id, [])
         if need:
-            table.extend(self._free[-need:][::-1])
-            del self._free[-need:]
+            table.extend(self.pool.take_free(need))
         self._num_tokens[seq_id] = self.num_tokens(seq_id) + num_new_tokens
         return AllocStatus.OK
 
@@ -94,15 +104,40 @@ class BlockManager:
         if n is None:
             return self.allocate(seq_id, 1) is AllocStatus.OK
         if n % self.block_size == 0:
-            if not self._free:
+            if not self.pool.num_free:
                 return False
-            self._tables[seq_id].append(self._free.pop())
+            self._tables[seq_id].extend(self.pool.take_free(1))
         self._num_tokens[seq_id] = n + 1
         return True
 
+    def take_prefix(self, seq_id: int, hashes: list[bytes]) -> int:
+        """Give ``seq_id`` (which holds no table yet) the longest chain of cached blocks
+        matching ``hashes`` (its full blocks' chained hashes, the ones it may skip);
+        returns the number of blocks taken (their tokens count as computed)."""
+        if self._tables.get(seq_id):
+            raise ValueError(f"sequence {seq_id} already holds blocks")
+        cached, blocks = self.pool.cached, []
+        for h in hashes:  # per matching block, at admission
+            block = cached.get(h)
+            if block is None:
+                break
+            blocks.append(block)
+        for block in blocks:
+            self.pool.share(block)
+        self._tables[seq_id] = blocks
+        self._num_tokens[seq_id] = len(blocks) * self.block_size
+        return len(blocks)
+
+    def register(self, seq_id: int, first: int, hashes: list[bytes], stop: int) -> None:
+        """Cache ``seq_id``'s full, computed blocks ``first .. stop - 1`` under
+        ``hashes[first:stop]`` (``hashes`` is the chain from its first block)."""
+        table = self._tables[seq_id]
+        for i in range(first, stop):  # per newly full block, once each
+            self.pool.register(table[i], hashes[i])
+
     def trim(self, seq_id: int, num_tokens: int) -> None:
-        """Keep slots for ``seq_id``'s first ``num_tokens`` tokens only; return the blocks
-        past them (undoes the reservations of a step that did not run)."""
+        """Keep slots for ``seq_id``'s first ``num_tokens`` tokens only; release the
+        blocks past them (undoes the reservations of a step that did not run)."""
         if not 0 <= num_tokens <= self.num_tokens(seq_id):
             raise ValueError(f"cannot trim sequence {seq_id} to {num_tokens} tokens: it "
                              f"holds {self.num_tokens(seq_id)}")
@@ -110,17 +145,17 @@ class BlockManager:
             return
         table = self._tables[seq_id]
         keep = -(-num_tokens // self.block_size)
-        self._free.extend(reversed(table[keep:]))
+        self.pool.release(table[keep:])
         del table[keep:]
         self._num_tokens[seq_id] = num_tokens
 
     def free(self, seq_id: int) -> int:
-        """Return every block of ``seq_id`` to the free list; the number returned."""
+        """Release every block of ``seq_id``; the number it held."""
         table = self._tables.pop(seq_id, None)
         self._num_tokens.pop(seq_id, None)
         if not table:
             return 0
-        self._free.extend(reversed(table))
+        self.pool.release(table)
         return len(table)
 
     def slot_mapping(self, seq_id: int, start: int, count: int) -> np.ndarray:
@@ -133,24 +168,31 @@ class BlockManager:
         return table[pos // self.block_size] * self.block_size + pos % self.block_size
 
     def stats(self) -> BlockStats:
-        used = self.num_blocks - len(self._free)
-        return BlockStats(self.num_blocks, len(self._free), used, len(self._tables),
-                          sum(self._num_tokens.values()), self.block_size)
+        free = self.pool.num_free
+        return BlockStats(self.num_blocks, free, self.num_blocks - free, len(self._tables),
+                          sum(self._num_tokens.values()), self.block_size,
+                          self.pool.num_cached, self.pool.num_evictions)
 
     def check_invariants(self) -> None:
-        """Raise ``BlockInvariantError`` unless every block is free xor owned exactly once,
-        and every table holds exactly the blocks its reserved tokens need."""
-        seen = np.zeros(self.num_blocks, np.int64)
-        free = np.asarray(self._free, np.int64)
-        owned = [b for table in self._tables.values() for b in table]
-        for ids in (free, np.asarray(owned, np.int64)):
-            if ids.size and (ids.min() < 0 or ids.max() >= self.num_blocks):
-                raise BlockInvariantError(f"block id out of range [0, {self.num_blocks})")
-            np.add.at(seen, ids, 1)
-        if (seen > 1).any():
-            raise BlockInvariantError(f"blocks held twice: {np.flatnonzero(seen > 1).tolist()}")
-        if (seen == 0).any():
-            raise BlockInvariantError(f"leaked blocks: {np.flatnonzero(seen == 0).tolist()}")
+        """Raise ``BlockInvariantError`` unless every block's ref count equals the tables
+        holding it, free blocks are exactly those with none, the cache map agrees with
+        the blocks' hashes, and every table holds exactly the blocks its tokens need."""
+        owners = [0] * self.num_blocks
+        for table in self._tables.values():
+            for block in table:
+                if not 0 <= block < self.num_blocks:
+                    raise BlockInvariantError(f"block id {block} out of range "
+                                              f"[0, {self.num_blocks})")
+                owners[block] += 1
+        for block in self.pool.free:
+            if not 0 <= block < self.num_blocks:
+                raise BlockInvariantError(f"free block id {block} out of range")
+        for table in self._tables.values():
+            if len(set(table)) != len(table):
+                raise BlockInvariantError(f"a table holds a block twice: {table}")
+        problems = self.pool.check(owners)
+        if problems:
+            raise BlockInvariantError("; ".join(problems[:5]))
         for seq_id, table in self._tables.items():
             want = -(-self._num_tokens.get(seq_id, 0) // self.block_size)
             if len(table) != want:

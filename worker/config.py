@@ -55,6 +55,8 @@ class EngineConfig:
     #   gather on CUDA (the first that runs and passes its self-check), reference on CPU
     cuda_graphs: bool = True  # decode-only steps replay CUDA graphs (CUDA only; False =
     #   every step eager, vLLM's enforce_eager)
+    enable_prefix_caching: bool = True  # reuse the KV of full blocks seen before (vLLM's
+    #   automatic prefix caching, on by default as there)
 
     def __post_init__(self) -> None:
         if not isinstance(self.model, str) or not self.model:
@@ -83,8 +85,9 @@ class EngineConfig:
         check_int("max_prefill_chunk", self.max_prefill_chunk, 0)
         check_choice("paged_attention_backend", self.paged_attention_backend,
                      PAGED_ATTENTION_BACKENDS)
-        if not isinstance(self.cuda_graphs, bool):
-            raise ConfigError("cuda_graphs", f"must be a bool, got {self.cuda_graphs!r}")
+        for name in ("cuda_graphs", "enable_prefix_caching"):
+            if not isinstance(getattr(self, name), bool):
+                raise ConfigError(name, f"must be a bool, got {getattr(self, name)!r}")
         if self.kv_block_size is not None and self.kv_block_size % 16 and \
                 self.paged_attention_backend == "triton":
             raise ConfigError("kv_block_size", "must be a multiple of 16 for the triton "

@@ -57,6 +57,9 @@ class EngineStats:
     token_budget: int = 0  # current budget per bin
     num_generated_tokens: int = 0
     gen_token_budget: int = 0  # current generation step budget (0 until generation starts)
+    prefix_cache_queries: int = 0  # prompt tokens of admitted generation requests
+    prefix_cache_hits: int = 0  # of those, tokens whose KV came from the prefix cache
+    prefix_cache_evictions: int = 0  # cached KV blocks handed out for other tokens
 
 
 class Engine(GenerateAPI, ObserveAPI):

@@ -140,6 +140,9 @@ class GenerateAPI:
         s.num_steps += 1
         s.num_tokens += out.num_tokens
         s.num_generated_tokens += len(result[0])
+        s.prefix_cache_queries += out.num_prefix_queries
+        s.prefix_cache_hits += out.num_prefix_hits
+        s.prefix_cache_evictions = gen.blocks.pool.num_evictions
         s.num_requests_finished += len(finished)
         s.gen_token_budget = gen.scheduler.max_num_batched_tokens  # may have regrown
         if self._obs is not None:

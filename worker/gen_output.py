@@ -32,6 +32,7 @@ class GenerationOutput:
     logprobs: list[TokenLogprobs] | None  # [num generated]; None unless asked for
     finish_reason: FinishReason
     num_preemptions: int = 0
+    num_cached_tokens: int = 0  # prompt tokens whose KV came from the prefix cache
 
 
 @dataclass(frozen=True)
@@ -43,6 +44,7 @@ class GenerationDelta:
     text: str  # new text ("" without a tokenizer)
     logprobs: list[TokenLogprobs] | None  # [len(token_ids)]; None unless asked for
     finish_reason: FinishReason | None  # set on the last delta only
+    num_cached_tokens: int = 0  # prompt tokens found in the prefix cache (once admitted)
 
 
 class OutputProcessor:
@@ -93,7 +95,7 @@ class OutputProcessor:
             seq.seq_id, seq.token_ids[: seq.prompt_len], seq.output_ids,
             seq.text if self.tokenizer is not None else None,
             list(seq.logprobs) if seq.params.logprobs is not None else None,
-            seq.finish_reason, seq.num_preemptions)
+            seq.finish_reason, seq.num_preemptions, seq.num_cached_tokens or 0)
 
 
 class DeltaTracker:
@@ -115,7 +117,8 @@ class DeltaTracker:
         self.num_sent_tokens += len(new_ids)
         self.sent_text = text
         return GenerationDelta(seq.seq_id, new_ids, new_text, logprobs,
-                               seq.finish_reason if seq.finished else None)
+                               seq.finish_reason if seq.finished else None,
+                               seq.num_cached_tokens or 0)
 
 
 def _settled(text: str, stops: tuple[str, ...]) -> str:

@@ -8,6 +8,10 @@ come, first served within each group, so no request starves):
 2. running sequences still prefilling get their next chunk;
 3. waiting sequences are admitted from the head of the queue while the budget,
    ``max_num_seqs`` and the free KV blocks allow; admission never skips the head.
+   With prefix caching, an admitted sequence first takes the longest chain of cached
+   full blocks matching its tokens (never its last token: that one must be computed to
+   sample), and only the rest is prefilled. After each step, the full blocks a sequence
+   computed are registered under their chained hashes.
 
 A chunk is at most ``max_prefill_chunk`` tokens (0 = no cap besides the budget).
 Several prompts share a step, and a step is one packed forward, so filling the budget
@@ -35,6 +39,7 @@ from collections import deque
 from dataclasses import dataclass, field
 
 from worker.block_manager import AllocStatus, BlockInvariantError, BlockManager
+from worker.block_pool import chain_hashes, root_hash
 from worker.budget import shrunk_budget
 from worker.sequence import FinishReason, SeqStatus, Sequence
 
@@ -59,6 +64,8 @@ class GenSchedulerOutput:
     num_decodes: int
     preempted: list[Sequence] = field(default_factory=list)  # sent back to waiting
     stop: StopReason = StopReason.NOTHING_WAITING
+    num_prefix_queries: int = 0  # tokens of the sequences admitted this step
+    num_prefix_hits: int = 0  # of those, tokens found in the prefix cache
 
     @property
     def num_tokens(self) -> int:
@@ -74,7 +81,8 @@ class GenScheduler:
     regrow_after_steps = 256
 
     def __init__(self, blocks: BlockManager, *, max_num_batched_tokens: int,
-                 max_num_seqs: int, max_prefill_chunk: int = 0):
+                 max_num_seqs: int, max_prefill_chunk: int = 0,
+                 enable_prefix_caching: bool = False, cache_salt: str = ""):
         if not 1 <= max_num_seqs <= max_num_batched_tokens:
             raise ValueError(f"max_num_seqs ({max_num_seqs}) must be in [1, "
                              f"max_num_batched_tokens ({max_num_batched_tokens})]: every "
@@ -87,6 +95,10 @@ class GenScheduler:
         self.waiting: deque[Sequence] = deque()  # arrival order
         self.running: list[Sequence] = []  # arrival order; every one holds blocks
         self._arrivals = itertools.count()
+        self.prefix_caching = enable_prefix_caching
+        self._root_hash = root_hash(cache_salt)  # a first block's parent: the model's id
+        self.num_prefix_queries = 0  # tokens of admitted sequences, since start
+        self.num_prefix_hits = 0  # of those, tokens taken from the prefix cache
 
     @property
     def num_unfinished(self) -> int:
@@ -112,7 +124,8 @@ class GenScheduler:
         stop = self._continue_prefills(step)
         if stop is None:
             stop = self._admit(step)
-        return GenSchedulerOutput(step.seqs, step.counts, num_decodes, step.preempted, stop)
+        return GenSchedulerOutput(step.seqs, step.counts, num_decodes, step.preempted, stop,
+                                  step.num_queried, step.num_hit)
 
     def finish(self, seq: Sequence, reason: FinishReason) -> None:
         """Finish ``seq`` (running or waiting) and free its blocks now. Idempotent."""
@@ -126,10 +139,18 @@ class GenScheduler:
         seq.status, seq.finish_reason = SeqStatus.FINISHED, reason
 
     def advance(self, out: GenSchedulerOutput) -> None:
-        """After the step ran: the scheduled tokens' K/V are now in the cache."""
+        """After the step ran: the scheduled tokens' K/V are now in the cache, and the
+        blocks they filled are registered in the prefix cache."""
+        bs = self.blocks.block_size
         for seq, n in zip(out.seqs, out.num_new_tokens):  # per scheduled sequence
-            if seq.status is SeqStatus.RUNNING:
-                seq.num_computed += n
+            if seq.status is not SeqStatus.RUNNING:
+                continue
+            seq.num_computed += n
+            full = seq.num_computed // bs
+            if self.prefix_caching and full > seq.num_registered:  # once per block
+                self.blocks.register(seq.seq_id, seq.num_registered, self._hashes(seq, full),
+                                     full)
+                seq.num_registered = full
         self._maybe_regrow()
 
     def _maybe_regrow(self) -> None:
@@ -212,16 +233,46 @@ class GenScheduler:
                 return StopReason.OUT_OF_BLOCKS
             if len(self.running) >= min(self.max_num_seqs, self.max_num_batched_tokens):
                 return StopReason.MAX_NUM_SEQS  # the budget caps it after an OOM shrink
-            n = self._chunk(seq, step.budget)
-            if n == 0:
+            if step.budget == 0:
                 return StopReason.TOKEN_BUDGET
+            hit = self._take_prefix(seq)
+            n = self._chunk(seq, step.budget)
             if self.blocks.allocate(seq.seq_id, n) is AllocStatus.OUT_OF_BLOCKS:
+                self.blocks.free(seq.seq_id)  # the prefix goes back to the cache
+                seq.num_computed = seq.num_registered = 0
                 return StopReason.OUT_OF_BLOCKS
             self.waiting.popleft()
             seq.status = SeqStatus.RUNNING
             bisect.insort(self.running, seq, key=_by_arrival)
             step.add(seq, n)
+            if seq.num_cached_tokens is None:  # the first admission's, as vLLM reports it
+                seq.num_cached_tokens = hit
+            if self.prefix_caching:
+                step.num_queried += seq.num_tokens
+                step.num_hit += hit
+                self.num_prefix_queries += seq.num_tokens
+                self.num_prefix_hits += hit
         return StopReason.NOTHING_WAITING
+
+    def _take_prefix(self, seq: Sequence) -> int:
+        """Tokens of ``seq`` found in the prefix cache (it takes their blocks), at most
+        all its full blocks but the one holding its last token."""
+        if not self.prefix_caching:
+            return 0
+        max_blocks = (seq.num_tokens - 1) // self.blocks.block_size
+        taken = self.blocks.take_prefix(seq.seq_id, self._hashes(seq, max_blocks)[:max_blocks])
+        seq.num_registered = taken
+        seq.num_computed = taken * self.blocks.block_size
+        return seq.num_computed
+
+    def _hashes(self, seq: Sequence, num_blocks: int) -> list[bytes]:
+        """``seq``'s chained block hashes, extended to at least ``num_blocks`` full blocks."""
+        have = len(seq.block_hashes)
+        if have < num_blocks:
+            parent = seq.block_hashes[-1] if have else self._root_hash
+            seq.block_hashes += chain_hashes(seq.token_ids, self.blocks.block_size, parent,
+                                             have, num_blocks)
+        return seq.block_hashes
 
     def _chunk(self, seq: Sequence, budget: int) -> int:
         n = min(seq.num_uncomputed, budget)
@@ -245,8 +296,8 @@ class GenScheduler:
 
     def _preempt(self, seq: Sequence) -> None:
         self.running.remove(seq)
-        self.blocks.free(seq.seq_id)
-        seq.num_computed, seq.status = 0, SeqStatus.WAITING
+        self.blocks.free(seq.seq_id)  # full blocks stay cached: recompute may hit them
+        seq.num_computed, seq.num_registered, seq.status = 0, 0, SeqStatus.WAITING
         seq.num_preemptions += 1
         i = 0
         while i < len(self.waiting) and self.waiting[i].arrival < seq.arrival:
@@ -267,6 +318,8 @@ class _Step:
         self.counts: list[int] = []
         self.scheduled: set[Sequence] = set()  # Sequence hashes by identity
         self.preempted: list[Sequence] = []
+        self.num_queried = 0  # prefix cache: tokens of the sequences admitted
+        self.num_hit = 0  # of those, tokens found cached
 
     def add(self, seq: Sequence, n: int) -> None:
         self.seqs.append(seq)

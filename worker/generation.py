@@ -60,6 +60,7 @@ class GenerationSettings:
     num_kv_blocks: int | None = None  # None: from the probe (CUDA) or a byte cap (CPU)
     paged_attention_backend: str = "auto"  # see worker.paged_attention
     cuda_graphs: bool = True  # decode-only steps replay CUDA graphs (CUDA, triton only)
+    enable_prefix_caching: bool = True  # reuse cached full blocks (see worker.block_pool)
 
     def __post_init__(self) -> None:
         for name, low in (("max_num_batched_tokens", 1), ("max_num_running_seqs", 1),
@@ -94,7 +95,8 @@ class GenerationSettings:
             block = PAGED_KERNEL_BLOCK_MULTIPLE if flash else 16
         check_paged_backend(config.paged_attention_backend, device_type, dtype, block)
         return cls(step, config.max_num_running_seqs, config.max_prefill_chunk, block,
-                   config.num_kv_blocks, config.paged_attention_backend, config.cuda_graphs)
+                   config.num_kv_blocks, config.paged_attention_backend, config.cuda_graphs,
+                   config.enable_prefix_caching)
 
 
 def eos_token_ids(model) -> frozenset[int]:
@@ -156,7 +158,9 @@ class Generation:
         self.scheduler = GenScheduler(self.blocks,
                                       max_num_batched_tokens=settings.max_num_batched_tokens,
                                       max_num_seqs=settings.max_num_running_seqs,
-                                      max_prefill_chunk=settings.max_prefill_chunk)
+                                      max_prefill_chunk=settings.max_prefill_chunk,
+                                      enable_prefix_caching=settings.enable_prefix_caching,
+                                      cache_salt=f"{model.config._name_or_path}|{dtype}")
         self.runner = GenRunner(model, self.cache, self.blocks, device, backend=self.backend,
                                 max_num_batched_tokens=settings.max_num_batched_tokens,
                                 max_num_seqs=settings.max_num_running_seqs,

@@ -73,6 +73,8 @@ class StepRecord:
     num_preemptions: int  # sequences preempted (recompute) this step
     num_waiting: int  # requests queued in the engine after the step, not yet running
     queue_wait_seconds: tuple[float, ...]  # [requests first scheduled this step]
+    num_prefix_queries: int = 0  # generation: tokens of the sequences admitted this step
+    num_prefix_hits: int = 0  # of those, tokens taken from the prefix cache
 
     @property
     def num_bins(self) -> int:
@@ -234,7 +236,8 @@ class StepObservers:
             StepKind.GENERATE, bins, tuple(max(self._gen_capacity, t) for t in bins), padded,
             seconds, 0, 0.0, 0, None, budget, *_kv(gen),
             gen.num_preemptions - self._preempt_base, num_waiting,
-            self._waits(out.seqs[out.num_decodes:]))  # decodes were scheduled before
+            self._waits(out.seqs[out.num_decodes:]),  # decodes were scheduled before
+            out.num_prefix_queries, out.num_prefix_hits)
         self._emit(record)
 
     def generation_oom(self, gen, num_waiting: int) -> None:

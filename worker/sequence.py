@@ -63,6 +63,9 @@ class Sequence:
     logprobs: list[TokenLogprobs] = field(default_factory=list)  # one per generated token
     text: str = ""  # detokenized output so far ("" without a tokenizer)
     num_preemptions: int = 0
+    block_hashes: list[bytes] = field(default_factory=list)  # chained, of full blocks so far
+    num_registered: int = 0  # leading blocks known to the prefix cache (taken or registered)
+    num_cached_tokens: int | None = None  # prompt tokens found cached at first admission
     error: BaseException | None = None  # set when the engine died under the request
     on_update: Callable[[Sequence], None] | None = None
     on_finish: Callable[[Sequence], None] | None = None

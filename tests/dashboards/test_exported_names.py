@@ -27,7 +27,7 @@ def _recorder_actor():
             self.replica = ReplicaMetrics("tiny", "r1")
             self.ingress, self.admission = IngressMetrics(), AdmissionMetrics()
             self.step = StepRecord(StepKind.FORWARD, (60, 30), (64, 64), 120, (0.01, 0.02),
-                                   1600, 0.001, 1, 48, 48, 40, 30, 10, 2, 3, (0.5,))
+                                   1600, 0.001, 1, 48, 48, 40, 30, 10, 2, 3, (0.5,), 96, 32)
 
         def record(self) -> None:
             self.replica.observe_step(self.step)

@@ -110,7 +110,8 @@ def test_replica_metrics_record_a_step(fakes):
     assert values(fakes["packserve_h2d_bytes"]) == [1600]
     assert values(fakes["packserve_engine_waiting_requests"]) == [3]
     for name in ("packserve_h2d_seconds", "packserve_oom_events", "packserve_budget_shrinks",
-                 "packserve_preemptions"):
+                 "packserve_preemptions", "packserve_prefix_cache_queries",
+                 "packserve_prefix_cache_hits"):
         assert fakes[name].calls == [], name  # nothing happened: no zero increments
 
     replica.observe_step(OOM_STEP)
@@ -122,6 +123,11 @@ def test_replica_metrics_record_a_step(fakes):
     assert values(fakes["packserve_kv_blocks_used"])[-1] == 30
     assert values(fakes["packserve_kv_blocks_free"])[-1] == 10
     assert values(fakes["packserve_bins_per_step"]) == [2]  # a step with no bin is not one
+
+    replica.observe_step(record(kind=StepKind.GENERATE, num_prefix_queries=200,
+                                num_prefix_hits=96))
+    assert values(fakes["packserve_prefix_cache_queries"]) == [200]
+    assert values(fakes["packserve_prefix_cache_hits"]) == [96]
 
     replica.set_budget(4096, 1000)
     assert values(fakes["packserve_token_budget"]) == [4096]

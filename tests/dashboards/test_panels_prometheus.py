@@ -110,6 +110,7 @@ RULES = {
     (27, "A"): positive,  # H2D bytes/s staged
     (27, "B"): empty_on_cpu,  # H2D bandwidth while copying
     (28, "A"): finite, (28, "B"): finite,  # preemptions/s, waiting requests
+    (39, "A"): lambda s: finite(s, 0.0, 1.0), (39, "B"): positive,  # prefix cache
     (30, "A"): finite, (30, "B"): positive,  # reserved, capacity tokens
     (31, "A"): lambda s: finite(s, 0.0, 1.0),  # pool utilization
     (32, "A"): labelled("model", GEN, EMBED),  # admissions/s

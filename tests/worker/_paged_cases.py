@@ -75,8 +75,7 @@ def run_chunked(seqs, rng, window, scale, *, block_size, num_blocks=64, backend=
     q0, k0 = seqs[0][0], seqs[0][1]
     spec = KVCacheSpec(1, k0.shape[1], k0.shape[2], k0.dtype, block_size)
     cache = KVCache(spec, num_blocks, q0.device)
-    bm = BlockManager(num_blocks, block_size)
-    bm._free = [int(b) for b in rng.permutation(num_blocks)]  # scattered block tables
+    bm = BlockManager(num_blocks, block_size, order=rng.permutation(num_blocks))  # scattered
     done, outs = [0] * len(seqs), [torch.zeros_like(s[0]) for s in seqs]
     module = SimpleNamespace(layer_idx=0, is_causal=True)
     while any(d < len(s[0]) for d, s in zip(done, seqs)):

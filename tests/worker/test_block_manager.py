@@ -86,10 +86,13 @@ def test_freed_blocks_are_reused_first():
 
 
 @pytest.mark.parametrize("corrupt, message", [
-    (lambda bm: bm._free.pop(), "leaked"),
-    (lambda bm: bm._free.append(bm.block_table(1)[0]), "held twice"),
-    (lambda bm: bm._tables[1].append(bm._free.pop()), "holds 2 blocks"),
-    (lambda bm: bm._free.append(99), "out of range"),
+    (lambda bm: bm.pool.free.popitem(), "ref 0 is not free"),  # leaked
+    (lambda bm: bm.pool.free.__setitem__(bm.block_table(1)[0], None), "ref 1 is free"),
+    (lambda bm: bm._tables[1].append(bm.pool.free.popitem()[0]), "has ref 0 but 1 owners"),
+    (lambda bm: bm.pool.free.__setitem__(99, None), "out of range"),
+    (lambda bm: bm.pool.ref.__setitem__(bm.block_table(1)[0], 2), "has ref 2 but 1 owners"),
+    (lambda bm: bm.pool.cached.__setitem__(b"x" * 16, 0), "does not carry its hash"),
+    (lambda bm: bm._tables[1].append(bm.block_table(1)[0]), "holds a block twice"),
 ])
 def test_the_invariant_check_catches_corruption(corrupt, message):
     bm = BlockManager(6, 4)

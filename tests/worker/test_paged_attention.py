@@ -38,8 +38,7 @@ def test_bottom_right_mask():
 
 
 def test_context_slots_cover_each_context_in_order():
-    bm = BlockManager(16, BLOCK)
-    bm._free = list(np.random.default_rng(3).permutation(16))
+    bm = BlockManager(16, BLOCK, order=np.random.default_rng(3).permutation(16))
     for seq, n in [(0, 7), (1, 1), (2, 12)]:
         bm.allocate(seq, n)
     meta = pa.build_metadata([bm.block_table(s) for s in range(3)], [5, 0, 4], [2, 1, 8],
