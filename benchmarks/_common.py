@@ -5,6 +5,7 @@ Model shapes are random-weight checkpoints built from a config (no download):
 | shape        | family | hidden | layers | heads / kv | intermediate | vocab   | max pos |
 |--------------|--------|--------|--------|------------|--------------|---------|---------|
 | ``tiny``     | Llama  | 64     | 2      | 4 / 2      | 176          | 32,000  | 16,384  |
+| ``small``    | Llama  | 256    | 4      | 8 / 2      | 704          | 32,000  | 16,384  |
 | ``qwen2.5-7b``| Qwen2 | 3,584  | 28     | 28 / 4     | 18,944       | 152,064 | 32,768  |
 | ``qwen2.5-1.5b``| Qwen2 | 1,536 | 28     | 12 / 2     | 8,960        | 151,936 | 32,768  |
 
@@ -36,6 +37,11 @@ SHAPES = {
     "tiny": {
         "model_type": "llama", "hidden_size": 64, "intermediate_size": 176,
         "num_hidden_layers": 2, "num_attention_heads": 4, "num_key_value_heads": 2,
+        "vocab_size": 32000, "max_position_embeddings": 16384,
+    },
+    "small": {  # CPU benchmarks where prefill must cost something (multiturn.py)
+        "model_type": "llama", "hidden_size": 256, "intermediate_size": 704,
+        "num_hidden_layers": 4, "num_attention_heads": 8, "num_key_value_heads": 2,
         "vocab_size": 32000, "max_position_embeddings": 16384,
     },
     "qwen2.5-7b": {

@@ -16,7 +16,8 @@ from deployments.config import AppArgs, ModelArgs, RouterArgs
 from deployments.ingress import OpenAIIngress
 from deployments.replica import EngineReplica
 
-ROUTER_CLASS = "deployments.router:FreeBudgetRouter"
+ROUTER_CLASSES = {"free_budget": "deployments.router:FreeBudgetRouter",
+                  "prefix_aware": "deployments.router:PrefixAwareRouter"}
 HEALTH_CHECK_PERIOD_S = 5.0
 
 
@@ -37,9 +38,13 @@ def engine_deployment(m: ModelArgs, router: RouterArgs) -> serve.Deployment:
     if m.autoscaling is not None:
         del options["num_replicas"]
         options["autoscaling_config"] = serve_autoscaling_config(m.autoscaling)
-    if router.policy == "free_budget":
+    if router.policy in ROUTER_CLASSES:  # power_of_two: Serve's own
+        kwargs = {}
+        if router.policy == "prefix_aware":
+            kwargs = {"min_free_fraction": router.prefix_min_free_fraction,
+                      "ttl_s": router.prefix_ttl_s, "max_entries": router.prefix_max_entries}
         options["request_router_config"] = RequestRouterConfig(
-            request_router_class=ROUTER_CLASS,
+            request_router_class=ROUTER_CLASSES[router.policy], request_router_kwargs=kwargs,
             request_routing_stats_period_s=router.stats_period_s)
     return serve.deployment(EngineReplica).options(**options)
 

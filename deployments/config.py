@@ -127,8 +127,13 @@ class HTTPArgs(_Strict):
 class RouterArgs(_Strict):
     """How requests pick a replica of a model."""
 
-    policy: Literal["free_budget", "power_of_two"] = "free_budget"
+    policy: Literal["prefix_aware", "free_budget", "power_of_two"] = "prefix_aware"
     stats_period_s: float = Field(0.5, gt=0)  # record_routing_stats period
+    # prefix_aware: the replica with the longest recently routed prefix wins while its free
+    # tokens are at least this fraction of the most free replica's
+    prefix_min_free_fraction: float = Field(0.5, ge=0, le=1)
+    prefix_ttl_s: float = Field(600.0, gt=0)  # a routed prefix is forgotten after this
+    prefix_max_entries: int = Field(100_000, ge=1)  # prompt chunks remembered per replica
 
 
 class AppArgs(_Strict):

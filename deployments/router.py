@@ -1,5 +1,6 @@
-"""A Ray Serve request router that sends each request to the replica with the most free
-token capacity, instead of Serve's default power-of-two choice by request counts.
+"""Ray Serve request routers: by free token capacity (``FreeBudgetRouter``), and by
+prefix affinity within a free-budget bound (``PrefixAwareRouter``), instead of Serve's
+default power-of-two choice by request counts.
 
 Why tokens: a replica running four 4,000-token prompts is busier than one running forty
 20-token ones; request counts say the opposite. Each replica's ``record_routing_stats``
@@ -16,7 +17,7 @@ from __future__ import annotations
 
 import random
 import time
-from collections import defaultdict
+from collections import OrderedDict, defaultdict
 
 from ray.serve.request_router import (
     FIFOMixin,
@@ -102,3 +103,112 @@ class FreeBudgetRouter(FIFOMixin, RequestRouter):
             else:
                 use[rid] += tokens
         return use
+
+
+# ---- prefix affinity ------------------------------------------------------------------
+
+PREFIX_CHUNK = 16  # tokens per hashed unit of a prompt (the engines' default KV block)
+
+
+def prefix_chunks(token_ids, chunk: int = PREFIX_CHUNK) -> list[int]:
+    """Chained hashes of a prompt's full ``chunk``-token pieces: equal hashes at position
+    i mean equal first ``(i + 1) * chunk`` tokens (up to Python hash collisions, which
+    only cost a routing choice, never a wrong answer: engines check their own cache)."""
+    out, parent = [], 0
+    for i in range(len(token_ids) // chunk):  # per full chunk of the prompt
+        parent = hash((parent, tuple(token_ids[i * chunk: (i + 1) * chunk])))
+        out.append(parent)
+    return out
+
+
+class PrefixIndex:
+    """Per replica, the prompt chunks recently routed there: an LRU of chained hashes,
+    at most ``max_entries``, each forgotten ``ttl_s`` after it was last routed."""
+
+    def __init__(self, max_entries: int, ttl_s: float):
+        self.max_entries, self.ttl_s = max_entries, ttl_s
+        self._seen: OrderedDict[int, float] = OrderedDict()  # hash -> last routed
+
+    def __len__(self) -> int:
+        return len(self._seen)
+
+    def match(self, chunks: list[int], now: float) -> int:
+        """How many leading ``chunks`` were routed here within the TTL."""
+        n = 0
+        for h in chunks:  # per matching chunk
+            t = self._seen.get(h)
+            if t is None or now - t > self.ttl_s:
+                break
+            n += 1
+        return n
+
+    def add(self, chunks: list[int], now: float) -> None:
+        for h in chunks:  # per chunk of the routed prompt
+            self._seen[h] = now
+            self._seen.move_to_end(h)
+        while self._seen and (len(self._seen) > self.max_entries
+                              or now - next(iter(self._seen.values())) > self.ttl_s):
+            self._seen.popitem(last=False)
+
+
+class PrefixAwareRouter(FreeBudgetRouter):
+    """The replica whose engine most likely holds the request's prefix, unless it is too
+    busy: among replicas with the longest matching prefix (ties: most free tokens), the
+    first is chosen when its free tokens are at least ``min_free_fraction`` of the most
+    free replica's; otherwise, or with no match, by free tokens (``FreeBudgetRouter``).
+    A hot prefix therefore stays on one replica until that replica fills up, then
+    spreads to the next one, whose index learns it too."""
+
+    def initialize_state(self, min_free_fraction: float = 0.5, ttl_s: float = 600.0,
+                         max_entries: int = 100_000, **kwargs) -> None:
+        super().initialize_state(**kwargs)
+        self.min_free_fraction = min_free_fraction
+        self._indexes: dict[ReplicaID, PrefixIndex] = defaultdict(
+            lambda: PrefixIndex(max_entries, ttl_s))
+
+    async def choose_replicas(self, candidate_replicas: list[RunningReplica],
+                              pending_request: PendingRequest | None = None
+                              ) -> list[list[RunningReplica]]:
+        ranked = await super().choose_replicas(candidate_replicas, pending_request)
+        chunks = self._request_chunks(pending_request)
+        if not ranked or not chunks:
+            return ranked
+        now, charged = time.monotonic(), self._tentative_use()
+        by_free = [r[0] for r in ranked]
+
+        def free(replica: RunningReplica) -> int:
+            rid = replica.replica_id
+            return free_tokens(replica.routing_stats or {},
+                               self._local_used[rid] + charged.get(rid, 0))
+
+        matches = {r.replica_id: self._indexes[r.replica_id].match(chunks, now) for r in by_free}
+        best = max(by_free, key=lambda r: (matches[r.replica_id], free(r)))
+        top_free = max(0, free(by_free[0]))
+        if matches[best.replica_id] and free(best) >= self.min_free_fraction * top_free:
+            by_free.remove(best)
+            by_free.insert(0, best)
+            if pending_request is not None:  # the tentative charge follows the choice
+                request_id = pending_request.metadata.internal_request_id
+                _, tokens, t = self._tentative[request_id]
+                self._tentative[request_id] = (best.replica_id, tokens, t)
+        self._indexes[by_free[0].replica_id].add(chunks, now)
+        return [[replica] for replica in by_free]
+
+    def on_request_routed(self, pending_request: PendingRequest, replica_id: ReplicaID,
+                          result) -> None:
+        super().on_request_routed(pending_request, replica_id, result)
+        chunks = self._request_chunks(pending_request)
+        if chunks:  # where it really went (Serve may have tried the next choice)
+            self._indexes[replica_id].add(chunks, time.monotonic())
+
+    def on_replica_actor_died(self, replica_id: ReplicaID) -> None:
+        super().on_replica_actor_died(replica_id)
+        self._indexes.pop(replica_id, None)
+
+    @staticmethod
+    def _request_chunks(pending: PendingRequest | None) -> list[int]:
+        """The prompt's chunk hashes (none for embeddings and scoring)."""
+        if pending is None or not pending.args:
+            return []
+        ids = getattr(pending.args[0], "prompt_token_ids", None)
+        return prefix_chunks(ids) if ids else []

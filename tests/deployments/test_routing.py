@@ -1,5 +1,8 @@
-"""Token-aware routing: the router ranks replicas by free token capacity, and with four
-replicas on four (fake) GPUs the load spreads over all of them."""
+"""Token-aware routing: the free-budget router ranks replicas by free token capacity; the
+prefix-aware router (the default) keeps a prompt prefix on the replica that last served
+it while that replica's free budget allows. With four replicas on four (fake) GPUs:
+distinct prompts spread over all of them, a conversation's turns stay on one and hit its
+prefix cache, a flood of one prefix spreads once its replica fills up."""
 
 from __future__ import annotations
 
@@ -8,8 +11,16 @@ import time
 from types import SimpleNamespace
 
 import httpx
+import numpy as np
+import pytest
 
-from deployments.router import FreeBudgetRouter, free_tokens
+from deployments.router import (
+    FreeBudgetRouter,
+    PrefixAwareRouter,
+    PrefixIndex,
+    free_tokens,
+    prefix_chunks,
+)
 from tests.deployments.conftest import admission, running_app
 
 GEN = "packserve-smoke"
@@ -45,31 +56,135 @@ def test_router_prefers_the_most_free_tokens_and_counts_what_it_sent():
     assert free_tokens({}, 0) == 0
 
 
-def test_four_replicas_on_four_gpus_share_the_load(serve_url):
+ARGS4 = {"models": [{"name": GEN, "model": "smoke:decoder", "num_replicas": 4, "num_gpus": 1,
+                     "engine": {"device": "cpu", "num_kv_blocks": 64,
+                                "max_num_batched_tokens": 512, "max_model_len": 256}}],
+         "router": {"stats_period_s": 0.2}}  # prefix_aware, the default
+
+
+@pytest.fixture(scope="module")
+def four(serve_url):
+    """Four replicas of the smoke decoder on four (fake) GPUs, 1,024 KV tokens each."""
     import ray
 
-    args = {"models": [{"name": GEN, "model": "smoke:decoder", "num_replicas": 4,
-                        "num_gpus": 1, "engine": {"device": "cpu", "num_kv_blocks": 64,
-                                                  "max_num_batched_tokens": 512,
-                                                  "max_model_len": 256}}],
-            "router": {"stats_period_s": 0.2}}
-    with running_app(args):
+    with running_app(ARGS4):
         assert ray.available_resources().get("GPU", 0) == 0  # each replica holds one GPU
         deadline = time.monotonic() + 60
         while admission(serve_url)[GEN]["num_replicas"] < 4:
             assert time.monotonic() < deadline
             time.sleep(0.5)
+        yield serve_url
 
-        def ask(i):
-            body = {"model": GEN, "prompt": f"spread {i}", "max_tokens": 60, "temperature": 0,
-                    "ignore_eos": True}
-            return httpx.post(f"{serve_url}/v1/completions", json=body, timeout=180)
 
-        with cf.ThreadPoolExecutor(32) as pool:
-            statuses = [r.status_code for r in pool.map(ask, range(32))]
-        assert statuses == [200] * 32
-        time.sleep(1.5)  # one more report from every replica
-        replicas = admission(serve_url)[GEN]["replicas"]
-        served = sorted(r["num_served"] for r in replicas.values())
-        assert len(served) == 4 and sum(served) == 32, replicas
-        assert min(served) >= 4, served  # every replica got a fair share, none starved
+def _served(url) -> dict[str, int]:
+    time.sleep(1.0)  # one more report from every replica (stats_period 0.2 s, heartbeat 1 s)
+    return {r: s["num_served"] for r, s in admission(url)[GEN]["replicas"].items()}
+
+
+def _complete(url, prompt, max_tokens=4, **kw):
+    body = {"model": GEN, "prompt": prompt, "max_tokens": max_tokens, "temperature": 0,
+            "ignore_eos": True, **kw}
+    return httpx.post(f"{url}/v1/completions", json=body, timeout=180)
+
+
+def _pending(request_id, prompt=None, tokens=10):
+    work = SimpleNamespace(num_tokens=tokens, prompt_token_ids=prompt)
+    return SimpleNamespace(args=[work], metadata=SimpleNamespace(internal_request_id=request_id))
+
+
+def test_prefix_aware_router_prefers_the_prefix_within_the_free_bound():
+    import asyncio
+
+    router = PrefixAwareRouter.__new__(PrefixAwareRouter)
+    router.initialize_state(min_free_fraction=0.5, ttl_s=60.0, max_entries=1000)
+    reps = [replica("a", 1000, 0), replica("b", 1000, 300), replica("c", 1000, 600)]
+    prompt = list(range(100))  # 6 chunks of 16
+    rank = lambda rid, p=prompt: [r[0].replica_id for r in asyncio.run(  # noqa: E731
+        router.choose_replicas(reps, _pending(rid, p)))]
+    assert rank("r1")[0] == "a"  # no match anywhere: most free
+    router.on_request_completed("a", "r1")
+    router._indexes.clear()
+    router._indexes["c"].add(prefix_chunks(prompt), time.monotonic())
+    assert rank("r3")[0] == "a"  # c holds the prefix, but 400 free < 0.5 x 1000
+    router._tentative.clear()
+    router._indexes.clear()
+    router._indexes["b"].add(prefix_chunks(prompt[:40]), time.monotonic())  # 2 chunks
+    assert rank("r4")[0] == "b"  # 700 free >= 500: the prefix wins
+    router._tentative.clear()
+    assert rank("r5", list(range(500, 600)))[0] == "a"  # another prefix: most free
+    router._tentative.clear()
+    assert rank("r6", None)[0] == "a"  # no prompt (embeddings): most free
+
+
+def test_prefix_index_is_bounded_and_ages_out():
+    index = PrefixIndex(max_entries=4, ttl_s=10.0)
+    chunks = prefix_chunks(list(range(16 * 6)))
+    assert len(chunks) == 6 and prefix_chunks(list(range(15))) == []
+    index.add(chunks[:3], now=0.0)
+    assert index.match(chunks, now=1.0) == 3
+    assert index.match(chunks, now=11.0) == 0  # older than the TTL
+    index.add(chunks, now=2.0)  # 6 entries > 4: the oldest (first) chunks go
+    assert len(index) == 4 and index.match(chunks, now=3.0) == 0
+    assert index.match(chunks[2:], now=3.0) == 4
+    index.add(chunks[:1], now=20.0)  # expired entries are dropped on the next add
+    assert len(index) == 1
+
+
+def test_four_replicas_on_four_gpus_share_the_load(four):
+    """Short distinct prompts (no full 16-token chunk in common): spread by free tokens."""
+    before = _served(four)
+    with cf.ThreadPoolExecutor(32) as pool:
+        statuses = [r.status_code for r in pool.map(
+            lambda i: _complete(four, f"spread {i}", max_tokens=60), range(32))]
+    assert statuses == [200] * 32
+    served = {r: n - before.get(r, 0) for r, n in _served(four).items()}
+    assert len(served) == 4 and sum(served.values()) == 32, served
+    assert min(served.values()) >= 4, served  # every replica got a fair share, none starved
+
+
+def test_turns_of_a_conversation_stay_on_one_replica(four):
+    """Each turn resends the conversation so far: every turn after the first goes to the
+    replica that served the first, and finds its prefix in that engine's cache."""
+    rng = np.random.default_rng(5)
+    conversation = rng.integers(10, 4000, size=40).tolist()
+    before = _served(four)
+    cached = []
+    for turn in range(5):
+        conversation += rng.integers(10, 4000, size=20).tolist()
+        r = _complete(four, conversation, max_tokens=4)
+        assert r.status_code == 200, r.text
+        cached.append(r.json()["usage"]["prompt_tokens_details"]["cached_tokens"])
+        conversation += [int(t) for t in rng.integers(10, 4000, size=4)]  # the "answer"
+    served = {r: n - before.get(r, 0) for r, n in _served(four).items()}
+    assert sorted(served.values()) == [0, 0, 0, 5], served
+    assert cached[0] == 0 and all(c >= 48 for c in cached[1:]), cached
+
+
+def test_a_flood_of_one_prefix_spreads_when_its_replica_fills(four):
+    """32 concurrent requests sharing a 96-token prefix, each holding 96 + 160 tokens of
+    a replica's 1,024: the first replica takes them until its free tokens fall below
+    half of the most free replica's, then the others do."""
+    prefix = np.random.default_rng(6).integers(10, 4000, size=96).tolist()
+    before = _served(four)
+    with cf.ThreadPoolExecutor(32) as pool:
+        statuses = [r.status_code for r in pool.map(
+            lambda i: _complete(four, prefix + [i + 10], max_tokens=150), range(32))]
+    assert set(statuses) <= {200, 429} and statuses.count(200) >= 16, statuses
+    served = {r: n - before.get(r, 0) for r, n in _served(four).items()}
+    assert sum(1 for n in served.values() if n) >= 3, served
+
+
+def test_usage_reports_cached_tokens_through_the_openai_client(four):
+    import openai
+
+    client = openai.OpenAI(base_url=f"{four}/v1", api_key="unused", max_retries=0, timeout=120)
+    prompt = np.random.default_rng(7).integers(10, 4000, size=70).tolist()
+    first = client.completions.create(model=GEN, prompt=prompt, max_tokens=2, temperature=0)
+    again = client.completions.create(model=GEN, prompt=prompt, max_tokens=2, temperature=0)
+    assert first.usage.prompt_tokens_details.cached_tokens == 0
+    assert again.usage.prompt_tokens_details.cached_tokens == 64  # 4 full blocks of 16
+    stream = client.completions.create(model=GEN, prompt=prompt + [11], max_tokens=2,
+                                       temperature=0, stream=True,
+                                       stream_options={"include_usage": True})
+    usage = [chunk.usage for chunk in stream if chunk.usage is not None]
+    assert len(usage) == 1 and usage[0].prompt_tokens_details.cached_tokens == 64
