@@ -11,14 +11,18 @@ Conversations run concurrently; the turns of one run one after another.
 Modes:
 
 - ``inprocess``: ``Engine.generate_stream`` with prefix caching on and off (TTFT p50/p99,
-  generated tokens/s, tokens computed); plus the same work with every prompt replaced by
-  random tokens of its length (``unique``: a 0% hit rate, where caching can only cost).
-- ``serve``: the Serve app with ``--replicas`` CPU replicas, ``prefix_aware`` vs
-  ``free_budget`` routing: the hit rate (``usage.prompt_tokens_details.cached_tokens`` over
-  prompt tokens), TTFT and throughput, through the ``openai`` client.
+  generated tokens/s, tokens computed, the process's CPU seconds); plus the same work with
+  every prompt replaced by random tokens of its length (``unique``: a 0% hit rate, where
+  caching can only cost; its cost is best read in CPU seconds, which other processes'
+  load hardly moves).
+- ``serve``: the Serve app with ``--replicas`` CPU replicas of ``--serve-model`` (the
+  smoke decoder: the ingress needs a tokenizer), ``prefix_aware`` vs ``free_budget``
+  routing: the hit rate (``usage.prompt_tokens_details.cached_tokens`` over prompt
+  tokens), TTFT and throughput, through the ``openai`` client.
 
     python -m benchmarks.multiturn --modes inprocess --out benchmarks/results/multiturn_cpu.json
-    python -m benchmarks.multiturn --modes serve --replicas 4 --out ...
+    python -m benchmarks.multiturn --modes serve --replicas 4 --system-tokens 300 \
+        --max-model-len 2048 --out benchmarks/results/multiturn_serve_cpu.json
 """
 
 from __future__ import annotations
@@ -65,6 +69,8 @@ def conversations(args, vocab: int) -> list[Conversation]:
                  for n in trace.context_tokens[picks]]
         answers = [max(1, min(args.max_answer, int(n * args.scale)))
                    for n in trace.generated_tokens[picks]]
+        if getattr(args, "own_system", False):  # every conversation its own system prompt
+            system = rng.integers(3, vocab, size=args.system_tokens).tolist()
         out.append(Conversation(system, users, answers))
     return out
 
@@ -93,11 +99,19 @@ async def run_conversations(convs, send, vocab: int, seed: int, fresh: bool = Fa
     return results, time.perf_counter() - start
 
 
-def summarize(results: list[dict], wall_s: float) -> dict:
+def timed_run(convs, send, vocab: int, seed: int, fresh: bool = False):
+    """``run_conversations`` -> (results, wall s, CPU s of this process: every thread,
+    the engine's included; unlike wall time it hardly moves with other processes' load)."""
+    cpu = time.process_time()
+    results, wall = asyncio.run(run_conversations(convs, send, vocab, seed, fresh))
+    return results, wall, time.process_time() - cpu
+
+
+def summarize(results: list[dict], wall_s: float, cpu_s: float | None = None) -> dict:
     ttft = np.array([r["ttft_s"] for r in results])
     prompt = sum(r["prompt_tokens"] for r in results)
     cached = sum(r["cached_tokens"] for r in results)
-    return {"requests": len(results), "wall_s": wall_s,
+    return {"requests": len(results), "wall_s": wall_s, "cpu_s": cpu_s,
             "generated_tokens_per_s": sum(r["generated"] for r in results) / wall_s,
             "ttft_p50_ms": float(np.percentile(ttft, 50)) * 1e3,
             "ttft_p99_ms": float(np.percentile(ttft, 99)) * 1e3,
@@ -123,6 +137,26 @@ def engine_sender(engine):
     return send
 
 
+class CacheWork:
+    """Seconds spent in the prefix cache's own work (hashing blocks, looking prompts up,
+    registering blocks), timed by wrapping those three calls of one engine."""
+
+    def __init__(self, engine):
+        gen, self.seconds = engine.generation, 0.0
+        for obj, name in ((gen.scheduler, "_hashes"), (gen.blocks, "take_prefix"),
+                          (gen.blocks, "register")):
+            setattr(obj, name, self._timed(getattr(obj, name)))
+
+    def _timed(self, fn):
+        def timed(*args, **kwargs):
+            start = time.perf_counter()
+            try:
+                return fn(*args, **kwargs)
+            finally:
+                self.seconds += time.perf_counter() - start
+        return timed
+
+
 def run_inprocess(args) -> dict:
     """Two engines, prefix caching on and off, alternating over ``--repeats`` rounds of
     both workloads (a new seed each round, so nothing is cached from an earlier round);
@@ -136,6 +170,7 @@ def run_inprocess(args) -> dict:
         num_kv_blocks=args.num_kv_blocks, enable_prefix_caching=caching))
         for caching in (True, False)}
     vocab = engines[True].spec.vocab_size
+    cache_work = CacheWork(engines[True])
     runs: dict[str, list[dict]] = {}
     for rep in range(args.repeats):  # per round: every configuration once
         seed = args.seed + 1000 * rep
@@ -145,11 +180,11 @@ def run_inprocess(args) -> dict:
                 name = ("unique_" if fresh else "") + ("cache_on" if caching else "cache_off")
                 send = engine_sender(engine)
                 asyncio.run(run_conversations(convs[:1], send, vocab, seed + 99, fresh=True))
-                before = engine.stats.num_tokens
-                results, wall = asyncio.run(run_conversations(convs, send, vocab, seed,
-                                                              fresh=fresh))
-                run = summarize(results, wall) | {"computed_tokens":
-                                                  engine.stats.num_tokens - before}
+                before, work = engine.stats.num_tokens, cache_work.seconds
+                results, wall, cpu = timed_run(convs, send, vocab, seed, fresh)
+                run = summarize(results, wall, cpu) | {
+                    "computed_tokens": engine.stats.num_tokens - before,
+                    "cache_work_s": cache_work.seconds - work if caching else 0.0}
                 runs.setdefault(name, []).append(run)
                 print(f"[inprocess {name} round {rep}] {run}", file=sys.stderr, flush=True)
     for engine in engines.values():
@@ -161,7 +196,11 @@ def run_inprocess(args) -> dict:
         "throughput_on_vs_off": on["generated_tokens_per_s"] / off["generated_tokens_per_s"],
         "ttft_p50_off_vs_on": off["ttft_p50_ms"] / on["ttft_p50_ms"],
         "unique_throughput_on_vs_off": (out["unique_cache_on"]["generated_tokens_per_s"]
-                                        / out["unique_cache_off"]["generated_tokens_per_s"])}
+                                        / out["unique_cache_off"]["generated_tokens_per_s"]),
+        "unique_cpu_s_on_vs_off": (out["unique_cache_on"]["cpu_s"]
+                                   / out["unique_cache_off"]["cpu_s"]),
+        "unique_cache_work_share": (out["unique_cache_on"]["cache_work_s"]
+                                    / out["unique_cache_on"]["wall_s"])}
     return out
 
 
@@ -200,13 +239,19 @@ def run_serve(args) -> dict:
              include_dashboard=False, log_to_driver=False,
              _temp_dir=tempfile.mkdtemp(prefix="psbench-", dir="/tmp"),
              object_store_memory=1 << 30)
+    from transformers import AutoConfig
+
+    from worker.sources import resolve_model
+
     port = free_port()
     serve.start(http_options={"host": "127.0.0.1", "port": port})
-    path = _common.ensure_checkpoint(args.shape, args.dtype, "cpu")
+    path = resolve_model(args.serve_model)  # the ingress needs a tokenizer: the smoke decoder
+    vocab = AutoConfig.from_pretrained(path).vocab_size
     out = {}
     try:
         for policy in ("prefix_aware", "free_budget"):
-            app = {"models": [{"name": "m", "model": str(path), "num_replicas": args.replicas,
+            app = {"models": [{"name": "m", "model": args.serve_model,
+                               "num_replicas": args.replicas,
                                "num_gpus": 1, "engine": {
                                    "device": "cpu", "max_num_batched_tokens": args.step_tokens,
                                    "max_model_len": args.max_model_len,
@@ -218,10 +263,10 @@ def run_serve(args) -> dict:
                 client = openai.AsyncOpenAI(base_url=f"http://127.0.0.1:{port}/v1",
                                             api_key="x", max_retries=0, timeout=600)
                 async with client:
-                    return await run_conversations(convs, http_sender(client, "m"), 32000,
+                    return await run_conversations(convs, http_sender(client, "m"), vocab,
                                                    seed)
 
-            convs = conversations(args, 32000)
+            convs = conversations(args, vocab)
             results, wall = asyncio.run(go(convs, args.seed))
             out[policy] = summarize(results, wall)
             print(f"[serve {policy}] {out[policy]}", file=sys.stderr, flush=True)
@@ -250,6 +295,9 @@ def main(argv=None) -> dict:
     p.add_argument("--max-model-len", type=int, default=4096)
     p.add_argument("--num-kv-blocks", type=int, default=4096)
     p.add_argument("--replicas", type=int, default=4)
+    p.add_argument("--serve-model", default="smoke:decoder", help="serve mode's model spec")
+    p.add_argument("--own-system", action="store_true", help="a system prompt per "
+                   "conversation instead of one shared by all")
     p.add_argument("--repeats", type=int, default=3, help="in-process rounds (medians)")
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--out", required=True)
@@ -258,7 +306,8 @@ def main(argv=None) -> dict:
     result = {"benchmark": "multiturn", "shape": args.shape, "dtype": args.dtype,
               "environment": _common.environment(args.device),
               "workload": {k: getattr(args, k) for k in (
-                  "conversations", "turns", "system_tokens", "scale", "max_answer", "seed")}}
+                  "conversations", "turns", "system_tokens", "scale", "max_answer", "seed",
+                  "own_system")}}
     for mode in args.modes.split(","):
         result[mode] = run_inprocess(args) if mode == "inprocess" else run_serve(args)
         _common.write_json(args.out, result)

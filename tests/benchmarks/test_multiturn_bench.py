@@ -18,4 +18,7 @@ def test_multiturn_inprocess(tmp_path, monkeypatch):
     assert runs["cache_on"]["computed_tokens"] < runs["cache_off"]["computed_tokens"]
     assert runs["cache_on"]["requests"] == 6
     assert set(runs["ratios"]) == {"throughput_on_vs_off", "ttft_p50_off_vs_on",
-                                   "unique_throughput_on_vs_off"}
+                                   "unique_throughput_on_vs_off", "unique_cpu_s_on_vs_off",
+                                   "unique_cache_work_share"}
+    assert runs["unique_cache_on"]["cache_work_s"] > 0 == runs["unique_cache_off"]["cache_work_s"]
+    assert runs["cache_on"]["cpu_s"] > 0
