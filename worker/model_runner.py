@@ -19,6 +19,7 @@ from dataclasses import dataclass, field
 import numpy as np
 import torch
 
+from worker.cpu_attention import SegmentGroups
 from worker.heads import ClassificationHead, classification_head
 from worker.loader import ModelSpec
 from worker.observe import StepTimer
@@ -66,6 +67,9 @@ class ModelRunner:
             if spec.is_classifier else None)
         self.softcap = getattr(model.config, "final_logit_softcapping", None)
         self.logits_chunk_rows = max(1, logits_chunk_bytes // (4 * spec.vocab_size))
+        # The reference backend's grouped mode (worker/cpu_attention.py); off: one SDPA
+        # call per sequence, the definition it is tested against.
+        self.group_attention = spec.attention_backend == "reference"
         # Test-only fault injection: called as fault_hook(num_tokens, num_seqs) before
         # every forward; raise torch.OutOfMemoryError from it to exercise the split path.
         self.fault_hook: Callable[[int, int], None] | None = None
@@ -152,6 +156,9 @@ class ModelRunner:
         )
         if staged.token_type_ids is not None:
             kwargs["token_type_ids"] = staged.token_type_ids
+        if self.group_attention:  # CPU: similar-length sequences share SDPA calls
+            kwargs["packserve_groups"] = SegmentGroups(staged.host_cu_seqlens,
+                                                       staged.input_ids.device, self.spec.dtype)
         return self.base(**kwargs).last_hidden_state[0]
 
     def _pool(self, mode: OutputMode, hidden: torch.Tensor, staged: StagedBin) -> torch.Tensor:
