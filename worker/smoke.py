@@ -1,4 +1,7 @@
-"""Build the smoke-test decoder: random weights behind a real tokenizer.
+"""Build the smoke-test models: random weights behind a real tokenizer.
+
+``build_decoder`` (below) makes the smoke decoder; ``build_classifier`` (at the end) the
+smoke classifiers, the real all-MiniLM-L6-v2 encoder under a random head.
 
 A serving stack can start, tokenize, apply a chat template, generate, stream and stop on
 EOS with this model and no downloaded weights, but its output is gibberish. The
