@@ -6,7 +6,7 @@ PIP := $(PY) -m pip --disable-pip-version-check
 STAMP := $(VENV)/.installed
 PYTEST_ARGS ?=
 
-.PHONY: install serve prometheus test test-packing-pure bench bench-packer bench-forward bench-generate bench-decode bench-batch bench-serve clean
+.PHONY: install serve prometheus test test-packing-pure bench bench-packer bench-forward bench-generate bench-decode bench-batch bench-serve bench-pooled clean
 
 install: $(STAMP)
 
@@ -61,7 +61,7 @@ test: install prometheus
 test-packing-pure: install
 	PACKSERVE_PURE_PYTHON=1 $(PY) -m pytest -q tests/packing
 
-bench: bench-packer bench-forward bench-generate bench-decode bench-batch bench-serve
+bench: bench-packer bench-forward bench-generate bench-decode bench-batch bench-serve bench-pooled
 
 bench-packer: install
 	$(PY) -m benchmarks.packer --out benchmarks/results/packer.json
@@ -88,6 +88,13 @@ bench-batch: install
 bench-serve: install
 	RAY_AUTH_MODE=disabled $(PY) -m benchmarks.serve_load --num-requests 200 --rates 2,0 \
 		--out benchmarks/results/serve_load_cpu.json
+
+# Embeddings vs sentence-transformers encode(), classification vs HF padded batches
+# (benchmarks/pooled.py); sentence-transformers is the baseline's, installed here only.
+bench-pooled: install
+	$(PIP) install -q "sentence-transformers>=3"
+	$(PY) -m benchmarks.pooled --num-texts 2000 --num-docs 800 --repeats 2 \
+		--out benchmarks/results/pooled_cpu.json
 
 clean:
 	rm -rf build *.egg-info packing_cy/_ffd.c packing_cy/*.so

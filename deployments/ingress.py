@@ -16,6 +16,8 @@ from fastapi.responses import JSONResponse, StreamingResponse
 from ray import serve
 from starlette.types import ASGIApp, Receive, Scope, Send
 
+from deployments.classify_api import ClassifyService
+from deployments.classify_protocol import ClassifyRequest, RerankRequest, ScoreRequest
 from deployments.config import AppArgs
 from deployments.errors import APIError, from_exception
 from deployments.leases import AdmissionClient
@@ -178,6 +180,7 @@ class OpenAIIngress:
         client = AdmissionClient(admission, holder, self.args.admission.heartbeat_s,
                                  enabled=self.args.admission.enabled)
         self.service = OpenAIService(self.args, models, client)
+        self.classify_service = ClassifyService(self.service)
         set_recorder(_ingress_metrics())
 
     @app.get("/health")
@@ -210,6 +213,23 @@ class OpenAIIngress:
     @app.post("/v1/embeddings")
     async def embeddings(self, body: EmbeddingRequest, request: Request) -> dict:
         return await self.service.embeddings(body, self._timer(request, body))
+
+    # ---- classification (deployments/classify_api.py) ----------------------------------
+
+    @app.post("/v1/classify")
+    async def classify(self, body: ClassifyRequest, request: Request) -> dict:
+        return await self.classify_service.classify(body, self._timer(request, body))
+
+    @app.post("/v1/rerank")
+    @app.post("/v2/rerank")
+    @app.post("/rerank")
+    async def rerank(self, body: RerankRequest, request: Request) -> dict:
+        return await self.classify_service.rerank(body, self._timer(request, body))
+
+    @app.post("/v1/score")
+    @app.post("/score")
+    async def score(self, body: ScoreRequest, request: Request) -> dict:
+        return await self.classify_service.score(body, self._timer(request, body))
 
     @app.get("/v1/admission")
     async def admission(self) -> dict:

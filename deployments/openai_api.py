@@ -52,11 +52,12 @@ class OpenAIService:
                     info = None
             if info is not None:
                 entry["packserve"] = {
-                    "tasks": (["completions", "chat", "embeddings"] if info.can_generate
-                              else ["embeddings"]),
+                    "tasks": info.tasks,
                     "max_model_len": info.max_model_len, "capacity_tokens": info.capacity_tokens,
                     "token_budget": info.token_budget, "dimensions": info.hidden_size,
                     "smoke_test": info.smoke_test}
+                if info.labels is not None:
+                    entry["packserve"]["labels"] = list(info.labels.labels)
                 if info.smoke_test:
                     entry["description"] = ("smoke-test model: random weights, its output is "
                                             "noise; swap in a real model id to serve text")

@@ -26,7 +26,7 @@ from ray import serve
 
 from deployments.config import AdmissionArgs, ModelArgs
 from deployments.metrics import ReplicaMetrics
-from deployments.work import EmbedWork, GenerateWork, ModelInfo, ScoreWork, Work
+from deployments.work import ClassifyWork, EmbedWork, GenerateWork, ModelInfo, ScoreWork, Work
 from worker import Engine
 from worker.gen_output import GenerationDelta, GenerationOutput
 from worker.sources import is_smoke_test
@@ -87,6 +87,11 @@ class EngineReplica:
         with self._serving(work):
             return await self.engine.score_async(work.inputs)
 
+    async def classify(self, work: ClassifyWork) -> np.ndarray:
+        """[num_inputs, num_labels] float32 logits of the classification head."""
+        with self._serving(work):
+            return await self.engine.classify_async(work.inputs, work.token_type_ids)
+
     async def model_info(self) -> ModelInfo:
         return self.info
 
@@ -136,7 +141,7 @@ class EngineReplica:
 
     def _model_info(self) -> ModelInfo:
         engine, cfg = self.engine, self.engine.config
-        can_generate = engine.spec.is_decoder
+        can_generate = engine.spec.is_decoder and not engine.spec.is_classifier
         if can_generate:
             blocks = engine.generation.blocks  # allocates the KV cache now, sized by the probe
             capacity = blocks.num_blocks * blocks.block_size
@@ -147,7 +152,7 @@ class EngineReplica:
             max_model_len=cfg.max_model_len, vocab_size=engine.spec.vocab_size,
             hidden_size=engine.spec.hidden_size, capacity_tokens=int(capacity),
             token_budget=cfg.max_num_batched_tokens, smoke_test=is_smoke_test(self.args.model),
-            device=cfg.device, attention_backend=cfg.attention_backend)
+            device=cfg.device, attention_backend=cfg.attention_backend, labels=engine.labels)
 
     async def _report_forever(self) -> None:
         """Every ``heartbeat_s``: the budget gauges, and the report to admission (if on)."""

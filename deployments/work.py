@@ -9,6 +9,7 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 
+from worker.labels import LabelSpec
 from worker.sampling import SamplingParams
 
 
@@ -37,6 +38,12 @@ class ScoreWork(Work):
 
 
 @dataclass(frozen=True)
+class ClassifyWork(Work):
+    inputs: list[list[int]]  # [num_inputs][len_i]; a pair is one sequence (tokenizer-joined)
+    token_type_ids: list[list[int]] | None  # [num_inputs][len_i] for BERT-style pairs
+
+
+@dataclass(frozen=True)
 class ModelInfo:
     """A replica's model, as the ingress validates against it and /v1/models lists it."""
 
@@ -51,3 +58,23 @@ class ModelInfo:
     smoke_test: bool  # random weights: output is noise
     device: str
     attention_backend: str
+    labels: LabelSpec | None = None  # a sequence classifier (cross-encoder: one label)
+
+    @property
+    def is_classifier(self) -> bool:
+        return self.labels is not None
+
+    @property
+    def can_rerank(self) -> bool:
+        """A cross-encoder, or an embedding model (cosine similarity)."""
+        if self.is_classifier:
+            return self.labels.is_cross_encoder
+        return not self.can_generate
+
+    @property
+    def tasks(self) -> list[str]:
+        """What /v1/models lists; each name is an endpoint the model serves."""
+        if self.can_generate:
+            return ["completions", "chat", "embeddings"]
+        tasks = ["classify", "embeddings"] if self.is_classifier else ["embeddings"]
+        return tasks + (["score", "rerank"] if self.can_rerank else [])

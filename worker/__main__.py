@@ -1,7 +1,8 @@
-"""``python -m worker embed|score --model PATH``: the engine alone, without Ray.
+"""``python -m worker embed|score|classify --model PATH``: the engine alone, without Ray.
 
 Reads one sequence per stdin line: whitespace-separated token ids, or text with
-``--text`` (tokenized with the model's tokenizer). Writes one JSON array per line.
+``--text`` (tokenized with the model's tokenizer). Writes one JSON array per line
+(classify: one ``{"label", "probs"}`` object per line).
 """
 
 from __future__ import annotations
@@ -17,7 +18,7 @@ from worker.sources import resolve_model
 
 def _parse(argv: list[str] | None) -> argparse.Namespace:
     p = argparse.ArgumentParser(prog="python -m worker", description=__doc__.splitlines()[0])
-    p.add_argument("task", choices=["embed", "score"])
+    p.add_argument("task", choices=["embed", "score", "classify"])
     p.add_argument("--model", required=True, help="hub id, local checkpoint directory, "
                    "packaged:all-MiniLM-L6-v2 or smoke:decoder")
     p.add_argument("--device", default="cpu")
@@ -53,6 +54,11 @@ def main(argv: list[str] | None = None) -> int:
     from worker.engine import Engine
 
     with Engine(config) as engine:
+        if args.task == "classify":
+            probs = engine.labels.probabilities(engine.classify(sequences))
+            for label, row in zip(engine.labels.top_labels(probs), probs):
+                print(json.dumps({"label": label, "probs": [round(float(x), 6) for x in row]}))
+            return 0
         if args.task == "embed":
             outputs = engine.embed(sequences, pooling=args.pooling, normalize=args.normalize)
         else:

@@ -117,13 +117,22 @@ def _segment_bounds(query: torch.Tensor, cu_seq_lens_q) -> list[int]:
 
 
 def reference_attention(module, query, key, value, attention_mask, scaling=None, dropout=0.0,
-                        is_causal=None, sliding_window=None, cu_seq_lens_q=None, **kwargs):
-    """Per-segment SDPA over ``cu_seq_lens_q``: the slow, obviously right baseline."""
+                        is_causal=None, sliding_window=None, cu_seq_lens_q=None,
+                        packserve_groups=None, **kwargs):
+    """Per-segment SDPA over ``cu_seq_lens_q``: the slow, obviously right baseline. With
+    ``packserve_groups`` (a ``worker.cpu_attention.SegmentGroups`` the packed runner
+    plans once per bin on CPU) similar-length segments run as one padded call each."""
     check_no_mask(attention_mask)
     causal = _is_causal(module, is_causal)
     rep = query.shape[1] // key.shape[1]
     if rep > 1:
         key, value = key.repeat_interleave(rep, dim=1), value.repeat_interleave(rep, dim=1)
+    if packserve_groups is not None:
+        from worker.cpu_attention import grouped_attention
+
+        out = grouped_attention(packserve_groups, query, key, value, scaling=scaling,
+                                causal=causal, sliding_window=sliding_window)
+        return out, None
     out = query.new_empty(1, query.shape[2], query.shape[1], value.shape[-1])
     bounds = _segment_bounds(query, cu_seq_lens_q)
     for start, end in itertools.pairwise(bounds):  # one SDPA per sequence in the bin

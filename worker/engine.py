@@ -1,9 +1,11 @@
 """The per-GPU engine: ``step()`` is schedule, run, postprocess.
 
-The sync API (``embed``, ``score``, ``generate``) queues its requests and drives steps
-on the caller's thread until they are done. Generation (``worker.engine_generate``) is
-a second policy behind the same three step calls. The async API (``submit``, ``embed_async``,
-``score_async``) queues and returns futures; a background ``StepLoop`` thread steps.
+The sync API (``embed``, ``score``, ``classify``, ``generate``) queues its requests and
+drives steps on the caller's thread until they are done. Generation
+(``worker.engine_generate``) is a second policy behind the same three step calls;
+classification (``worker.engine_classify``) is one more pooled task of the packed path.
+The async API (``submit``, ``embed_async``, ``score_async``, ``classify_async``) queues and
+returns futures; a background ``StepLoop`` thread steps.
 Both may be used at once: one lock serializes steps.
 """
 
@@ -22,6 +24,7 @@ import numpy as np
 from worker.budget import resolve_budget, resolve_max_model_len, staging_capacity
 from worker.config import EngineConfig
 from worker.device import make_device
+from worker.engine_classify import ClassifyAPI
 from worker.engine_generate import GenerateAPI
 from worker.errors import EngineDeadError, InvalidRequestError, RequestOutOfMemoryError
 from worker.loader import load_model
@@ -34,6 +37,8 @@ from worker.request import (
     RequestLimits,
     Task,
     as_token_array,
+    as_token_types,
+    check_type_count,
     parse_pooling,
     parse_task,
 )
@@ -62,7 +67,7 @@ class EngineStats:
     prefix_cache_evictions: int = 0  # cached KV blocks handed out for other tokens
 
 
-class Engine(GenerateAPI, ObserveAPI):
+class Engine(GenerateAPI, ClassifyAPI, ObserveAPI):
     """Packed, padding-free forwards over one device. See the module docstring."""
 
     def __init__(self, config: EngineConfig):
@@ -70,7 +75,8 @@ class Engine(GenerateAPI, ObserveAPI):
         model, self.spec = load_model(config, self.device.device)
         max_model_len = resolve_max_model_len(config, self.spec)
         max_tokens, max_seqs = staging_capacity(config, max_model_len)
-        self.staging = Staging(max_tokens, max_seqs, self.device)
+        self.staging = Staging(max_tokens, max_seqs, self.device,
+                               token_types=self.spec.takes_token_type_ids)
         self.runner = ModelRunner(model, self.spec, self.staging, self.device)
         budget, self.budget_report = resolve_budget(config, self.runner, self.device,
                                                     max_model_len)
@@ -82,7 +88,9 @@ class Engine(GenerateAPI, ObserveAPI):
         self.scheduler = Scheduler(budget, align=config.align, max_num_seqs=config.max_num_seqs,
                                    max_num_bins_per_step=config.max_num_bins_per_step)
         self.limits = RequestLimits(self.spec.vocab_size, max_model_len, budget, config.align,
-                                    can_score=self.runner.head is not None)
+                                    can_score=self.runner.head is not None,
+                                    can_classify=self.runner.classifier is not None,
+                                    type_vocab_size=self.spec.type_vocab_size)
         self.default_pooling = Pooling.LAST if self.spec.is_decoder else Pooling.MEAN
         self._stats = EngineStats(token_budget=budget)
         self._intake: deque[Request] = deque()  # appended by any thread, drained by step()
@@ -113,14 +121,16 @@ class Engine(GenerateAPI, ObserveAPI):
     # ---- async API ------------------------------------------------------------------
 
     def submit(self, token_ids, task: str | Task = Task.EMBED, *, pooling: str | None = None,
-               normalize: bool = False) -> asyncio.Future:
+               normalize: bool = False, token_type_ids=None) -> asyncio.Future:
         """Queue one sequence; the future (of the running event loop) resolves to its
-        output array, or to its typed error. Raises ``EngineDeadError`` when dead."""
+        output array, or to its typed error. Raises ``EngineDeadError`` when dead.
+        ``token_type_ids``: a pair's token types (classify; see ``Engine.classify``)."""
         loop = asyncio.get_running_loop()
         future = loop.create_future()
         self._check_alive()
         try:
-            request = self._make(token_ids, parse_task(task), pooling, normalize)
+            request = self._make(token_ids, parse_task(task), pooling, normalize,
+                                 token_type_ids)
         except InvalidRequestError as exc:
             future.set_exception(exc)
             return future
@@ -219,19 +229,25 @@ class Engine(GenerateAPI, ObserveAPI):
 
     # ---- helpers --------------------------------------------------------------------
 
-    def _make(self, token_ids, task: Task, pooling, normalize: bool) -> Request:
-        if task is Task.SCORE and (pooling is not None or normalize):
-            raise InvalidRequestError("score takes no pooling or normalize", setting="pooling")
+    def _make(self, token_ids, task: Task, pooling, normalize: bool,
+              token_type_ids=None) -> Request:
+        if task is not Task.EMBED and (pooling is not None or normalize):
+            raise InvalidRequestError(f"{task} takes no pooling or normalize",
+                                      setting="pooling")
         arr = as_token_array(token_ids)
         validate_request(arr, task, self.limits)
+        types = as_token_types(token_type_ids, arr.shape[0], self.limits)
         pool = parse_pooling(pooling, self.default_pooling) if task is Task.EMBED else None
-        return Request(arr, task, pool, bool(normalize))
+        return Request(arr, task, pool, bool(normalize), token_type_ids=types)
 
-    def _make_all(self, lists: Sequence, task: Task, pooling, normalize) -> list[Request]:
+    def _make_all(self, lists: Sequence, task: Task, pooling, normalize,
+                  token_type_ids: Sequence | None = None) -> list[Request]:
+        check_type_count(token_type_ids, len(lists))
         requests = []
         for i, token_ids in enumerate(lists):
+            types = None if token_type_ids is None else token_type_ids[i]
             try:
-                requests.append(self._make(token_ids, task, pooling, normalize))
+                requests.append(self._make(token_ids, task, pooling, normalize, types))
             except InvalidRequestError as exc:
                 exc.add_note(f"(sequence {i} of the {len(lists)} given)")
                 raise

@@ -1,4 +1,4 @@
-"""Run packed bins through the model: stage, forward, then pool or score.
+"""Run packed bins through the model: stage, forward, then pool, classify or score.
 
 Keep this file minimal: it turns a ``StepBatch`` into outputs and nothing else. Every
 bin of a step is launched before any result is read back, so on CUDA the host fills
@@ -19,6 +19,8 @@ from dataclasses import dataclass, field
 import numpy as np
 import torch
 
+from worker.cpu_attention import SegmentGroups
+from worker.heads import ClassificationHead, classification_head
 from worker.loader import ModelSpec
 from worker.observe import StepTimer
 from worker.probe import is_out_of_memory
@@ -35,7 +37,8 @@ POOL_CHUNK_TOKENS = 16384  # mean pooling upcasts hidden states to fp32 this man
 class StepResult:
     """Outputs of one step, keyed by sequence index in the ``StepBatch``."""
 
-    outputs: dict[int, np.ndarray] = field(default_factory=dict)  # [hidden] or [len - 1] fp32
+    outputs: dict[int, np.ndarray] = field(default_factory=dict)  # fp32: [hidden], [len - 1]
+    #   or [num_labels]
     oom_failed: list[int] = field(default_factory=list)  # sequences that alone ran out of memory
     oom_num_tokens: list[int] = field(default_factory=list)  # size of every bin that ran out
     num_bins: int = 0  # bins that ran (after splits)
@@ -45,7 +48,8 @@ class StepResult:
 class _BinOutput:
     seqs: np.ndarray  # [B] int64 sequence indices
     modes: np.ndarray  # [B] int8
-    pooled: dict[int, torch.Tensor]  # OutputMode -> [B, hidden] fp32, device
+    pooled: dict[int, torch.Tensor]  # OutputMode -> [B, hidden] (CLASSIFY: [B, num_labels])
+    #   fp32, device
     logprobs: torch.Tensor | None  # [score_cu[-1] - 1] fp32, device (see _score)
     score_cu: np.ndarray  # [num SCORE seqs + 1] int64: their bounds (they come first)
 
@@ -58,12 +62,14 @@ class ModelRunner:
         self.model, self.spec, self.staging, self.device = model, spec, staging, device
         self.base = model.base_model
         self.head = model.get_output_embeddings() if spec.is_decoder else None
+        self.classifier: ClassificationHead | None = (
+            classification_head(model, spec.model_type, spec.is_decoder)
+            if spec.is_classifier else None)
         self.softcap = getattr(model.config, "final_logit_softcapping", None)
         self.logits_chunk_rows = max(1, logits_chunk_bytes // (4 * spec.vocab_size))
-        self._token_type_ids = (
-            torch.zeros(1, staging.max_num_tokens, dtype=torch.int64, device=device.device)
-            if spec.takes_token_type_ids else None
-        )
+        # The reference backend's grouped mode (worker/cpu_attention.py); off: one SDPA
+        # call per sequence, the definition it is tested against.
+        self.group_attention = spec.attention_backend == "reference"
         # Test-only fault injection: called as fault_hook(num_tokens, num_seqs) before
         # every forward; raise torch.OutOfMemoryError from it to exercise the split path.
         self.fault_hook: Callable[[int, int], None] | None = None
@@ -119,7 +125,7 @@ class ModelRunner:
         bin = bin[np.argsort(batch.modes[bin] != OutputMode.SCORE, kind="stable")]
         modes = batch.modes[bin]
         num_score = int(np.count_nonzero(modes == OutputMode.SCORE))
-        staged = self.staging.stage(batch.token_ids, batch.offsets, bin)
+        staged = self.staging.stage(batch.token_ids, batch.offsets, bin, batch.token_type_ids)
         cu = staged.host_cu_seqlens.astype(np.int64)  # copy now: the slot is reused later
         timer = self.timer
         try:
@@ -128,7 +134,7 @@ class ModelRunner:
             if timer is not None:
                 timer.forward.begin(self.device.compute_stream())
             hidden = self.forward(staged)
-            pooled = {int(m): _POOLERS[OutputMode(int(m))](hidden, staged)
+            pooled = {int(m): self._pool(OutputMode(int(m)), hidden, staged)
                       for m in np.unique(modes) if m != OutputMode.SCORE}
             logprobs = self._score(hidden, staged, int(cu[num_score])) if num_score else None
             if timer is not None:
@@ -140,14 +146,25 @@ class ModelRunner:
     def forward(self, staged: StagedBin) -> torch.Tensor:
         """The base model over the packed bin -> last hidden states [T, hidden]."""
         cu, longest = staged.cu_seqlens, staged.max_seqlen
+        positions = staged.position_ids
+        if self.spec.position_offset:  # RoBERTa numbers positions from padding_idx + 1
+            positions = positions + self.spec.position_offset
         kwargs = dict(
-            input_ids=staged.input_ids, position_ids=staged.position_ids,
+            input_ids=staged.input_ids, position_ids=positions,
             use_cache=False,  # a cache makes a packed forward silently wrong
             cu_seq_lens_q=cu, cu_seq_lens_k=cu, max_length_q=longest, max_length_k=longest,
         )
-        if self._token_type_ids is not None:
-            kwargs["token_type_ids"] = self._token_type_ids[:, : staged.num_tokens]
+        if staged.token_type_ids is not None:
+            kwargs["token_type_ids"] = staged.token_type_ids
+        if self.group_attention:  # CPU: similar-length sequences share SDPA calls
+            kwargs["packserve_groups"] = SegmentGroups(staged.host_cu_seqlens,
+                                                       staged.input_ids.device, self.spec.dtype)
         return self.base(**kwargs).last_hidden_state[0]
+
+    def _pool(self, mode: OutputMode, hidden: torch.Tensor, staged: StagedBin) -> torch.Tensor:
+        if mode is OutputMode.CLASSIFY:
+            return self.classifier(hidden, staged.cu_seqlens)
+        return _POOLERS[mode](hidden, staged)
 
     def _score(self, hidden: torch.Tensor, staged: StagedBin, end: int) -> torch.Tensor:
         """Log-prob of token t+1 at every row t < end - 1 -> [end - 1] fp32, device.

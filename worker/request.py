@@ -26,6 +26,7 @@ from worker.errors import (
 class Task(enum.StrEnum):
     EMBED = "embed"  # one pooled vector per sequence
     SCORE = "score"  # log-prob of every token after the first, given its prefix
+    CLASSIFY = "classify"  # the classification head's logits (the model's own pooling)
 
 
 class Pooling(enum.StrEnum):
@@ -41,6 +42,7 @@ class OutputMode(enum.IntEnum):
     MEAN = 1
     LAST = 2
     CLS = 3
+    CLASSIFY = 4
 
 
 _MODE_OF_POOLING = {Pooling.MEAN: OutputMode.MEAN, Pooling.LAST: OutputMode.LAST,
@@ -57,6 +59,8 @@ class RequestLimits:
     token_budget: int  # max_num_batched_tokens as configured (aligned tokens)
     align: int
     can_score: bool  # the model has an LM head
+    can_classify: bool = False  # a *ForSequenceClassification checkpoint
+    type_vocab_size: int = 0  # token types the model embeds (BERT: 2); 0 = none
 
 
 @dataclass(eq=False)
@@ -67,9 +71,11 @@ class Request:
     task: Task
     pooling: Pooling | None = None  # EMBED only
     normalize: bool = False  # EMBED only: L2-normalize the pooled vector
+    token_type_ids: np.ndarray | None = None  # [num_tokens] int64 (pairs); None = all 0
     on_finish: Callable[[Request], None] | None = None
     request_id: int = field(default_factory=lambda: next(_ids))
-    output: np.ndarray | None = None  # [hidden] (embed) or [num_tokens - 1] (score), float32
+    output: np.ndarray | None = None  # float32: [hidden] (embed), [num_tokens - 1] (score),
+    #   [num_labels] logits (classify)
     error: BaseException | None = None
     cancelled: bool = False  # set by the caller; the scheduler drops it if not yet run
     finished: bool = False
@@ -80,7 +86,9 @@ class Request:
 
     @property
     def mode(self) -> OutputMode:
-        return OutputMode.SCORE if self.task is Task.SCORE else _MODE_OF_POOLING[self.pooling]
+        if self.task is Task.EMBED:
+            return _MODE_OF_POOLING[self.pooling]
+        return OutputMode.SCORE if self.task is Task.SCORE else OutputMode.CLASSIFY
 
     def finish(self, output: np.ndarray | None = None, error: BaseException | None = None):
         self.output, self.error, self.finished = output, error, True
@@ -111,6 +119,12 @@ def validate(token_ids: np.ndarray, task: Task, limits: RequestLimits) -> None:
             "score needs a model with a language-modeling head; this model is an encoder",
             value="score", setting="model",
         )
+    if task is Task.CLASSIFY and not limits.can_classify:
+        raise UnsupportedTaskError(
+            "classify needs a sequence-classification checkpoint (an *ForSequenceClassification "
+            "architecture); this model has no classification head",
+            value="classify", setting="model",
+        )
     if n > limits.max_model_len:
         raise SequenceTooLongError(n, limits.max_model_len)
     aligned = -(-n // limits.align) * limits.align
@@ -120,6 +134,44 @@ def validate(token_ids: np.ndarray, task: Task, limits: RequestLimits) -> None:
     if bad.size:
         pos = int(bad[0])
         raise TokenOutOfVocabError(int(token_ids[pos]), pos, limits.vocab_size)
+
+
+def check_type_count(token_type_ids, num_sequences: int) -> None:
+    """One ``token_type_ids`` entry (or None) per sequence of a batch call."""
+    if token_type_ids is not None and len(token_type_ids) != num_sequences:
+        raise InvalidRequestError(
+            f"token_type_ids has {len(token_type_ids)} entries for {num_sequences} sequences; "
+            "send one per sequence (or None)", limit=num_sequences,
+            value=len(token_type_ids), setting="token_type_ids")
+
+
+def as_token_types(token_type_ids, num_tokens: int, limits: RequestLimits) -> np.ndarray | None:
+    """A pair's token types (0 for the first text, 1 for the second, as the tokenizer
+    made them) as int64, checked against the sequence and the model; None when absent
+    or all zero (zero is what an absent one means)."""
+    if token_type_ids is None:
+        return None
+    types = as_token_array(token_type_ids)
+    if types.shape[0] != num_tokens:
+        raise InvalidRequestError(
+            f"token_type_ids has {types.shape[0]} entries for a sequence of {num_tokens} "
+            "tokens; send one per token", limit=num_tokens, value=int(types.shape[0]),
+            setting="token_type_ids")
+    if not types.any():
+        return None
+    if limits.type_vocab_size < 2:
+        raise UnsupportedTaskError(
+            "token_type_ids: this model has no token-type embeddings (type_vocab_size="
+            f"{limits.type_vocab_size}); send the pair as one sequence without them",
+            value="token_type_ids", setting="token_type_ids")
+    bad = np.flatnonzero((types < 0) | (types >= limits.type_vocab_size))
+    if bad.size:
+        pos = int(bad[0])
+        raise InvalidRequestError(
+            f"token_type_ids: type {int(types[pos])} at position {pos} is outside [0, "
+            f"{limits.type_vocab_size}) (the model's type_vocab_size)",
+            limit=limits.type_vocab_size, value=int(types[pos]), setting="token_type_ids")
+    return types
 
 
 def parse_pooling(pooling: str | Pooling | None, default: Pooling) -> Pooling:
@@ -139,5 +191,5 @@ def parse_task(task: str | Task) -> Task:
     try:
         return Task(task)
     except ValueError:
-        raise UnsupportedTaskError(f"task must be 'embed' or 'score', got {task!r}",
+        raise UnsupportedTaskError(f"task must be 'embed', 'score' or 'classify', got {task!r}",
                                    value=task, setting="task") from None

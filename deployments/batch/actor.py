@@ -67,6 +67,7 @@ class BatchWorker:
         return {"device": cfg.device, "max_model_len": cfg.max_model_len,
                 "max_num_batched_tokens": cfg.max_num_batched_tokens,
                 "is_decoder": spec.is_decoder, "can_score": self.engine.limits.can_score,
+                "can_classify": self.engine.limits.can_classify,
                 "hidden_size": spec.hidden_size, "attention_backend": cfg.attention_backend}
 
     def run(self, tok: TokenizedShard) -> ShardResult:
@@ -111,6 +112,8 @@ class BatchWorker:
             return list(engine.embed(token_lists, pooling=cfg.pooling, normalize=cfg.normalize))
         if cfg.task == "score":
             return engine.score(token_lists)
+        if cfg.task == "classify":
+            return list(engine.classify(token_lists))
         return engine.generate(token_lists, self.params)
 
     def _compute(self, tok: TokenizedShard, docs: list[int], bad: list[BadRow]) -> dict:
@@ -138,6 +141,11 @@ class BatchWorker:
         elif task == "score":
             columns["token_logprobs"] = [outputs[i] for i in kept]
             columns["logprob_sum"] = [float(outputs[i].sum(dtype=np.float64)) for i in kept]
+        elif task == "classify":
+            labels = self.engine.labels
+            probs = labels.probabilities(np.stack([outputs[i] for i in kept])) if kept else []
+            columns["label"] = labels.top_labels(probs) if kept else []
+            columns["probs"] = list(probs)
         if task != "generate":
             columns["num_tokens"] = [int(lengths[i]) for i in kept]
             return columns

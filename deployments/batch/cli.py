@@ -24,9 +24,9 @@ def build_parser() -> argparse.ArgumentParser:
 
 
 def add_batch_parser(sub) -> argparse.ArgumentParser:
-    p = sub.add_parser("batch", help="embed, score or generate over a JSONL or Parquet file "
-                       "on every GPU of a Ray cluster (resumable)",
-                       description="Embed, score or generate over every row of --input, on "
+    p = sub.add_parser("batch", help="embed, score, generate or classify over a JSONL or "
+                       "Parquet file on every GPU of a Ray cluster (resumable)",
+                       description="Embed, score, generate or classify every row of --input, on "
                        "one engine per GPU of the Ray cluster; resumable: rerun the same "
                        "command after a crash and finished shards are skipped.")
     p.set_defaults(handler=_run_batch)

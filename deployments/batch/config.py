@@ -18,7 +18,7 @@ from worker.config import EngineConfig, check_choice, check_int
 if TYPE_CHECKING:
     from worker.sampling import SamplingParams
 
-TASKS = ("embed", "score", "generate")
+TASKS = ("embed", "score", "generate", "classify")
 DEVICES = ("auto", "cpu", "cuda")
 FORMATS = {".jsonl": "jsonl", ".ndjson": "jsonl", ".parquet": "parquet"}
 
@@ -40,7 +40,7 @@ class JobConfig:
     """One ``packserve batch`` run. Paths are kept as given; ``None`` fields are derived."""
 
     model: str  # hub id or local directory (weights and tokenizer)
-    task: str  # embed | score | generate
+    task: str  # embed | score | generate | classify
     input: str  # .jsonl / .ndjson / .parquet
     output: str  # .jsonl / .ndjson / .parquet, assembled from the parts at the end
     text_field: str = "text"

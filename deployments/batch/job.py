@@ -125,6 +125,10 @@ def check_task(config: JobConfig, info: dict) -> None:
                        f"{config.model} is an encoder (use --task embed)")
     if config.task == "generate" and not info["is_decoder"]:
         raise JobError(f"--task generate needs a causal LM; {config.model} is an encoder")
+    if config.task == "classify" and not info["can_classify"]:
+        raise JobError(f"--task classify needs a sequence-classification checkpoint (an "
+                       f"*ForSequenceClassification architecture); {config.model} has no "
+                       "classification head")
 
 
 def _start_actors(config: JobConfig, plan: Plan) -> tuple[list, dict]:

@@ -7,6 +7,8 @@ file writes, and the final assembly of the parts into ``--output``.
 | score    | ``token_logprobs`` [num_tokens - 1] float32, ``logprob_sum``, ``num_tokens``|
 | generate | ``text`` (null without a tokenizer), ``token_ids``, ``finish_reason``,      |
 |          | ``num_prompt_tokens``, ``num_generated_tokens``                            |
+| classify | ``label`` (the most probable), ``probs`` [num_labels] float32 (in the      |
+|          | model's label order), ``num_tokens``                                       |
 
 JSONL floats are the float32 values written as (exact) doubles.
 """
@@ -24,7 +26,8 @@ import numpy as np
 
 from deployments.batch.rows import BadRow
 
-LIST_COLUMNS = {"embedding": "float32", "token_logprobs": "float32", "token_ids": "int64"}
+LIST_COLUMNS = {"embedding": "float32", "token_logprobs": "float32", "token_ids": "int64",
+                "probs": "float32"}
 
 
 def schema(task: str, id_type: str | None):
@@ -36,7 +39,9 @@ def schema(task: str, id_type: str | None):
                         ("logprob_sum", pa.float64()), ("num_tokens", pa.int64())],
               "generate": [("text", pa.string()), ("token_ids", pa.list_(pa.int64())),
                            ("finish_reason", pa.string()), ("num_prompt_tokens", pa.int64()),
-                           ("num_generated_tokens", pa.int64())]}[task]
+                           ("num_generated_tokens", pa.int64())],
+              "classify": [("label", pa.string()), ("probs", pa.list_(pa.float32())),
+                           ("num_tokens", pa.int64())]}[task]
     return pa.schema([("id", id_arrow)] + fields)
 
 
