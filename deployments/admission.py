@@ -43,6 +43,7 @@ class AdmissionController:
         self._waiters: dict[str, deque] = {}  # model -> FIFO of (future, tokens, holder, clamp)
         self._reaper: asyncio.Task | None = None
         self.metrics = _admission_metrics()  # None: record nothing
+        self._zeroed: set[str] = set()  # models whose counters are exported at 0
 
     async def reserve(self, model: str, tokens: int, holder: str, clamp: bool = False
                       ) -> Decision:
@@ -71,6 +72,12 @@ class AdmissionController:
         self._start_reaper()
         self.ledger.replica_report(model, replica, capacity_tokens, lease_ids, time.monotonic(),
                                    load)
+        if model not in self._zeroed and self.metrics is not None:
+            self._zeroed.add(model)
+            try:
+                self.metrics.export_zeros(model)
+            except Exception:  # metrics never fail a report
+                logger.exception("admission metrics failed")
         self._admit_waiters(model)
         self._record_pool(model)
 

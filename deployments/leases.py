@@ -57,6 +57,20 @@ class AdmissionClient:
             return Lease(self, decision.lease_id, tokens)
         raise refusal(decision, model, tokens, what)
 
+    async def reserve_waiting(self, model: str, tokens: int, timeout_s: float) -> Lease:
+        """``reserve``, retrying while the pool is full (after each Retry-After, capped at
+        a second) for up to ``timeout_s``: for the later parts of a request that was
+        already admitted, which should finish rather than fail half done."""
+        deadline = asyncio.get_running_loop().time() + timeout_s
+        while True:
+            try:
+                return await self.reserve(model, tokens, clamp=True)
+            except APIError as err:
+                left = deadline - asyncio.get_running_loop().time()
+                if err.status != 429 or left <= 0:
+                    raise
+                await asyncio.sleep(min(err.retry_after_s or 1.0, 1.0, left))
+
     def release(self, lease_id: str) -> None:
         task = _detached(asyncio.get_running_loop(), self._send_release(lease_id))
         self._tasks.add(task)
