@@ -43,7 +43,11 @@ class TokenizedShard:
 def load_tokenizer(model: str, trust_remote_code: bool):
     from transformers import AutoTokenizer
 
-    return AutoTokenizer.from_pretrained(model, trust_remote_code=trust_remote_code)
+    from worker.sources import resolve_model
+
+    # the same model specs as the engine (packaged:, smoke:), resolved in this worker
+    return AutoTokenizer.from_pretrained(resolve_model(model),
+                                         trust_remote_code=trust_remote_code)
 
 
 def warm_up(model: str, trust_remote_code: bool = False) -> None:
