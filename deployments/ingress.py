@@ -250,7 +250,8 @@ class OpenAIIngress:
         set_edge(self.args.api_key(), self.args.http.max_body_bytes)
         holder = serve.get_replica_context().replica_id.unique_id
         client = AdmissionClient(admission, holder, self.args.admission.heartbeat_s,
-                                 enabled=self.args.admission.enabled)
+                                 enabled=self.args.admission.enabled,
+                                 batch=self.args.admission.max_wait_s == 0)
         metrics = _ingress_metrics()
         set_recorder(metrics)
         self.service = OpenAIService(self.args, models, client, metrics)
