@@ -18,14 +18,17 @@ Only the flags given are set; the rest keep ``AppArgs``' defaults. ``--config FI
 runs a Serve config instead (strictly checked first, as ``python -m
 deployments.serve_config`` does). Either way Ray is started locally (its own instance,
 never one it finds) unless ``--address`` names a cluster, the Ray metrics of this node
-are served on ``--metrics-port`` (8080; ``dashboards/prometheus.yml`` scrapes it), and
-Ctrl-C (or SIGTERM) deletes the application and stops what was started.
+are served on ``--metrics-port`` (8080; ``dashboards/prometheus.yml`` scrapes it), a
+locally started Ray runs Ray Serve's high-throughput mode (``deployments/ray_env.py``;
+``--no-ray-throughput-mode`` for the default one), and Ctrl-C (or SIGTERM) deletes the
+application and stops what was started.
 """
 
 from __future__ import annotations
 
 import argparse
 import os
+import shutil
 import signal
 import sys
 import time
@@ -90,6 +93,9 @@ def add_serve_parser(sub) -> argparse.ArgumentParser:
     p.add_argument("--address", help="run on this Ray cluster (default: start a local one)")
     p.add_argument("--metrics-port", type=int, default=DEFAULT_METRICS_PORT,
                    help="Ray's Prometheus endpoint of a locally started node (0: any port)")
+    p.add_argument("--ray-throughput-mode", default=True, action=argparse.BooleanOptionalAction,
+                   help="Ray Serve's high-throughput mode (HAProxy, direct ingress, gRPC "
+                   "between replicas) for a locally started Ray (deployments/ray_env.py)")
     p.add_argument("--dry-run", action="store_true",
                    help="print the application's arguments (or check the config) and exit")
     for section in SECTIONS:
@@ -154,6 +160,12 @@ def load_config(path: str) -> dict:
 def run_serve(args: argparse.Namespace) -> int:
     if bool(args.model) == bool(args.config):
         raise ServeOptionError("give MODEL or --config FILE (one of them)")
+    if args.ray_throughput_mode and args.address is None and not args.dry_run:
+        from deployments import ray_env
+
+        env = ray_env.throughput_env(local=True)
+        ray_env.apply(env)  # before Ray is imported
+        args.scratch = env.get("RAY_SERVE_HAPROXY_SERVER_STATE_BASE")
     if args.config:
         config = load_config(args.config)
         http = config.setdefault("http_options", {})
@@ -206,6 +218,9 @@ def _serve_until_stopped(config: dict, args: argparse.Namespace) -> int:
         stop.wait()
     finally:
         _shutdown(schema, args.address is None)
+        scratch = getattr(args, "scratch", None)
+        if scratch and os.path.basename(scratch).startswith("psh-"):  # ours: ray_env made it
+            shutil.rmtree(scratch, ignore_errors=True)
     return 130 if stop.interrupted else 0
 
 

@@ -1,6 +1,7 @@
 """``packserve``: ``serve`` builds the application from flags (the keys of ``AppArgs``) or
-runs a config, and really serves (a subprocess with a Ray of its own, stopped by Ctrl-C);
-``batch`` and ``probe`` take the same model specs (``packaged:``, ``smoke:``)."""
+runs a config, and really serves (a subprocess with a Ray of its own in Ray Serve's
+high-throughput mode, HAProxy in front, stopped by Ctrl-C); ``batch`` and ``probe`` take
+the same model specs (``packaged:``, ``smoke:``)."""
 
 from __future__ import annotations
 
@@ -109,6 +110,12 @@ def test_packserve_serve_serves_a_model_and_stops_on_ctrl_c():
                                max_retries=0, timeout=60)
         out = client.completions.create(model="tiny", prompt="hello", max_tokens=3)
         assert out.usage.completion_tokens == 3
+        chunks = list(client.completions.create(model="tiny", prompt="hello", max_tokens=5,
+                                                stream=True, extra_body={"ignore_eos": True}))
+        assert chunks[-1].choices[0].finish_reason == "length"
+        with pytest.raises(openai.BadRequestError, match="seed"):
+            client.completions.create(model="tiny", prompt="hello", seed=2**64)
+        assert httpx.get(f"http://127.0.0.1:{port}/health", timeout=30).status_code == 200
         metrics = httpx.get(f"http://127.0.0.1:{metrics_port}/metrics", timeout=30).text
         assert "ray_packserve_" in metrics or "ray_" in metrics
         proc.send_signal(signal.SIGINT)
