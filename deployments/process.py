@@ -11,11 +11,13 @@ logger = logging.getLogger("ray.serve")
 
 
 def rss_bytes() -> int:
-    """Resident memory of this process (Linux ``/proc``; 0 elsewhere)."""
+    """Anonymous resident memory of this process (heap and stacks: what it holds for
+    itself, not the pages of Ray's shared object store it has mapped and touched, which
+    VmRSS also counts); Linux ``/proc``, 0 elsewhere."""
     try:
         with open("/proc/self/status") as f:
             for line in f:
-                if line.startswith("VmRSS:"):
+                if line.startswith("RssAnon:"):
                     return int(line.split()[1]) * 1024
     except OSError:
         pass

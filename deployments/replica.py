@@ -27,7 +27,7 @@ from ray import serve
 
 from deployments.config import AdmissionArgs, ModelArgs
 from deployments.metrics import ReplicaMetrics
-from deployments.process import rss_bytes
+from deployments.process import rss_bytes, trim_memory
 from deployments.streams import StreamSender, StreamSink, entry_of
 from deployments.work import EmbedWork, GenerateWork, ModelInfo, Refusal, ScoreWork, Work
 from worker import Engine
@@ -38,6 +38,7 @@ from worker.sources import is_smoke_test
 logger = logging.getLogger("ray.serve")
 
 EMBED_STEPS_IN_FLIGHT = 2
+TRIM_AFTER_TOKENS = 8192  # after a request this large, give freed heap back to the OS
 
 
 class EngineReplica:
@@ -108,7 +109,10 @@ class EngineReplica:
     async def embed(self, work: EmbedWork) -> np.ndarray | Refusal:
         """[num_inputs, hidden] float32."""
         with self._serving(work), _refusing() as refused:
-            return await self.engine.embed_async(work.inputs, work.pooling, work.normalize)
+            vectors = await self.engine.embed_async(work.inputs, work.pooling, work.normalize)
+            if work.num_tokens > TRIM_AFTER_TOKENS:  # its activations are freed by now
+                trim_memory()
+            return vectors
         return refused.value
 
     async def score(self, work: ScoreWork) -> list[np.ndarray] | Refusal:
