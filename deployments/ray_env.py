@@ -33,6 +33,7 @@ def throughput_env(local: bool = True) -> dict[str, str]:
     if local:
         state = tempfile.mkdtemp(prefix="psh-", dir="/tmp")  # short: socket paths are capped
         env.update({
+            "RAY_SERVE_LOG_TO_STDERR": "1",  # the mode turns it off; a terminal wants errors
             "RAY_SERVE_DIRECT_INGRESS_MIN_DRAINING_PERIOD_S": "1",
             "RAY_SERVE_HAPROXY_CONFIG_FILE_LOC": f"{state}/haproxy.cfg",
             "RAY_SERVE_HAPROXY_SOCKET_PATH": f"{state}/admin.sock",
