@@ -80,13 +80,20 @@ bench-batch: install
 		--out benchmarks/results/batch_cpu.json
 
 # Streamed completions over HTTP (Serve) vs the in-process engine (benchmarks/serve_load.py):
-# the Azure trace's arrivals with the smoke decoder, then the serving ceiling (the smallest
-# smoke shape, 256 streams of 128 tokens, and 40 requests at 2/s).
+# the Azure trace's arrivals with the smoke decoder, and the serving ceiling (the smallest
+# smoke shape: 256 streams of 128 tokens, then 40 requests at 2/s); Serve's default mode and
+# the high-throughput mode `packserve serve` runs; the ceiling also with the Serve streaming
+# calls the stream channel replaced. Profiles: add --profile DIR (README, "Serving benchmark").
+SERVE_LOAD := RAY_AUTH_MODE=disabled $(PY) -m benchmarks.serve_load
 bench-serve: install
-	RAY_AUTH_MODE=disabled $(PY) -m benchmarks.serve_load --mode trace --num-requests 200 \
-		--rates 2,0 --out benchmarks/results/serve_load_cpu.json
-	RAY_AUTH_MODE=disabled $(PY) -m benchmarks.serve_load --mode ceiling --rates 2,0 \
-		--out benchmarks/results/serve_ceiling_cpu.json
+	$(SERVE_LOAD) --mode trace --rates 2,0 --out benchmarks/results/serve_load_cpu.json
+	$(SERVE_LOAD) --mode trace --rates 2,0 --ray-mode throughput \
+		--out benchmarks/results/serve_load_fast_cpu.json
+	$(SERVE_LOAD) --mode ceiling --rates 2,0 --out benchmarks/results/serve_ceiling_cpu.json
+	$(SERVE_LOAD) --mode ceiling --rates 2,0 --ray-mode throughput \
+		--out benchmarks/results/serve_ceiling_fast_cpu.json
+	$(SERVE_LOAD) --mode ceiling --rates 2,0 --stream-transport serve_handle \
+		--out benchmarks/results/serve_ceiling_handle_cpu.json
 
 clean:
 	rm -rf build *.egg-info packing_cy/_ffd.c packing_cy/*.so
