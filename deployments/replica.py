@@ -90,6 +90,9 @@ class EngineReplica:
             channel = await self._streams.channel(sink)
             num_tokens = 0
             async for delta in self.engine.generate_stream(work.prompt_token_ids, work.params):
+                if channel.closed:  # the ingress is gone: stop generating (aborts it)
+                    raise ConnectionError(f"stream channel to the ingress lost: "
+                                          f"{channel.error!r}")
                 channel.push(sink.key, entry_of(delta))  # per request, per step
                 num_tokens += len(delta.token_ids)
             await channel.flushed()

@@ -36,23 +36,31 @@ async def channel_entries(receiver: StreamReceiver, handle, work: GenerateWork,
     inbox, sink = await receiver.open()
     timer.dispatched()
     call = handle.generate_to.remote(work, sink)
-    watcher = asyncio.ensure_future(_watch(call, inbox))
+    finished = asyncio.Event()
+    watcher = asyncio.ensure_future(_watch(call, inbox, finished))
+    _WATCHERS.add(watcher)
+    watcher.add_done_callback(_WATCHERS.discard)
     try:
         while True:
             entry = await inbox.take()
             timer.delta(len(entry.token_ids))
             yield entry
             if entry.finish_reason is not None:
+                finished.set()  # the call ends on its own (its last frame is in)
                 return
     finally:
         receiver.close(sink)
-        if not watcher.done():
+        if not finished.is_set():  # the client left, or the call failed
             call.cancel()
             watcher.cancel()
 
 
-async def _watch(call, inbox: Inbox) -> None:
-    """Fail the inbox if the call fails; if it succeeds, its last frame is on the wire."""
+_WATCHERS: set[asyncio.Task] = set()  # running watchers (the loop keeps weak references)
+
+
+async def _watch(call, inbox: Inbox, finished: asyncio.Event) -> None:
+    """Fail the inbox if the call fails; if it succeeds, its last frame is on the wire
+    and must arrive within ``FINISH_GRACE_S``."""
     try:
         result = await call
     except asyncio.CancelledError:
@@ -63,9 +71,11 @@ async def _watch(call, inbox: Inbox) -> None:
     if isinstance(result, Refusal):
         inbox.fail(from_exception(result.error))
         return
-    await asyncio.sleep(FINISH_GRACE_S)
-    inbox.fail(unavailable("the replica finished but its last tokens never arrived on "
-                           "the stream channel; retry the request"))
+    try:
+        await asyncio.wait_for(finished.wait(), FINISH_GRACE_S)
+    except TimeoutError:
+        inbox.fail(unavailable("the replica finished but its last tokens never arrived on "
+                               "the stream channel; retry the request"))
 
 
 async def handle_entries(handle, work: GenerateWork, timer: RequestTimer
