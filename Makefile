@@ -23,11 +23,11 @@ $(STAMP): pyproject.toml setup.py packing_cy/_ffd.pyx | $(PY)
 	touch $(STAMP)
 
 # The embedded default: this machine's CPU, the packaged all-MiniLM-L6-v2 and the smoke-test
-# decoder (built on first start), HTTP on 127.0.0.1:8000. `-a local` starts a Ray
-# instance of its own (it never joins another cluster on the machine); Ctrl-C stops it.
+# decoder (built on first start), HTTP on 127.0.0.1:8000, Ray's metrics on :8080 (what
+# dashboards/prometheus.yml scrapes). `packserve serve` starts a Ray instance of its own
+# (it never joins another cluster on the machine); Ctrl-C stops it.
 serve: install
-	RAY_AUTH_MODE=disabled RAY_USAGE_STATS_ENABLED=0 \
-		$(VENV)/bin/serve run -a local cluster/local.yaml
+	RAY_USAGE_STATS_ENABLED=0 $(VENV)/bin/packserve serve --config cluster/local.yaml
 
 # Debian's prometheus package (a static binary) unpacked into .tools/, no root needed:
 # `apt-get download` with the system's package lists, or, when those are missing, with
@@ -84,10 +84,21 @@ bench-batch: install
 	$(PY) -m benchmarks.batch --device cpu --num-docs 512 \
 		--out benchmarks/results/batch_cpu.json
 
-# The Azure trace's arrivals over HTTP (Serve) vs the in-process engine (benchmarks/serve_load.py).
+# Streamed completions over HTTP (Serve) vs the in-process engine (benchmarks/serve_load.py):
+# the Azure trace's arrivals with the smoke decoder, and the serving ceiling (the smallest
+# smoke shape: 256 streams of 128 tokens, then 40 requests at 2/s); Serve's default mode and
+# the high-throughput mode `packserve serve` runs; the ceiling also with the Serve streaming
+# calls the stream channel replaced. Profiles: add --profile DIR (README, "Serving benchmark").
+SERVE_LOAD := RAY_AUTH_MODE=disabled $(PY) -m benchmarks.serve_load
 bench-serve: install
-	RAY_AUTH_MODE=disabled $(PY) -m benchmarks.serve_load --num-requests 200 --rates 2,0 \
-		--out benchmarks/results/serve_load_cpu.json
+	$(SERVE_LOAD) --mode trace --rates 2,0 --out benchmarks/results/serve_load_cpu.json
+	$(SERVE_LOAD) --mode trace --rates 2,0 --ray-mode throughput \
+		--out benchmarks/results/serve_load_fast_cpu.json
+	$(SERVE_LOAD) --mode ceiling --rates 2,0 --out benchmarks/results/serve_ceiling_cpu.json
+	$(SERVE_LOAD) --mode ceiling --rates 2,0 --ray-mode throughput \
+		--out benchmarks/results/serve_ceiling_fast_cpu.json
+	$(SERVE_LOAD) --mode ceiling --rates 2,0 --stream-transport serve_handle \
+		--out benchmarks/results/serve_ceiling_handle_cpu.json
 
 # Embeddings vs sentence-transformers encode(), classification vs HF padded batches
 # (benchmarks/pooled.py); sentence-transformers is the baseline's, installed here only.

@@ -1,20 +1,29 @@
-"""Serving overhead: the Azure trace's arrivals over HTTP (Ray Serve, the official
-``openai`` client, streamed completions) against the same schedule on the engine
-in-process, same model, same machine, one after the other.
+"""Serving overhead: the same streamed completions through Ray Serve over HTTP and on the
+engine in-process, same model, same machine, one path after the other.
 
-Workload: the first ``--num-requests`` requests of the Azure conversation trace in
-arrival order; prompts are random token ids of each request's context length, outputs
-exactly its generated length (EOS ignored, greedy). Lengths are scaled and clipped on
-CPU (the JSON says how). Arrivals keep the trace's gaps, time-compressed to each
-``--rates`` value (mean requests/s offered); a rate of 0 sends everything at once, which
-saturates both paths and so measures throughput.
+Two modes:
 
-Per request: TTFT (send to the first streamed token), TPOT (then per further token),
-end-to-end; per run: requests/s and generated tokens/s over the run's wall time, p50/p99,
-and the 429 rate. Ratios: HTTP throughput / in-process throughput, and HTTP TTFT p50 -
-in-process TTFT p50 (the added time to first token).
+| mode      | model                                   | workload                                  |
+|-----------|-----------------------------------------|-------------------------------------------|
+| ``trace`` | ``smoke:decoder`` (4 layers, hidden 256) | the Azure trace's first requests, scaled  |
+| ``ceiling``| the smoke decoder at its smallest shape (1 layer, hidden 32): the model costs almost nothing, so what is left is the serving path | ``--num-streams`` streams of ``--stream-tokens`` tokens, 16-token prompts |
 
-    python -m benchmarks.serve_load --out benchmarks/results/serve_load_cpu.json
+Each mode runs every rate in ``--rates``: 0 sends everything at once (saturation:
+throughput), r > 0 offers r requests/s (trace: the trace's gaps, time-compressed;
+ceiling: ``--light-requests`` requests at even gaps) to measure added latency.
+
+Per request: TTFT (send to the first streamed text), the gaps between streamed
+messages (ITL: what a reader sees as the stream's stutter), TPOT ((end - first) /
+(tokens - 1)), messages and tokens (the usage chunk says how many tokens came). Per
+run: generated tokens/s over the run's wall time, messages per token, p50/p99, and the
+429 rate. Ratios: HTTP tokens/s / in-process tokens/s, and the added TTFT p50.
+
+HTTP clients: ``trace`` uses the official ``openai`` client; ``ceiling`` a lean
+aiohttp reader that parses only the usage chunk, because at 256 streams on two cores the
+``openai`` client's per-chunk parsing would take the CPU the server is measured on.
+
+    python -m benchmarks.serve_load --mode trace --out benchmarks/results/serve_load_cpu.json
+    python -m benchmarks.serve_load --mode ceiling --out benchmarks/results/serve_ceiling_cpu.json
 """
 
 from __future__ import annotations
@@ -25,7 +34,6 @@ import os
 import sys
 import tempfile
 import time
-from dataclasses import dataclass
 from pathlib import Path
 
 if __package__ in (None, ""):  # run as a script: make the repository importable
@@ -35,27 +43,16 @@ import numpy as np
 
 from benchmarks._common import write_json
 from benchmarks._env import machine_info
+from benchmarks._proc_cpu import Profiler, cpu_delta, tree
+from benchmarks._serve_clients import Req, engine_sender, http_sender, lean_sender, summarize
 from benchmarks.workloads import azure_trace
 
 MODEL = "packserve-smoke"
+CEILING_SHAPE = {"hidden_size": 32, "intermediate_size": 64, "num_hidden_layers": 1,
+                 "num_attention_heads": 2, "num_key_value_heads": 1}
 
 
-@dataclass(frozen=True)
-class Req:
-    arrival_s: float
-    prompt: list[int]
-    max_tokens: int
-
-
-@dataclass
-class Result:
-    status: int = 0
-    ttft_s: float = float("nan")
-    e2e_s: float = float("nan")
-    num_tokens: int = 0
-
-
-def workload(args, vocab: int) -> list[Req]:
+def trace_workload(args, vocab: int) -> list[Req]:
     trace = azure_trace()
     n = args.num_requests
     rng = np.random.default_rng(args.seed)
@@ -66,15 +63,38 @@ def workload(args, vocab: int) -> list[Req]:
             for a, c, g in zip(arrivals, ctx, gen)]
 
 
+def ceiling_workload(args, vocab: int, n: int) -> list[Req]:
+    rng = np.random.default_rng(args.seed)
+    return [Req(float(i), rng.integers(3, vocab, 16).tolist(), args.stream_tokens)
+            for i in range(n)]
+
+
 def schedule(reqs: list[Req], rate: float) -> list[float]:
-    """Send times: the trace's gaps scaled to ``rate`` requests/s (0: all at once)."""
+    """Send times: the requests' gaps scaled to ``rate`` requests/s (0: all at once)."""
     if rate <= 0:
         return [0.0] * len(reqs)
     natural = len(reqs) / max(reqs[-1].arrival_s, 1e-9)
     return [r.arrival_s * natural / rate for r in reqs]
 
 
-async def replay(reqs, times, send) -> tuple[list[Result], float]:
+def measured(run, label: str, profile_dir: str | None):
+    """``run()``'s summary with the CPU seconds each process spent (and, with
+    ``profile_dir``, a py-spy profile of each Ray process)."""
+    before = tree()
+    profiler = Profiler(profile_dir, label) if profile_dir else None
+    if profiler:
+        with profiler:
+            results, wall = run()
+    else:
+        results, wall = run()
+    out = {**summarize(results, wall), "cpu_s": cpu_delta(before, tree())}
+    if profiler:
+        out["profile"] = profiler.summary()
+    print(f"{label}: {out}", flush=True)
+    return out
+
+
+async def replay(reqs, times, send):
     t0 = time.perf_counter()
 
     async def one(req, at):
@@ -85,96 +105,69 @@ async def replay(reqs, times, send) -> tuple[list[Result], float]:
     return list(results), time.perf_counter() - t0
 
 
-def http_sender(client):
-    import openai
+def ceiling_model(root: str) -> str:
+    """The smoke decoder's tokenizer over a random Qwen2 of ``CEILING_SHAPE``."""
+    import torch
+    from transformers import AutoConfig, AutoTokenizer, Qwen2ForCausalLM
 
-    async def send(req: Req) -> Result:
-        res, start = Result(), time.perf_counter()
-        try:
-            stream = await client.completions.create(
-                model=MODEL, prompt=req.prompt, max_tokens=req.max_tokens, temperature=0,
-                stream=True, extra_body={"ignore_eos": True})
-            async for chunk in stream:
-                if chunk.choices and res.num_tokens == 0:
-                    res.ttft_s = time.perf_counter() - start
-                res.num_tokens += 1 if chunk.choices and chunk.choices[0].text is not None else 0
-            res.status = 200
-        except openai.RateLimitError:
-            res.status = 429
-        except openai.APIStatusError as exc:
-            res.status = exc.status_code
-        res.e2e_s = time.perf_counter() - start
-        return res
+    from worker.sources import resolve_model
 
-    return send
+    smoke = resolve_model("smoke:decoder")
+    base = AutoConfig.from_pretrained(smoke).to_dict()
+    for key in ("layer_types", "head_dim", "architectures", "transformers_version"):
+        base.pop(key, None)
+    config = type(AutoConfig.from_pretrained(smoke))(**{**base, **CEILING_SHAPE})
+    with torch.random.fork_rng(devices=[]):
+        torch.manual_seed(0)
+        model = Qwen2ForCausalLM(config).eval()
+    path = Path(root) / "smoke-ceiling"
+    model.save_pretrained(path)
+    AutoTokenizer.from_pretrained(smoke).save_pretrained(path)
+    return str(path)
 
 
-def engine_sender(engine):
-    from worker.sampling import SamplingParams
-
-    async def send(req: Req) -> Result:
-        res, start = Result(), time.perf_counter()
-        params = SamplingParams(max_tokens=req.max_tokens, temperature=0, ignore_eos=True)
-        async for delta in engine.generate_stream(req.prompt, params):
-            if res.num_tokens == 0:
-                res.ttft_s = time.perf_counter() - start
-            res.num_tokens += len(delta.token_ids)
-        res.status, res.e2e_s = 200, time.perf_counter() - start
-        return res
-
-    return send
-
-
-def summarize(results: list[Result], wall_s: float, reqs: list[Req]) -> dict:
-    ok = [r for r in results if r.status == 200]
-    ttft = np.array([r.ttft_s for r in ok])
-    generated = sum(req.max_tokens for req, r in zip(reqs, results) if r.status == 200)
-    tpot = np.array([(r.e2e_s - r.ttft_s) / (req.max_tokens - 1)
-                     for req, r in zip(reqs, results) if r.status == 200 and req.max_tokens > 1])
-
-    def pct(a, q):
-        return float(np.percentile(a, q)) * 1000 if len(a) else None
-
-    return {"num_requests": len(results), "num_ok": len(ok),
-            "rate_429": sum(r.status == 429 for r in results) / len(results),
-            "other_errors": sorted({r.status for r in results} - {200, 429}),
-            "wall_s": wall_s, "requests_per_s": len(ok) / wall_s,
-            "generated_tokens_per_s": generated / wall_s,
-            "ttft_ms_p50": pct(ttft, 50), "ttft_ms_p99": pct(ttft, 99),
-            "tpot_ms_p50": pct(tpot, 50), "tpot_ms_p99": pct(tpot, 99)}
-
-
-def engine_config(args):
+def engine_config(args, model: str):
     from worker import EngineConfig
 
-    return EngineConfig(model="smoke:decoder", max_num_batched_tokens=args.budget,
+    return EngineConfig(model=model, max_num_batched_tokens=args.budget,
                         num_kv_blocks=args.num_kv_blocks, max_model_len=2048)
 
 
-def app_args(args) -> dict:
-    cfg = engine_config(args)
+def app_args(args, model: str) -> dict:
+    cfg = engine_config(args, model)
     return {"models": [{"name": MODEL, "model": cfg.model, "engine": {
         "max_num_batched_tokens": cfg.max_num_batched_tokens,
         "num_kv_blocks": cfg.num_kv_blocks, "max_model_len": cfg.max_model_len}}],
-        "admission": {"max_wait_s": 60}}
+        "admission": {"max_wait_s": args.max_wait_s},
+        "http": {"stream_transport": args.stream_transport}}
 
 
-def run_inprocess(args, reqs, rates) -> dict:
-    from worker import Engine
-
-    out = {}
-    with Engine(engine_config(args)) as engine:
-        send = engine_sender(engine)
-        asyncio.run(replay(reqs[:8], [0.0] * 8, send))  # warm-up
-        for rate in rates:
-            results, wall = asyncio.run(replay(reqs, schedule(reqs, rate), send))
-            out[str(rate)] = summarize(results, wall, reqs)
-            print(f"in-process rate={rate}: {out[str(rate)]}", flush=True)
+def runs(args, reqs_for) -> list[tuple[str, list[Req], list[float]]]:
+    out = []
+    for rate in [float(r) for r in args.rates.split(",")]:
+        reqs = reqs_for(rate)
+        out.append((str(rate), reqs, schedule(reqs, rate)))
     return out
 
 
-def run_http(args, reqs, rates) -> dict:
-    import openai
+def run_inprocess(args, model: str, plan) -> dict:
+    from worker import Engine
+
+    out = {}
+    with Engine(engine_config(args, model)) as engine:
+        send = engine_sender(engine)
+        asyncio.run(replay(plan[0][1][:8], [0.0] * 8, send))  # warm-up
+        for rate, reqs, times in plan:
+            out[rate] = measured(lambda r=reqs, t=times: asyncio.run(replay(r, t, send)),
+                                 f"inprocess-rate{rate}", None)
+    return out
+
+
+def run_http(args, model: str, plan) -> dict:
+    if args.ray_mode == "throughput":  # what `packserve serve` runs (deployments/ray_env.py)
+        from deployments import ray_env
+
+        ray_env.apply(ray_env.throughput_env(local=True))  # before Ray is imported
     import ray
     from ray import serve
 
@@ -187,20 +180,19 @@ def run_http(args, reqs, rates) -> dict:
              object_store_memory=1 << 30)
     port = free_port()
     serve.start(http_options={"host": "127.0.0.1", "port": port})
-    serve.run(build_app(app_args(args)), name="packserve", route_prefix="/")
+    serve.run(build_app(app_args(args, model)), name="packserve", route_prefix="/")
+    base = f"http://127.0.0.1:{port}/v1"
+    make_sender = lean_sender if args.mode == "ceiling" else http_sender
     out = {}
     try:
         async def go(batch, times):
-            client = openai.AsyncOpenAI(base_url=f"http://127.0.0.1:{port}/v1", api_key="x",
-                                        max_retries=0, timeout=600)
-            async with client:
-                return await replay(batch, times, http_sender(client))
+            async with make_sender(base, MODEL, len(batch)) as send:
+                return await replay(batch, times, send)
 
-        asyncio.run(go(reqs[:8], [0.0] * 8))  # warm-up
-        for rate in rates:
-            results, wall = asyncio.run(go(reqs, schedule(reqs, rate)))
-            out[str(rate)] = summarize(results, wall, reqs)
-            print(f"http rate={rate}: {out[str(rate)]}", flush=True)
+        asyncio.run(go(plan[0][1][:8], [0.0] * 8))  # warm-up
+        for rate, reqs, times in plan:
+            out[rate] = measured(lambda r=reqs, t=times: asyncio.run(go(r, t)),
+                                 f"http-rate{rate}", args.profile)
     finally:
         serve.shutdown()
         ray.shutdown()
@@ -209,38 +201,64 @@ def run_http(args, reqs, rates) -> dict:
 
 def main(argv=None) -> None:
     p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-    p.add_argument("--num-requests", type=int, default=200)
+    p.add_argument("--mode", choices=("trace", "ceiling"), default="trace")
     p.add_argument("--rates", default="2,0", help="offered requests/s, comma-separated; 0 = all at once")
+    p.add_argument("--paths", default="inprocess,http", help="which paths to run")
+    p.add_argument("--stream-transport", choices=("channel", "serve_handle"), default="channel",
+                   help="http.stream_transport of the app (serve_handle: one Ray object per "
+                   "delta, the transport before the stream channel)")
+    p.add_argument("--max-wait-s", type=float, default=0.0,
+                   help="admission.max_wait_s (0: a full pool answers 429 at once)")
+    p.add_argument("--ray-mode", choices=("default", "throughput"), default="default",
+                   help="Ray Serve's settings for the HTTP path (throughput: what "
+                   "`packserve serve` runs, deployments/ray_env.py)")
+    p.add_argument("--num-requests", type=int, default=200, help="trace: requests")
     p.add_argument("--context-scale", type=float, default=0.125)
     p.add_argument("--max-context", type=int, default=256)
     p.add_argument("--generated-scale", type=float, default=0.125)
     p.add_argument("--max-generated", type=int, default=32)
+    p.add_argument("--num-streams", type=int, default=256, help="ceiling: streams at rate 0")
+    p.add_argument("--stream-tokens", type=int, default=128, help="ceiling: tokens per stream")
+    p.add_argument("--light-requests", type=int, default=40, help="ceiling: requests at rate > 0")
     p.add_argument("--budget", type=int, default=2048)
     p.add_argument("--num-kv-blocks", type=int, default=4096)
     p.add_argument("--seed", type=int, default=0)
-    p.add_argument("--out", default="benchmarks/results/serve_load_cpu.json")
+    p.add_argument("--out", default=None)
+    p.add_argument("--profile", help="write py-spy profiles of every Ray process here")
     args = p.parse_args(argv)
-    rates = [float(r) for r in args.rates.split(",")]
+    load_before = os.getloadavg()  # 1, 5, 15 min: other jobs on the machine show here
     from worker.smoke import DECODER_VOCAB_SIZE
 
-    reqs = workload(args, DECODER_VOCAB_SIZE)
-    inproc = run_inprocess(args, reqs, rates)
-    http = run_http(args, reqs, rates)
-    ratios = {}
-    for rate in map(str, rates):
-        a, b = http[rate], inproc[rate]
-        ratios[rate] = {
-            "throughput_ratio": a["generated_tokens_per_s"] / b["generated_tokens_per_s"],
-            "added_ttft_ms_p50": (a["ttft_ms_p50"] or 0) - (b["ttft_ms_p50"] or 0)}
-    payload = {"benchmark": "serve_load", "machine": machine_info(), "args": vars(args),
-               "workload": {"source": "azure_llm_conv_2023 (first requests, arrival order)",
-                            "context_transform": f"ceil(context * {args.context_scale}) "
-                                                 f"clipped to [1, {args.max_context}]",
-                            "generated_transform": f"ceil(generated * {args.generated_scale}) "
-                                                   f"clipped to [1, {args.max_generated}]",
-                            "model": "smoke:decoder (random weights)"},
+    with tempfile.TemporaryDirectory(prefix="ps-ceiling-") as root:
+        if args.mode == "ceiling":
+            model = ceiling_model(root)
+            n = {True: args.num_streams, False: args.light_requests}
+            plan = runs(args, lambda r: ceiling_workload(args, DECODER_VOCAB_SIZE, n[r <= 0]))
+        else:
+            model, reqs = "smoke:decoder", trace_workload(args, DECODER_VOCAB_SIZE)
+            plan = runs(args, lambda r: reqs)
+        paths = args.paths.split(",")
+        inproc = run_inprocess(args, model, plan) if "inprocess" in paths else {}
+        http = run_http(args, model, plan) if "http" in paths else {}
+    ratios = {rate: {"throughput_ratio": http[rate]["generated_tokens_per_s"]
+                     / inproc[rate]["generated_tokens_per_s"],
+                     "added_ttft_ms_p50": http[rate]["ttft_ms_p50"] - inproc[rate]["ttft_ms_p50"]}
+              for rate in inproc if rate in http}
+    workload = ({"source": "azure_llm_conv_2023 (first requests, arrival order)",
+                 "context_transform": f"ceil(context * {args.context_scale}) "
+                                      f"clipped to [1, {args.max_context}]",
+                 "generated_transform": f"ceil(generated * {args.generated_scale}) "
+                                        f"clipped to [1, {args.max_generated}]",
+                 "model": "smoke:decoder (random weights)"} if args.mode == "trace" else
+                {"streams_at_saturation": args.num_streams, "prompt_tokens": 16,
+                 "tokens_per_stream": args.stream_tokens,
+                 "light_load_requests": args.light_requests,
+                 "model": f"smoke decoder tokenizer, random Qwen2 {CEILING_SHAPE}"})
+    payload = {"benchmark": f"serve_load/{args.mode}", "machine": machine_info(),
+               "load_before": load_before, "args": vars(args), "workload": workload,
                "in_process": inproc, "http": http, "ratios": ratios}
-    write_json(args.out, payload)
+    if args.out:
+        write_json(args.out, payload)
     print(ratios)
 
 

@@ -43,6 +43,7 @@ class AdmissionController:
         self._waiters: dict[str, deque] = {}  # model -> FIFO of (future, tokens, holder, clamp)
         self._reaper: asyncio.Task | None = None
         self.metrics = _admission_metrics()  # None: record nothing
+        self._zeroed: set[str] = set()  # models whose counters are exported at 0
 
     async def reserve(self, model: str, tokens: int, holder: str, clamp: bool = False
                       ) -> Decision:
@@ -55,6 +56,42 @@ class AdmissionController:
             decision = await self._wait(queue, model, tokens, holder, clamp)
         self._record(model, decision)
         return decision
+
+    async def exchange(self, ops: list[tuple], holder: str
+                       ) -> tuple[list[Decision | None], dict[str, tuple]]:
+        """An ingress's queued operations, in order (deployments/leases.py):
+        ``("reserve", model, tokens, clamp)`` -> its ``Decision``; ``("grant", model,
+        tokens, lease_id)`` books a lease the ingress granted itself; ``("release",
+        lease_id)``. Returns the decisions (None for the others) and every touched
+        pool's ``view``. Never waits: ingresses use ``reserve`` when ``max_wait_s > 0``."""
+        self._start_reaper()
+        now, decisions, models, released = time.monotonic(), [], set(), set()
+        for op in ops:
+            decision = None
+            if op[0] == "reserve":
+                _, model, tokens, clamp = op
+                decision = (Decision(Verdict.CAPACITY) if self._waiters.get(model)
+                            else self.ledger.reserve(model, tokens, holder, now, clamp=clamp))
+                if decision.verdict is Verdict.CAPACITY and decision.retry_after_s is None:
+                    decision = self._refusal(model, tokens)
+                self._record(model, decision, pool=False)
+            elif op[0] == "grant":
+                _, model, tokens, lease_id = op
+                self.ledger.grant(model, lease_id, tokens, holder, now)
+                self._record(model, Decision(Verdict.ADMITTED, lease_id), pool=False)
+            else:
+                lease = self.ledger.leases.get(op[1])
+                model = lease.model if lease is not None else None
+                if self.ledger.release(op[1], now):
+                    released.add(model)
+            if model is not None:
+                models.add(model)
+            decisions.append(decision)
+        for model in released:
+            self._admit_waiters(model)
+        for model in models:
+            self._record_pool(model)
+        return decisions, {m: self.ledger.view(m) for m in models}
 
     async def release(self, lease_ids: list[str]) -> int:
         """End leases (idempotent); returns how many were still live."""
@@ -71,11 +108,19 @@ class AdmissionController:
         self._start_reaper()
         self.ledger.replica_report(model, replica, capacity_tokens, lease_ids, time.monotonic(),
                                    load)
+        if model not in self._zeroed and self.metrics is not None:
+            self._zeroed.add(model)
+            try:
+                self.metrics.export_zeros(model)
+            except Exception:  # metrics never fail a report
+                logger.exception("admission metrics failed")
         self._admit_waiters(model)
         self._record_pool(model)
 
-    async def holder_report(self, holder: str) -> None:
+    async def holder_report(self, holder: str) -> dict[str, tuple]:
+        """An ingress is alive; returns every pool's ``view`` (its grants need them)."""
         self.ledger.holder_report(holder, time.monotonic())
+        return {model: self.ledger.view(model) for model in self.ledger.pools}
 
     async def snapshot(self) -> dict[str, dict]:
         """Per model: reserved, capacity, largest replica, replicas, leases, waiters."""
@@ -127,12 +172,12 @@ class AdmissionController:
             future.set_result(decision)
 
     def _refusal(self, model: str, tokens: int) -> Decision:
-        snap = self.ledger.snapshot(model)
+        _, capacity, largest, _ = self.ledger.view(model)
         return Decision(Verdict.CAPACITY,
                         retry_after_s=self.ledger.retry_after(model, tokens, time.monotonic()),
-                        capacity=snap["capacity"], largest=snap["largest"])
+                        capacity=capacity, largest=largest)
 
-    def _record(self, model: str, decision: Decision) -> None:
+    def _record(self, model: str, decision: Decision, pool: bool = True) -> None:
         """Count one decision and publish the pool after it (never raises)."""
         if self.metrics is None:
             return
@@ -143,7 +188,8 @@ class AdmissionController:
                 self.metrics.rejected(model, decision.verdict.value)
         except Exception:  # metrics never fail a request
             logger.exception("admission metrics failed")
-        self._record_pool(model)
+        if pool:
+            self._record_pool(model)
 
     def _record_pool(self, model: str) -> None:
         """Publish the pool's reserved and capacity tokens (never raises)."""

@@ -19,6 +19,9 @@ from deployments.replica import EngineReplica
 ROUTER_CLASSES = {"free_budget": "deployments.router:FreeBudgetRouter",
                   "prefix_aware": "deployments.router:PrefixAwareRouter"}
 HEALTH_CHECK_PERIOD_S = 5.0
+# Serve logs one access line per call; the engines' and the controller's calls come
+# from the ingress and the heartbeats (several a second when idle), not from clients.
+INTERNAL_LOGGING = {"enable_access_log": False}
 
 
 def deployment_name(model_name: str) -> str:
@@ -34,6 +37,7 @@ def engine_deployment(m: ModelArgs, router: RouterArgs) -> serve.Deployment:
         "max_ongoing_requests": m.max_ongoing_requests,
         "health_check_period_s": HEALTH_CHECK_PERIOD_S,
         "graceful_shutdown_timeout_s": 30.0,
+        "logging_config": INTERNAL_LOGGING,
     }
     if m.autoscaling is not None:
         del options["num_replicas"]
@@ -53,7 +57,8 @@ def build_app(args: dict | None = None) -> serve.Application:
     """The packserve application; ``args`` as in cluster/*.yaml (validated strictly)."""
     app_args = AppArgs.parse(args)
     admission_args = app_args.admission.model_dump()
-    admission = AdmissionController.bind(admission_args) if app_args.admission.enabled else None
+    admission = (AdmissionController.options(logging_config=INTERNAL_LOGGING).bind(admission_args)
+                 if app_args.admission.enabled else None)
     models = {
         m.name: engine_deployment(m, app_args.router).bind(m.model_dump(), admission_args,
                                                             admission)

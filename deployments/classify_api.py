@@ -20,20 +20,15 @@ for embeddings. Limits, each a 400 naming it: inputs per request, every sequence
 
 from __future__ import annotations
 
-import asyncio
 import time
 
 import numpy as np
 
 from deployments import request_timer
-from deployments.classify_protocol import (
-    DEFAULT_MAX_INPUTS,
-    ClassifyRequest,
-    RerankRequest,
-    ScoreRequest,
-)
+from deployments.classify_protocol import ClassifyRequest, RerankRequest, ScoreRequest
 from deployments.errors import bad_request
-from deployments.openai_api import OpenAIService, check_length
+from deployments.limits import check_chars, check_length, check_vocab
+from deployments.openai_api import OpenAIService
 from deployments.request_timer import UNTIMED, RequestTimer
 from deployments.responses import new_id
 from deployments.work import ClassifyWork, EmbedWork, ModelInfo
@@ -55,10 +50,16 @@ class ClassifyService:
             raise bad_request(f"{body.model!r} is not a sequence classifier (it serves "
                               f"{', '.join(info.tasks)}); /v1/classify needs an "
                               "*ForSequenceClassification model", param="model")
-        raw = body.inputs()
+        raw = body.input
         self._check_count(len(raw), "input")
-        tok = await self.service.tokenizer(body.model)
-        inputs = [tok.encode(x) if isinstance(x, str) else list(x) for x in raw]
+        if isinstance(raw[0], str):
+            tok = await self.service.tokenizer(body.model)
+            inputs = await self._tokenize(sum(len(x) for x in raw), "input",
+                                          tok.encode_batch, raw)
+        else:
+            for i, ids in enumerate(raw):
+                check_vocab(info, ids, f"input[{i}]")
+            inputs = raw
         for i, ids in enumerate(inputs):
             check_length(info, len(ids), 0, f"input[{i}]")
         logits, total = await self._classify(body.model, inputs, None, timer)
@@ -106,14 +107,16 @@ class ClassifyService:
         """(one score per pair, tokens run): a cross-encoder's sigmoid, else cosine.
         ``fields`` name the two sides in errors (``("query", "documents")``)."""
         tok = await self.service.tokenizer(model)
+        chars = sum(map(len, second)) + sum(map(len, dict.fromkeys(first)))
         if info.is_classifier:
-            ids, types = await asyncio.to_thread(_encode_pairs, tok.tokenizer, first, second)
+            ids, types = await self._tokenize(chars, fields[1], _encode_pairs, tok.tokenizer,
+                                              first, second)
             for i, seq in enumerate(ids):
                 check_length(info, len(seq), 0, f"the pair ({fields[0]}, {fields[1]}[{i}])")
             logits, total = await self._classify(model, ids, types, timer)
             return info.labels.probabilities(logits)[:, 0], total
         distinct = list(dict.fromkeys(first))  # each first text embedded once
-        ids = await asyncio.to_thread(lambda: [tok.encode(t) for t in distinct + second])
+        ids = await self._tokenize(chars, fields[1], tok.encode_batch, distinct + second)
         for i, seq in enumerate(ids):
             where = fields[0] if i < len(distinct) else f"{fields[1]}[{i - len(distinct)}]"
             check_length(info, len(seq), 0, where)
@@ -150,6 +153,12 @@ class ClassifyService:
 
     # ---- checks -----------------------------------------------------------------------
 
+    async def _tokenize(self, num_chars: int, field: str, fn, *args):
+        """``fn(*args)`` on the ingress's tokenizer pool (off the event loop when large),
+        after the per-request character cap (``http.max_prompt_chars``)."""
+        check_chars(num_chars, self.service.limits.max_prompt_chars, field)
+        return await self.service.pool.run(num_chars, fn, *args)
+
     async def _model(self, name: str) -> ModelInfo:
         self.service.model(name)  # 404 for a model that is not served
         return await self.service.info(name)
@@ -168,9 +177,7 @@ class ClassifyService:
                           "embedding models (cosine similarity)", param="model")
 
     def _check_count(self, num: int, field: str) -> None:
-        limit = getattr(self.service.args.http, "max_embedding_inputs", None)
-        setting = "http.max_embedding_inputs" if limit is not None else "packserve's cap"
-        limit = limit or DEFAULT_MAX_INPUTS
+        limit, setting = self.service.limits.max_embedding_inputs, "http.max_embedding_inputs"
         if num == 0:
             raise bad_request(f"{field} is empty: send at least one", param=field)
         if num > limit:

@@ -1,5 +1,6 @@
-"""Request bodies of the classification endpoints, validated at the edge (pydantic,
-unknown fields refused, as in ``deployments/protocol.py``).
+"""Request bodies of the classification endpoints, validated at the edge by the rules of
+``deployments/protocol.py`` (unknown fields refused, strict JSON types, lone surrogates
+refused with their path).
 
 | endpoint                         | shape of                                                   |
 |----------------------------------|------------------------------------------------------------|
@@ -10,38 +11,24 @@ unknown fields refused, as in ``deployments/protocol.py``).
 
 from __future__ import annotations
 
-from pydantic import BaseModel, ConfigDict, Field
+from typing import Annotated
 
-from deployments.protocol import TokenIds
+from pydantic import BaseModel, ConfigDict, Field, PlainValidator
 
-DEFAULT_MAX_INPUTS = 2048  # inputs, documents or pairs per request (OpenAI's embedding cap)
-
-
-class _Body(BaseModel):
-    model_config = ConfigDict(extra="forbid")
-
-    model: str
-    user: str | None = None  # accepted and ignored, as in the OpenAI endpoints
+from deployments.protocol import TokenIds, _Body, _inputs
 
 
 class ClassifyRequest(_Body):
     """POST /v1/classify: one label and its probabilities per input."""
 
-    input: str | list[str] | TokenIds | list[TokenIds]
-
-    def inputs(self) -> list[str | TokenIds]:
-        x = self.input
-        if isinstance(x, str):
-            return [x]
-        if x and isinstance(x[0], int):
-            return [x]
-        return list(x)
+    input: Annotated[list[str] | list[TokenIds], PlainValidator(
+        _inputs, json_schema_input_type=str | list[str] | TokenIds | list[TokenIds])]
 
 
 class RerankDocument(BaseModel):
     """A document as an object (Jina's and Cohere's v1 form); a plain string is the same."""
 
-    model_config = ConfigDict(extra="forbid")
+    model_config = ConfigDict(extra="forbid", strict=True)
     text: str
 
 

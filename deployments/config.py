@@ -21,6 +21,7 @@ from worker.config import ConfigError, EngineConfig
 
 API_KEY_ENV = "PACKSERVE_API_KEY"
 DEFAULT_MAX_BODY_BYTES = 4 << 20
+DEFAULT_MAX_PROMPT_CHARS = 1 << 20
 SERVE_METRICS_INTERVAL_S = 10.0  # Serve's default replica metrics push period
 
 
@@ -120,6 +121,13 @@ class HTTPArgs(_Strict):
 
     api_key: str | None = None  # Bearer key; PACKSERVE_API_KEY overrides; None: no auth
     max_body_bytes: int = Field(DEFAULT_MAX_BODY_BYTES, ge=1024)
+    # characters of text per request (a prompt, all messages, all embedding inputs),
+    # refused before any tokenizing
+    max_prompt_chars: int = Field(DEFAULT_MAX_PROMPT_CHARS, ge=1)
+    max_embedding_inputs: int = Field(2048, ge=1)  # per request, as OpenAI caps it
+    tokenizer_threads: int = Field(2, ge=1)  # large inputs are tokenized here, off the loop
+    # how tokens travel from replicas to the ingress (deployments/streaming.py)
+    stream_transport: Literal["channel", "serve_handle"] = "channel"
     num_replicas: int = Field(1, ge=1)  # ingress replicas (CPU only)
     max_ongoing_requests: int = Field(4096, ge=1)  # per ingress replica (Serve's default: 5)
 

@@ -1,10 +1,12 @@
 """The HTTP edge: a FastAPI app served by Ray Serve (``@serve.ingress``).
 
-Framing only: routes, API-key auth, the body size limit, every error rendered in
-OpenAI's format (``deployments/errors.py``), and per-request metrics (status, TTFT, TPOT,
-e2e: ``deployments/request_timer.py``, the outermost middleware, so that 401s, 413s and
+Framing only: routes, API-key auth, the body (read whole, bounded, valid UTF-8), every
+error rendered in OpenAI's format (``deployments/errors.py``; FastAPI's own 404, 405
+and body errors included) and logged as one WARNING line, and per-request metrics
+(``deployments/request_timer.py``, the outermost middleware, so that 401s, 413s and
 invalid bodies are counted too). The endpoints' logic lives in
-``deployments/openai_api.py``.
+``deployments/openai_api.py``. The middlewares are plain ASGI (no
+``BaseHTTPMiddleware``, which copies every streamed chunk through a memory stream).
 """
 
 import asyncio
@@ -12,8 +14,9 @@ import logging
 
 from fastapi import FastAPI, Request
 from fastapi.exceptions import RequestValidationError
-from fastapi.responses import JSONResponse, StreamingResponse
+from fastapi.responses import JSONResponse, Response, StreamingResponse
 from ray import serve
+from starlette.exceptions import HTTPException
 from starlette.types import ASGIApp, Receive, Scope, Send
 
 from deployments.classify_api import ClassifyService
@@ -22,14 +25,22 @@ from deployments.config import AppArgs
 from deployments.errors import APIError, from_exception
 from deployments.leases import AdmissionClient
 from deployments.openai_api import OpenAIService
-from deployments.protocol import ChatCompletionRequest, CompletionRequest, EmbeddingRequest
-from deployments.request_timer import RequestMetrics, set_recorder, timer
+from deployments.protocol import (
+    FIELD_ERROR,
+    ChatCompletionRequest,
+    CompletionRequest,
+    EmbeddingRequest,
+    short,
+)
+from deployments.request_timer import ClientLeft, RequestMetrics, set_recorder, timer
 
 logger = logging.getLogger("ray.serve")
 
 app = FastAPI(title="packserve", description="OpenAI-compatible, padding-free LLM serving")
 OPEN_PATHS = ("/health", "/docs", "/openapi.json")
+BODY_METHODS = ("POST", "PUT", "PATCH")
 _EDGE: dict = {"api_key": None, "max_body_bytes": None}  # set once per ingress process
+HEALTH_TIMEOUT_S = 5.0
 
 
 def set_edge(api_key: str | None, max_body_bytes: int) -> None:
@@ -40,73 +51,125 @@ def set_edge(api_key: str | None, max_body_bytes: int) -> None:
 
 def edge(name: str):
     return _EDGE[name]
-HEALTH_TIMEOUT_S = 5.0
 
 
-class BodyLimit:
-    """413 for bodies over ``app.state.max_body_bytes``, whether declared by
-    Content-Length or streamed in chunks (counted as they arrive)."""
-
-    def __init__(self, inner: ASGIApp):
-        self.inner = inner
-
-    async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
-        if scope["type"] != "http":
-            return await self.inner(scope, receive, send)
-        limit = edge("max_body_bytes") or 1 << 62
-        declared = dict(scope.get("headers") or ()).get(b"content-length")
-        if declared is not None and declared.isdigit() and int(declared) > limit:
-            return await _send_error(send, _too_large(int(declared), limit))
-        seen = 0
-
-        async def counting_receive():
-            nonlocal seen
-            message = await receive()
-            seen += len(message.get("body", b""))
-            if seen > limit:
-                raise APIError(413, f"request body is over {limit} bytes "
-                               "(http.max_body_bytes)", param="body")
-            return message
-
-        await self.inner(scope, counting_receive, send)
+def log_client_error(scope: Scope, err: APIError) -> None:
+    """One WARNING line per 4xx (not 429s: overload is counted, not logged per request)."""
+    if 400 <= err.status < 500 and err.status != 429:
+        logger.warning("%s %s -> %d: %s", scope.get("method"), scope.get("path"),
+                       err.status, err.message)
 
 
-def _too_large(size: int, limit: int) -> APIError:
-    return APIError(413, f"request body is {size} bytes, more than the limit of {limit} "
-                    "bytes (http.max_body_bytes)", param="body")
-
-
-async def _send_error(send: Send, err: APIError) -> None:
+async def _send_error(scope: Scope, send: Send, err: APIError) -> None:
+    log_client_error(scope, err)
     response = err.to_response()
     await send({"type": "http.response.start", "status": response.status_code,
                 "headers": response.raw_headers})
     await send({"type": "http.response.body", "body": response.body})
 
 
-app.add_middleware(BodyLimit)
+class BodyReader:
+    """Reads a request's body whole before routing: 413 past ``http.max_body_bytes``
+    whether declared by Content-Length or streamed in chunks (counted as they arrive),
+    400 if it is not UTF-8; then replays it to the app."""
+
+    def __init__(self, inner: ASGIApp):
+        self.inner = inner
+
+    async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
+        if scope["type"] != "http" or scope["method"] not in BODY_METHODS:
+            return await self.inner(scope, receive, send)
+        limit = edge("max_body_bytes") or 1 << 62
+        declared = dict(scope.get("headers") or ()).get(b"content-length")
+        if declared is not None and declared.isdigit() and int(declared) > limit:
+            return await _send_error(scope, send, _too_large(f"is {int(declared)} bytes", limit))
+        chunks, size = [], 0
+        while True:
+            message = await receive()
+            if message["type"] == "http.disconnect":
+                raise ClientLeft()
+            chunks.append(message.get("body", b""))
+            size += len(chunks[-1])
+            if size > limit:
+                return await _send_error(scope, send, _too_large(f"is over {limit} bytes "
+                                                                 "(sent in chunks)", limit))
+            if not message.get("more_body"):
+                break
+        body = b"".join(chunks)
+        try:
+            body.decode("utf-8")
+        except UnicodeDecodeError as exc:
+            return await _send_error(scope, send, APIError(
+                400, f"the body is not valid UTF-8: byte 0x{body[exc.start]:02x} at position "
+                f"{exc.start} ({exc.reason}); JSON bodies must be UTF-8", param="body"))
+        delivered = False
+
+        async def replay():
+            nonlocal delivered
+            if delivered:  # later reads wait for the client to leave (streams listen)
+                return await receive()
+            delivered = True
+            return {"type": "http.request", "body": body, "more_body": False}
+
+        await self.inner(scope, replay, send)
 
 
-@app.middleware("http")
-async def _auth(request: Request, call_next):
-    key = edge("api_key")
-    if (key and request.url.path not in OPEN_PATHS
-            and request.headers.get("authorization", "") != f"Bearer {key}"):
-        return APIError(401, "missing or wrong API key: send 'Authorization: Bearer <key>'",
-                        type="authentication_error", code="invalid_api_key").to_response()
-    return await call_next(request)
+def _too_large(what: str, limit: int) -> APIError:
+    return APIError(413, f"the request body {what}, more than the limit of {limit} bytes "
+                    "(http.max_body_bytes)", param="body")
 
 
+class Auth:
+    """401 without ``Authorization: Bearer <http.api_key>`` (when a key is set)."""
+
+    def __init__(self, inner: ASGIApp):
+        self.inner = inner
+
+    async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
+        key = edge("api_key")
+        path = scope.get("path", "").removeprefix(scope.get("root_path", ""))
+        if key and scope["type"] == "http" and path not in OPEN_PATHS:
+            given = dict(scope.get("headers") or ()).get(b"authorization", b"")
+            if given != f"Bearer {key}".encode():
+                return await _send_error(scope, send, APIError(
+                    401, "missing or wrong API key: send 'Authorization: Bearer <key>'",
+                    type="authentication_error", code="invalid_api_key"))
+        await self.inner(scope, receive, send)
+
+
+app.add_middleware(BodyReader)
+app.add_middleware(Auth)
 app.add_middleware(RequestMetrics)  # added last: outermost, it sees every status
 
 
 @app.exception_handler(RequestValidationError)
 async def _invalid(request: Request, exc: RequestValidationError) -> JSONResponse:
-    return validation_error(exc).to_response()
+    return _logged(request, validation_error(exc))
 
 
 @app.exception_handler(APIError)
 async def _api_error(request: Request, exc: APIError) -> JSONResponse:
-    return exc.to_response()
+    return _logged(request, exc)
+
+
+@app.exception_handler(HTTPException)
+async def _http_error(request: Request, exc: HTTPException) -> JSONResponse:
+    """FastAPI's own errors (unknown path, wrong method, unreadable body) in OpenAI's body."""
+    method, path = request.method, request.url.path
+    if exc.status_code == 404:
+        err = APIError(404, f"no route {method} {path}: the API is /v1/completions, "
+                       "/v1/chat/completions, /v1/embeddings, /v1/models, /health",
+                       code="not_found")
+    elif exc.status_code == 405:
+        allowed = (exc.headers or {}).get("Allow", "")
+        err = APIError(405, f"{method} is not allowed on {path}; allowed: {allowed}",
+                       code="method_not_allowed")
+    else:
+        err = APIError(exc.status_code, f"{exc.detail}")
+    response = _logged(request, err)
+    if exc.headers:
+        response.headers.update(exc.headers)
+    return response
 
 
 @app.exception_handler(Exception)
@@ -114,6 +177,11 @@ async def _unexpected(request: Request, exc: Exception) -> JSONResponse:
     err = from_exception(exc)
     if err.status >= 500:
         logger.exception("request failed: %s", err.message)
+    return _logged(request, err)
+
+
+def _logged(request: Request, err: APIError) -> JSONResponse:
+    log_client_error(request.scope, err)
     return err.to_response()
 
 
@@ -121,27 +189,31 @@ def validation_error(exc: RequestValidationError) -> APIError:
     """400 naming each bad field and its value (malformed JSON included)."""
     parts, param = [], None
     for err in exc.errors():
-        loc = [str(p) for p in err.get("loc", ()) if p != "body"]
-        if err.get("type") == "json_invalid":
+        loc = [p for p in err.get("loc", ()) if p != "body"]
+        kind = err.get("type")
+        if kind == "json_invalid":
             parts.append(f"the body is not valid JSON: {err.get('ctx', {}).get('error', '')}")
             continue
-        if loc == [] and err.get("type") in ("model_attributes_type", "dict_type"):
+        if loc == [] and kind in ("model_attributes_type", "dict_type", "model_type"):
             parts.append("the body must be a JSON object (send Content-Type: application/json)")
             continue
-        where = ".".join(loc) or "body"
-        param = param or where
-        if err.get("type") == "extra_forbidden":
-            parts.append(f"{where}: unknown field")
+        if kind == FIELD_ERROR:
+            where, msg = err["ctx"]["field"], err["ctx"]["message"]
         else:
+            where = "".join(f"[{p}]" if isinstance(p, int) else f".{p}" for p in loc)
+            where = where.lstrip(".") or "body"
             msg = err.get("msg", "").removeprefix("Value error, ")
-            parts.append(f"{where}: {msg} (got {err.get('input')!r})")
+            msg = "unknown field" if kind == "extra_forbidden" else (
+                f"{msg} (got {short(err.get('input'))})")
+        param = param or where
+        parts.append(f"{where}: {msg}")
     return APIError(400, "; ".join(parts) or "invalid request", param=param)
 
 
 class EventStream(StreamingResponse):
     """Server-sent events that always close their iterator, whether the stream ended,
-    failed or the client left: closing it cancels the replica's stream and releases
-    the request's lease (an abandoned async generator would only do so when collected)."""
+    failed or the client left: closing it cancels the replica's call and releases the
+    request's lease (an abandoned async generator would only do so when collected)."""
 
     async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
         try:
@@ -162,10 +234,12 @@ def _ingress_metrics():
 
 
 def _respond(result):
-    """A body as JSON, an async iterator of SSE strings as an event stream. (Defined
-    before the ingress class: Serve pickles that class when it is decorated.)"""
+    """A dict as JSON, bytes as a JSON body, an async iterator of SSE strings as an
+    event stream. (Defined before the ingress class: Serve pickles that class.)"""
     if isinstance(result, dict):
         return result
+    if isinstance(result, bytes):
+        return Response(result, media_type="application/json")
     return EventStream(result, media_type="text/event-stream")
 
 
@@ -173,15 +247,18 @@ def _respond(result):
 class OpenAIIngress:
     """OpenAI-compatible routes over the model deployments (see module docstring)."""
 
-    def __init__(self, app_args: dict, admission, models: dict):
+    async def __init__(self, app_args: dict, admission, models: dict):
         self.args = AppArgs.parse(app_args)
         set_edge(self.args.api_key(), self.args.http.max_body_bytes)
         holder = serve.get_replica_context().replica_id.unique_id
         client = AdmissionClient(admission, holder, self.args.admission.heartbeat_s,
-                                 enabled=self.args.admission.enabled)
-        self.service = OpenAIService(self.args, models, client)
+                                 enabled=self.args.admission.enabled,
+                                 batch=self.args.admission.max_wait_s == 0)
+        metrics = _ingress_metrics()
+        set_recorder(metrics)
+        self.service = OpenAIService(self.args, models, client, metrics)
         self.classify_service = ClassifyService(self.service)
-        set_recorder(_ingress_metrics())
+        self._warm_up = asyncio.get_running_loop().create_task(self.service.warm_up())
 
     @app.get("/health")
     async def health(self) -> JSONResponse:
@@ -211,8 +288,8 @@ class OpenAIIngress:
         return _respond(await self.service.chat(body, self._timer(request, body)))
 
     @app.post("/v1/embeddings")
-    async def embeddings(self, body: EmbeddingRequest, request: Request) -> dict:
-        return await self.service.embeddings(body, self._timer(request, body))
+    async def embeddings(self, body: EmbeddingRequest, request: Request):
+        return _respond(await self.service.embeddings(body, self._timer(request, body)))
 
     # ---- classification (deployments/classify_api.py) ----------------------------------
 
@@ -238,6 +315,10 @@ class OpenAIIngress:
         if not client.enabled:
             return {}
         return await client.handle.snapshot.remote()
+
+    async def state(self) -> dict:
+        """This ingress process, for tests and operators (a handle call, not a route)."""
+        return self.service.state()
 
     def _timer(self, request: Request, body):
         return timer(request.scope, body.model, self.service.handles)

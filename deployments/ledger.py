@@ -120,6 +120,20 @@ class AdmissionLedger:
         pool.reserved += tokens
         return Decision(Verdict.ADMITTED, lease_id, capacity=capacity, largest=largest)
 
+    def grant(self, model: str, lease_id: str, tokens: int, holder: str, now: float) -> None:
+        """Book a lease its holder granted itself (within its share of a pool far from
+        full, deployments/leases.py): booked as it comes, even past capacity, because
+        its request is already running."""
+        self.holders[holder] = now
+        if lease_id not in self.leases:
+            self.leases[lease_id] = Lease(model, tokens, holder)
+            self._pool(model).reserved += tokens
+
+    def view(self, model: str) -> tuple[int, int, int, int]:
+        """(reserved, capacity, largest replica, holders): what an ingress needs to grant."""
+        pool = self._pool(model)
+        return pool.reserved, self._capacity(pool), self._largest(pool), len(self.holders)
+
     def release(self, lease_id: str, now: float) -> bool:
         """End a lease; False when it already ended (release is idempotent)."""
         lease = self.leases.pop(lease_id, None)

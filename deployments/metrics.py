@@ -160,11 +160,20 @@ def _build(*names: str, **default_tags: str) -> list:
     return [METRICS[n].build().set_default_tags(dict(default_tags)) for n in names]
 
 
+def export_zero(counter, tags: dict[str, str] | None = None) -> None:
+    """Make Prometheus see ``counter``'s series for ``tags`` at 0 before its first event,
+    so a panel reads 0, not "No data". ``Counter.inc`` refuses 0; recording 0 through
+    ``_record`` (what ``inc`` calls after its check) creates the series and adds nothing."""
+    counter._record(0, tags=tags)
+
+
 class ReplicaMetrics:
     """Engine-replica metrics; ``observe_step`` is an engine step observer (it runs on
     the stepping thread, a few metric calls per bin)."""
 
-    def __init__(self, model: str, replica: str):
+    def __init__(self, model: str, replica: str, kinds: tuple[str, ...] = ("forward", "generate")):
+        """``kinds``: the step kinds this replica runs (an encoder never generates); each
+        gets its counters exported at 0 now."""
         tags = {"model": model, "replica": replica}
         (self._real, self._avoided, self._fill, self._bins, self._forward, self._oom,
          self._shrinks, self._step_budget, self._wait) = _build(
@@ -183,6 +192,11 @@ class ReplicaMetrics:
         self._kind_tags = {k: {"kind": k} for k in ("forward", "generate")}
         self._last: dict[str, StepRecord] = {}  # kind -> its latest step (gauge refresh)
         self._latest: StepRecord | None = None
+        for kind in kinds:
+            for counter in (self._real, self._avoided, self._oom, self._shrinks):
+                export_zero(counter, self._kind_tags[kind])
+        for counter in (self._h2d_bytes, self._h2d_seconds, self._preempt):
+            export_zero(counter)
 
     def observe_step(self, record: StepRecord) -> None:
         """Record one engine step (``worker.observe.StepRecord``)."""
@@ -245,6 +259,12 @@ class IngressMetrics:
                                          "packserve_queue_wait_seconds"))
         self._tags: dict[tuple, dict[str, str]] = {}  # bounded: models x endpoints x codes
 
+    def export_zeros(self, endpoints: dict[str, tuple[str, ...]]) -> None:
+        """Requests answered with 200 by each model's endpoints, at 0 from the start."""
+        for model, names in endpoints.items():
+            for endpoint in names:
+                export_zero(self._requests, self._tag(model, endpoint, "200"))
+
     def observe_request(self, model: str, endpoint: str, status: int | str,
                         ttft_s: float | None = None, tpot_s: float | None = None,
                         e2e_s: float | None = None) -> None:
@@ -283,6 +303,12 @@ class AdmissionMetrics:
         self._models: dict[str, dict[str, str]] = {}
         self._reasons: dict[tuple[str, RejectReason], dict[str, str]] = {}
 
+    def export_zeros(self, model: str) -> None:
+        """The model's admissions and every rejection reason, at 0 (call once per model)."""
+        export_zero(self._admitted, self._model(model))
+        for reason in RejectReason:
+            export_zero(self._rejected, self._reason(model, reason))
+
     def set_pool(self, model: str, reserved: int, capacity: int) -> None:
         tags = self._model(model)
         self._reserved.set(reserved, tags)
@@ -293,11 +319,13 @@ class AdmissionMetrics:
 
     def rejected(self, model: str, reason: RejectReason | str) -> None:
         """``reason``: a ``RejectReason`` or its value (ValueError for anything else)."""
-        key = (model, RejectReason(reason))
-        tags = self._reasons.get(key)
+        self._rejected.inc(1, self._reason(model, RejectReason(reason)))
+
+    def _reason(self, model: str, reason: RejectReason) -> dict[str, str]:
+        tags = self._reasons.get((model, reason))
         if tags is None:
-            tags = self._reasons[key] = {"model": model, "reason": key[1].value}
-        self._rejected.inc(1, tags)
+            tags = self._reasons[(model, reason)] = {"model": model, "reason": reason.value}
+        return tags
 
     def _model(self, model: str) -> dict[str, str]:
         tags = self._models.get(model)

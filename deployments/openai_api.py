@@ -1,38 +1,61 @@
 """The OpenAI endpoints' logic: validate, tokenize, admit, route, format.
 
 ``OpenAIService`` knows nothing of HTTP framing (``deployments/ingress.py`` does); it
-returns response bodies, or async iterators of server-sent-event strings for streams.
-Every request holds an admission lease from before it is routed until it ends.
+returns response bodies (dicts, or bytes for embeddings), or async iterators of
+server-sent-event strings for streams (``deployments/streaming.py``). Every request
+holds an admission lease from before it is routed until it ends. Limits are checked
+before the work they protect: characters before tokenizing, tokens before admission.
 """
 
 from __future__ import annotations
 
 import asyncio
-from collections.abc import AsyncIterator
-from contextlib import aclosing
+import logging
 
+import numpy as np
+
+from deployments import streaming
 from deployments.config import AppArgs
 from deployments.errors import APIError, bad_request, from_exception, unavailable
 from deployments.leases import AdmissionClient, Lease
+from deployments.limits import (
+    chat_max_tokens,
+    check_chars,
+    check_embedding_inputs,
+    check_length,
+    check_vocab,
+    split_by_tokens,
+)
+from deployments.process import rss_bytes, trim_memory
 from deployments.protocol import ChatCompletionRequest, CompletionRequest, EmbeddingRequest
 from deployments.request_timer import UNTIMED, RequestTimer
 from deployments.responses import (
     CompletionLogprobs,
     Envelope,
     chat_logprobs,
+    embeddings_body,
     merge_logprobs,
-    sse,
+    token_logprobs,
     usage,
 )
-from deployments.tokens import ModelTokenizer, embedding_payload
-from deployments.work import EmbedWork, GenerateWork, ModelInfo, ScoreWork
+from deployments.streams import Entry, StreamReceiver
+from deployments.tokens import ModelTokenizer, TokenizerPool
+from deployments.work import EmbedWork, GenerateWork, ModelInfo, Refusal, ScoreWork
+
+logger = logging.getLogger("ray.serve")
 
 INFO_TIMEOUT_S = 60.0  # a model's first replica may still be loading
+PART_WAIT_S = 60.0  # a large embedding request waits this long for room for each later part
+LARGE_RESPONSE_BYTES = 8 << 20  # after building a body this large, give the heap back
 
 
 class OpenAIService:
-    def __init__(self, args: AppArgs, models: dict, admission: AdmissionClient):
+    def __init__(self, args: AppArgs, models: dict, admission: AdmissionClient, metrics=None):
         self.args, self.handles, self.admission = args, models, admission
+        self.metrics = metrics  # IngressMetrics, or None
+        self.limits = args.http
+        self.pool = TokenizerPool(args.http.tokenizer_threads)
+        self.streams = StreamReceiver() if args.http.stream_transport == "channel" else None
         self._infos: dict[str, ModelInfo] = {}
         self._tokenizers: dict[str, ModelTokenizer] = {}
         self._loading = asyncio.Lock()
@@ -63,6 +86,28 @@ class OpenAIService:
                                             "noise; swap in a real model id to serve text")
             data.append(entry)
         return {"object": "list", "data": data}
+
+    async def warm_up(self) -> None:
+        """Load every model's info and tokenizer before the first request needs them (a
+        model still loading is retried), and export its request counters at 0."""
+        for m in self.args.models:
+            while True:
+                try:
+                    info = await self.info(m.name)
+                    break
+                except APIError:
+                    await asyncio.sleep(1.0)
+            try:
+                await self.tokenizer(m.name)
+            except Exception as exc:  # noqa: BLE001 - token-id requests still work
+                logger.warning("no tokenizer for %s: %s", m.name, exc)
+            if self.metrics is not None:
+                endpoints = (("completions", "chat", "embeddings") if info.can_generate
+                             else ("embeddings",))
+                try:
+                    self.metrics.export_zeros({m.name: endpoints})
+                except Exception:
+                    logger.exception("ingress metrics failed")
 
     def model(self, name: str):
         if name not in self.handles:
@@ -98,27 +143,29 @@ class OpenAIService:
                     self._tokenizers[name] = tok
         return tok
 
+    def state(self) -> dict:
+        """What this ingress holds now (tests check it drains; operators read it)."""
+        return {"tokenizer_queued": self.pool.num_queued, "rss_bytes": rss_bytes(),
+                "open_streams": self.streams.num_open if self.streams else 0}
+
     # ---- completions ----------------------------------------------------------------
 
     async def completions(self, body: CompletionRequest, timer: RequestTimer = UNTIMED):
         handle = self.model(body.model)
         info, tok = await self._generator(body.model)
-        try:
-            (prompt,) = body.prompts()
-        except ValueError as exc:
-            raise bad_request(str(exc), param="prompt") from None
-        ids = tok.encode(prompt) if isinstance(prompt, str) else list(prompt)
-        max_tokens = 16 if body.max_tokens is None else body.max_tokens
+        ids = await self._prompt_ids(info, tok, body.prompt)
+        sent = "max_tokens" in body.model_fields_set and body.max_tokens is not None
+        max_tokens = body.max_tokens if sent else 16
         if max_tokens == 0 and not body.echo:
             raise bad_request("max_tokens must be >= 1, got 0 (0 is allowed only with "
                               "echo: true, which scores the prompt)", param="max_tokens")
-        check_length(info, len(ids), max_tokens, "prompt")
+        check_length(info, len(ids), max_tokens, "prompt", max_tokens_sent=sent)
         lease = await self.admission.reserve(body.model, len(ids) + max_tokens)
         env = Envelope("cmpl", "text_completion", body.model)
         lp = CompletionLogprobs(tok) if body.logprobs is not None else None
-        prompt_text = tok.decode(ids) if body.echo else ""
-        prompt_lp = None
         try:
+            prompt_text = await self.pool.run(4 * len(ids), tok.decode, ids) if body.echo else ""
+            prompt_lp = None
             if body.echo and lp is not None:
                 scores = await self._call(handle.score,
                                           ScoreWork(lease.lease_id, len(ids), [ids]), timer)
@@ -126,15 +173,30 @@ class OpenAIService:
             if max_tokens == 0:
                 choice = {"index": 0, "text": prompt_text, "logprobs": prompt_lp,
                           "finish_reason": "length"}
-                return env.body(choices=[choice], usage=usage(len(ids), 0))
+                n = usage(len(ids), 0)
+                lease.release()
+                if body.stream:
+                    return streaming.single([choice], env, n if body.include_usage else None)
+                return env.body(choices=[choice], usage=n)
             work = GenerateWork(lease.lease_id, len(ids) + max_tokens, ids,
                                 body.sampling_params(max_tokens, body.logprobs))
         except BaseException:
             lease.release()
             raise
         if body.stream:
-            return self._stream_completion(handle, work, lease, env, lp, prompt_text,
-                                           prompt_lp, body.include_usage, timer)
+            echo = {"text": prompt_text, "logprobs": prompt_lp}  # the first chunk carries it
+
+            def choice(entry: Entry) -> dict:
+                gen_lp = (lp.generated(entry.token_ids, token_logprobs(entry.logprobs))
+                          if lp and entry.logprobs else None)
+                out = {"index": 0, "text": echo["text"] + entry.text,
+                       "logprobs": merge_logprobs(echo["logprobs"], gen_lp),
+                       "finish_reason": entry.finish_reason}
+                echo.update(text="", logprobs=None)
+                return out
+
+            return streaming.events(self._entries(handle, work, timer), env, choice, len(ids),
+                                    body.include_usage, on_end=lease.release)
         out = await self._generate(handle, work, lease, timer)
         gen_lp = lp.generated(out.token_ids, out.logprobs) if lp and out.logprobs else None
         choice = {"index": 0, "text": prompt_text + (out.text or ""),
@@ -143,41 +205,34 @@ class OpenAIService:
         return env.body(choices=[choice], usage=usage(len(ids), len(out.token_ids),
                                                       out.num_cached_tokens))
 
-    def _stream_completion(self, handle, work, lease, env, lp, prompt_text, prompt_lp,
-                           include_usage, timer) -> AsyncIterator[str]:
-        echo = {"text": prompt_text, "logprobs": prompt_lp}  # the first chunk carries the prompt
-
-        def choice(delta) -> dict:
-            gen_lp = (lp.generated(delta.token_ids, delta.logprobs)
-                      if lp and delta.logprobs else None)
-            out = {"index": 0, "text": echo["text"] + delta.text,
-                   "logprobs": merge_logprobs(echo["logprobs"], gen_lp),
-                   "finish_reason": finish(delta)}
-            echo.update(text="", logprobs=None)
-            return out
-
-        return self._events(handle, work, lease, env, timer, include_usage, choice)
-
     # ---- chat -----------------------------------------------------------------------
 
     async def chat(self, body: ChatCompletionRequest, timer: RequestTimer = UNTIMED):
         handle = self.model(body.model)
         info, tok = await self._generator(body.model)
-        try:
-            messages = [{"role": m.role, "content": m.text()} for m in body.messages]
-        except ValueError as exc:
-            raise bad_request(str(exc), param="messages") from None
-        ids = tok.chat(messages)
-        max_tokens = body.token_limit() or max(1, info.max_model_len - len(ids))
-        check_length(info, len(ids), max_tokens, "the rendered messages")
+        messages = [{"role": m.role, "content": m.content} for m in body.messages]
+        chars = sum(len(m["content"]) for m in messages)
+        check_chars(chars, self.limits.max_prompt_chars, "messages")
+        ids = await self.pool.run(chars, tok.chat, messages)
+        max_tokens = chat_max_tokens(info, len(ids), body.token_limit())
         k = (body.top_logprobs or 0) if body.logprobs else None
-        work = GenerateWork(None, len(ids) + max_tokens, ids, body.sampling_params(max_tokens, k))
-        lease = await self.admission.reserve(body.model, work.num_tokens)
-        work = GenerateWork(lease.lease_id, work.num_tokens, ids, work.params)
+        lease = await self.admission.reserve(body.model, len(ids) + max_tokens)
+        work = GenerateWork(lease.lease_id, len(ids) + max_tokens, ids,
+                            body.sampling_params(max_tokens, k))
         env = Envelope("chatcmpl", "chat.completion", body.model)
         if body.stream:
             env.object = "chat.completion.chunk"
-            return self._stream_chat(handle, work, lease, env, tok, body.include_usage, timer)
+
+            def choice(entry: Entry) -> dict:
+                return {"index": 0, "delta": {"content": entry.text} if entry.text else {},
+                        "logprobs": chat_logprobs(tok, entry.token_ids,
+                                                  token_logprobs(entry.logprobs)),
+                        "finish_reason": entry.finish_reason}
+
+            first = {"index": 0, "delta": {"role": "assistant", "content": ""},
+                     "logprobs": None, "finish_reason": None}
+            return streaming.events(self._entries(handle, work, timer), env, choice, len(ids),
+                                    body.include_usage, first, on_end=lease.release)
         out = await self._generate(handle, work, lease, timer)
         choice = {"index": 0, "message": {"role": "assistant", "content": out.text or ""},
                   "logprobs": chat_logprobs(tok, out.token_ids, out.logprobs),
@@ -185,47 +240,52 @@ class OpenAIService:
         return env.body(choices=[choice], usage=usage(len(ids), len(out.token_ids),
                                                       out.num_cached_tokens))
 
-    def _stream_chat(self, handle, work, lease, env, tok, include_usage, timer
-                     ) -> AsyncIterator[str]:
-        def choice(delta) -> dict:
-            return {"index": 0, "delta": {"content": delta.text} if delta.text else {},
-                    "logprobs": chat_logprobs(tok, delta.token_ids, delta.logprobs),
-                    "finish_reason": finish(delta)}
-
-        first = {"index": 0, "delta": {"role": "assistant", "content": ""}, "logprobs": None,
-                 "finish_reason": None}
-        return self._events(handle, work, lease, env, timer, include_usage, choice, first)
-
     # ---- embeddings -----------------------------------------------------------------
 
-    async def embeddings(self, body: EmbeddingRequest, timer: RequestTimer = UNTIMED) -> dict:
+    async def embeddings(self, body: EmbeddingRequest, timer: RequestTimer = UNTIMED) -> bytes:
         handle = self.model(body.model)
         info = await self.info(body.model)
-        tok = await self.tokenizer(body.model)
-        inputs = [tok.encode(x) if isinstance(x, str) else list(x) for x in body.inputs()]
-        if not inputs:
-            raise bad_request("input is empty: send a string, a list of strings, or token "
-                              "id arrays", param="input")
+        check_embedding_inputs(len(body.input), self.limits.max_embedding_inputs)
+        if isinstance(body.input[0], str):
+            chars = sum(len(x) for x in body.input)
+            check_chars(chars, self.limits.max_prompt_chars, "input")
+            tok = await self.tokenizer(body.model)
+            inputs = await self.pool.run(chars, tok.encode_batch, body.input)
+        else:
+            for i, ids in enumerate(body.input):
+                check_vocab(info, ids, f"input[{i}]")
+            inputs = body.input
         for i, ids in enumerate(inputs):
             check_length(info, len(ids), 0, f"input[{i}]")
         if body.dimensions is not None and body.dimensions != info.hidden_size:
             raise bad_request(f"dimensions={body.dimensions} is not supported by "
                               f"{body.model!r}: its embeddings have {info.hidden_size}",
                               param="dimensions")
+        vectors = await self._embed_in_parts(handle, body.model, info, inputs, timer)
         total = sum(len(ids) for ids in inputs)
-        m = self.args.model(body.model)
-        lease = await self.admission.reserve(body.model, total, clamp=True)
-        try:
-            vectors = await self._call(handle.embed, EmbedWork(lease.lease_id, lease.tokens,
-                                                               inputs, m.pooling, m.normalize),
-                                       timer)
-        finally:
-            lease.release()
-        data = [{"object": "embedding", "index": i,
-                 "embedding": embedding_payload(v, body.encoding_format)}
-                for i, v in enumerate(vectors)]
-        return {"object": "list", "data": data, "model": body.model,
-                "usage": {"prompt_tokens": total, "total_tokens": total}}
+        out = embeddings_body(vectors, body.encoding_format, body.model, total)
+        if len(out) > LARGE_RESPONSE_BYTES:
+            trim_memory()
+        return out
+
+    async def _embed_in_parts(self, handle, model: str, info: ModelInfo, inputs, timer
+                              ) -> np.ndarray:
+        """Embed ``inputs`` in parts of at most half a replica's capacity, one lease each,
+        so one large list never holds the whole pool while others wait. The first part
+        is admitted or refused like any request; later ones wait for room."""
+        m = self.args.model(model)
+        parts = split_by_tokens(inputs, max(info.max_model_len, info.capacity_tokens // 2))
+        vectors = []
+        for i, part in enumerate(parts):
+            tokens = sum(len(ids) for ids in part)
+            lease = await (self.admission.reserve(model, tokens, clamp=True) if i == 0 else
+                           self.admission.reserve_waiting(model, tokens, PART_WAIT_S))
+            try:
+                work = EmbedWork(lease.lease_id, lease.tokens, part, m.pooling, m.normalize)
+                vectors.append(await self._call(handle.embed, work, timer))
+            finally:
+                lease.release()
+        return vectors[0] if len(vectors) == 1 else np.concatenate(vectors)
 
     # ---- plumbing -------------------------------------------------------------------
 
@@ -235,6 +295,18 @@ class OpenAIService:
             raise bad_request(f"{name!r} is an embedding model: it serves /v1/embeddings "
                               "only", param="model")
         return info, await self.tokenizer(name)
+
+    async def _prompt_ids(self, info: ModelInfo, tok: ModelTokenizer, prompt) -> list[int]:
+        if isinstance(prompt, str):
+            check_chars(len(prompt), self.limits.max_prompt_chars, "prompt")
+            return await self.pool.run(len(prompt), tok.encode, prompt)
+        check_vocab(info, prompt, "prompt")
+        return prompt
+
+    def _entries(self, handle, work: GenerateWork, timer: RequestTimer):
+        if self.streams is not None:
+            return streaming.channel_entries(self.streams, handle, work, timer)
+        return streaming.handle_entries(handle, work, timer)
 
     async def _generate(self, handle, work: GenerateWork, lease: Lease, timer: RequestTimer):
         try:
@@ -248,62 +320,11 @@ class OpenAIService:
     async def _call(method, work, timer: RequestTimer = UNTIMED):
         timer.dispatched()
         try:
-            return await method.remote(work)
+            result = await method.remote(work)
         except (APIError, asyncio.CancelledError):
             raise
         except Exception as exc:  # noqa: BLE001 - mapped to what the client sees
             raise from_exception(exc) from None
-
-    async def _events(self, handle, work, lease, env, timer, include_usage, choice,
-                      first: dict | None = None) -> AsyncIterator[str]:
-        """The server-sent events of a streamed completion or chat: an optional first
-        chunk, one chunk per delta (``choice(delta)``), usage if asked, ``[DONE]``."""
-        if first is not None:
-            yield sse(env.body(choices=[first]))
-        num_generated = num_cached = 0
-        async with aclosing(self._stream(handle, work, lease, timer)) as deltas:
-            async for delta in deltas:
-                if isinstance(delta, APIError):
-                    yield sse(delta.body())
-                    break
-                num_generated += len(delta.token_ids)
-                num_cached = delta.num_cached_tokens
-                yield sse(env.body(choices=[choice(delta)]))
-        if include_usage:
-            yield sse(env.body(choices=[], usage=usage(len(work.prompt_token_ids), num_generated,
-                                                       num_cached)))
-        yield sse("[DONE]")
-
-    @staticmethod
-    async def _stream(handle, work: GenerateWork, lease: Lease, timer: RequestTimer):
-        """Deltas from the replica; an error mid-stream is yielded as an ``APIError``.
-        Closing this generator cancels the replica's stream (which aborts the request)."""
-        timer.dispatched()
-        stream = handle.options(stream=True).generate_stream.remote(work)
-        try:
-            async for delta in stream:
-                timer.delta(len(delta.token_ids))
-                yield delta
-        except asyncio.CancelledError:
-            raise
-        except Exception as exc:  # noqa: BLE001 - reported in the stream
-            yield from_exception(exc)
-        finally:
-            stream.cancel()
-            lease.release()
-
-
-def finish(delta) -> str | None:
-    return delta.finish_reason.value if delta.finish_reason else None
-
-
-def check_length(info: ModelInfo, num_tokens: int, max_tokens: int, what: str) -> None:
-    """Refuse empty input and input that cannot fit the model's context."""
-    if num_tokens == 0:
-        raise bad_request(f"{what} is empty (0 tokens); at least 1 token is required")
-    if num_tokens + max_tokens > info.max_model_len:
-        detail = (f"{num_tokens} tokens" if not max_tokens else
-                  f"{num_tokens} tokens + max_tokens {max_tokens} = {num_tokens + max_tokens}")
-        raise bad_request(f"{what} has {detail}, more than this model's maximum context "
-                          f"length max_model_len={info.max_model_len}; shorten it"
-                          + (" or lower max_tokens" if max_tokens else ""))
+        if isinstance(result, Refusal):
+            raise from_exception(result.error)
+        return result

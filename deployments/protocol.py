@@ -1,31 +1,145 @@
 """OpenAI request bodies, validated at the edge.
 
-Unknown fields are refused (a misspelt ``max_token`` must not silently run with the
-default). Fields OpenAI defines that packserve does not implement are accepted only at
-their neutral value, and refused otherwise with a message naming field and value,
-rather than ignored.
+- Unknown fields are refused (a misspelt ``max_token`` must not silently run with the
+  default). Fields OpenAI defines that packserve does not implement are accepted only at
+  their neutral value, and refused otherwise with a message naming field and value.
+- JSON types are strict: a bool is not a number (``max_tokens: true`` is refused, not
+  run as 1), a number is not a string, a text part's ``text`` is a string; NaN and
+  infinities are refused.
+- Text never reaches a tokenizer unless it is valid Unicode: JSON can escape a lone
+  surrogate (``"a\\ud800b"``), which decodes to a string no UTF-8 encoder accepts; any
+  such string anywhere in the body is refused with its path.
+- Ranges are the engine's: ``seed`` fits the sampler's 63 bits, ``top_logprobs`` needs
+  ``logprobs`` (as OpenAI requires), ``stream_options`` needs ``stream``.
+
+Errors raised as ``field_error(path, message)`` carry the field's path, which becomes
+the OpenAI error's ``param`` (``deployments/ingress.py``).
 """
 
 from __future__ import annotations
 
-from typing import Literal
+import re
+from typing import Annotated, Literal
 
-from pydantic import BaseModel, ConfigDict, Field, field_validator
+from pydantic import (
+    BaseModel,
+    ConfigDict,
+    Field,
+    PlainValidator,
+    field_validator,
+    model_validator,
+)
+from pydantic_core import PydanticCustomError
 
 from worker.sampling import MAX_LOGPROBS, SamplingParams
+
+MAX_SEED = 2**63 - 1  # the sampler seeds a torch.Generator: a signed 64-bit value
+FIELD_ERROR = "packserve_field"
+_SURROGATE = re.compile("[\ud800-\udfff]")
 
 TokenIds = list[int]
 
 
+def field_error(path: str, message: str) -> PydanticCustomError:
+    """A validation error for ``path`` (reported as the error's ``param``)."""
+    return PydanticCustomError(FIELD_ERROR, "{message}", {"field": path, "message": message})
+
+
+def short(value, limit: int = 80) -> str:
+    """``repr(value)``, cut to ``limit`` characters (bodies can be megabytes)."""
+    text = repr(value)
+    return text if len(text) <= limit else f"{text[:limit]}... ({len(text)} characters)"
+
+
+def find_surrogate(value, path: str = "") -> tuple[str, int, str] | None:
+    """(path, index, character) of the first lone surrogate in any string of ``value``."""
+    if isinstance(value, str):
+        match = _SURROGATE.search(value)
+        return (path, match.start(), match.group()) if match else None
+    items = value.items() if isinstance(value, dict) else (
+        enumerate(value) if isinstance(value, list) else ())
+    for key, item in items:
+        where = f"{path}.{key}" if isinstance(key, str) else f"{path}[{key}]"
+        found = find_surrogate(item, where.lstrip("."))
+        if found:
+            return found
+    return None
+
+
+def _is_ids(value) -> bool:
+    return isinstance(value, list) and all(type(t) is int for t in value)
+
+
+def _one_prompt(value) -> str | TokenIds:
+    """``prompt``: a string or token ids; a list holding one of them is unwrapped."""
+    if isinstance(value, str) or _is_ids(value):
+        return value
+    if isinstance(value, list) and all(isinstance(p, str) or _is_ids(p) for p in value):
+        if len(value) != 1:
+            raise field_error("prompt", f"one prompt per request (n=1); got a list of "
+                              f"{len(value)} prompts")
+        return value[0]
+    raise field_error("prompt", "must be a string, an array of token ids (integers), or a "
+                      f"list holding one of those; got {short(value)}")
+
+
+def _inputs(value) -> list[str] | list[TokenIds]:
+    """``input``: a string, a list of strings, token ids, or a list of token-id lists."""
+    if isinstance(value, str):
+        return [value]
+    if _is_ids(value) and value:
+        return [value]
+    if isinstance(value, list) and (all(isinstance(x, str) for x in value)
+                                    or all(_is_ids(x) for x in value)):
+        return value
+    raise field_error("input", "must be a string, a list of strings, an array of token ids "
+                      f"(integers), or a list of such arrays; got {short(value)}")
+
+
+def _invalid(message: str) -> ValueError:
+    """A field's error (a ValueError even for a wrong type: pydantic reports only
+    ValueErrors and AssertionErrors as validation errors)."""
+    return ValueError(message)
+
+
+def _content(value) -> str:
+    """A message's ``content``: a string, null, or a list of text parts, as one string."""
+    if value is None or isinstance(value, str):
+        return value or ""
+    if not isinstance(value, list):
+        raise _invalid(f"must be a string or a list of text parts; got {short(value)}")
+    texts = []
+    for j, part in enumerate(value):
+        if not isinstance(part, dict) or part.get("type") != "text":
+            kind = part.get("type") if isinstance(part, dict) else type(part).__name__
+            raise _invalid(f"part {j}: only text parts are supported; got type {kind!r}")
+        if set(part) - {"type", "text"}:
+            raise ValueError(f"part {j}: unknown field(s) {sorted(set(part) - {'type', 'text'})}")
+        if not isinstance(part.get("text"), str):
+            raise _invalid(f"part {j}: text must be a string; got {short(part.get('text'))}")
+        texts.append(part["text"])
+    return "".join(texts)
+
+
 class _Body(BaseModel):
-    model_config = ConfigDict(extra="forbid")
+    model_config = ConfigDict(extra="forbid", strict=True, allow_inf_nan=False)
 
     model: str
     user: str | None = None  # accepted and ignored, as OpenAI's abuse-tracking tag
 
+    @model_validator(mode="before")
+    @classmethod
+    def _valid_unicode(cls, data):
+        found = find_surrogate(data)
+        if found:
+            path, index, char = found
+            raise field_error(path, f"lone surrogate {char!r} at character {index} is not "
+                              "valid Unicode text; send UTF-8 text (surrogates only in pairs)")
+        return data
+
 
 class StreamOptions(BaseModel):
-    model_config = ConfigDict(extra="forbid")
+    model_config = ConfigDict(extra="forbid", strict=True)
     include_usage: bool = False
 
 
@@ -33,7 +147,7 @@ class _Sampling(_Body):
     temperature: float = Field(1.0, ge=0, le=2)
     top_p: float = Field(1.0, gt=0, le=1)
     top_k: int = Field(0, ge=0)  # an extension (vLLM's); 0 = off
-    seed: int | None = Field(None, ge=0)
+    seed: int | None = Field(None, ge=0, le=MAX_SEED)
     stop: str | list[str] | None = None
     stop_token_ids: list[int] | None = None  # an extension (vLLM's)
     ignore_eos: bool = False  # an extension (vLLM's)
@@ -50,6 +164,13 @@ class _Sampling(_Body):
         if value:
             raise ValueError("logit_bias is not supported; send null or {}")
         return value
+
+    @model_validator(mode="after")
+    def _stream_options_need_stream(self):
+        if self.stream_options is not None and not self.stream:
+            raise field_error("stream_options", "stream_options is allowed only with "
+                              "stream: true")
+        return self
 
     def sampling_params(self, max_tokens: int, logprobs: int | None) -> SamplingParams:
         stop = [self.stop] if isinstance(self.stop, str) else (self.stop or [])
@@ -68,41 +189,22 @@ class CompletionRequest(_Sampling):
     """POST /v1/completions. ``echo`` with ``max_tokens: 0`` and ``logprobs`` scores the
     prompt (log p of each prompt token given the ones before it)."""
 
-    prompt: str | list[str] | TokenIds | list[TokenIds]
+    prompt: Annotated[str | TokenIds, PlainValidator(
+        _one_prompt, json_schema_input_type=str | list[str] | TokenIds | list[TokenIds])]
     max_tokens: int | None = Field(16, ge=0)
     logprobs: int | None = Field(None, ge=0, le=MAX_LOGPROBS)
     echo: bool = False
     suffix: None = None
     best_of: int | None = Field(None, ge=1, le=1)
 
-    def prompts(self) -> list[str | TokenIds]:
-        """One prompt: a string or a token-id list (lists of several are refused)."""
-        p = self.prompt
-        if isinstance(p, list) and p and isinstance(p[0], (str, list)):
-            if len(p) != 1:
-                raise ValueError(f"prompt: one prompt per request (n=1); got a list of {len(p)}")
-            return [p[0]]
-        return [p]
-
 
 class ChatMessage(BaseModel):
-    model_config = ConfigDict(extra="forbid")
+    model_config = ConfigDict(extra="forbid", strict=True)
 
     role: Literal["system", "user", "assistant", "tool", "developer"]
-    content: str | list[dict] | None = None
+    content: Annotated[str, PlainValidator(
+        _content, json_schema_input_type=str | list[dict] | None)] = ""
     name: str | None = None
-
-    def text(self) -> str:
-        """Text content; content parts of type ``text`` joined (others refused)."""
-        if self.content is None or isinstance(self.content, str):
-            return self.content or ""
-        parts = []
-        for part in self.content:
-            if part.get("type") != "text":
-                raise ValueError(f"messages[].content: only text parts are supported; got "
-                                 f"type {part.get('type')!r}")
-            parts.append(str(part.get("text", "")))
-        return "".join(parts)
 
 
 class ChatCompletionRequest(_Sampling):
@@ -114,6 +216,13 @@ class ChatCompletionRequest(_Sampling):
     logprobs: bool = False
     top_logprobs: int | None = Field(None, ge=0, le=MAX_LOGPROBS)
 
+    @model_validator(mode="after")
+    def _top_logprobs_need_logprobs(self):
+        if self.top_logprobs is not None and not self.logprobs:
+            raise field_error("top_logprobs", f"top_logprobs={self.top_logprobs} needs "
+                              "logprobs: true")
+        return self
+
     def token_limit(self) -> int | None:
         return self.max_completion_tokens or self.max_tokens
 
@@ -121,14 +230,7 @@ class ChatCompletionRequest(_Sampling):
 class EmbeddingRequest(_Body):
     """POST /v1/embeddings."""
 
-    input: str | list[str] | TokenIds | list[TokenIds]
+    input: Annotated[list[str] | list[TokenIds], PlainValidator(
+        _inputs, json_schema_input_type=str | list[str] | TokenIds | list[TokenIds])]
     encoding_format: Literal["float", "base64"] = "float"
     dimensions: int | None = Field(None, ge=1)
-
-    def inputs(self) -> list[str | TokenIds]:
-        x = self.input
-        if isinstance(x, str):
-            return [x]
-        if x and isinstance(x[0], int):
-            return [x]
-        return list(x)

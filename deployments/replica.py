@@ -18,6 +18,7 @@ hearing from it, reclaims its leases.
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import logging
 from collections.abc import AsyncIterator
 
@@ -26,14 +27,26 @@ from ray import serve
 
 from deployments.config import AdmissionArgs, ModelArgs
 from deployments.metrics import ReplicaMetrics
-from deployments.work import ClassifyWork, EmbedWork, GenerateWork, ModelInfo, ScoreWork, Work
+from deployments.process import rss_bytes, trim_memory
+from deployments.streams import StreamSender, StreamSink, entry_of
+from deployments.work import (
+    ClassifyWork,
+    EmbedWork,
+    GenerateWork,
+    ModelInfo,
+    Refusal,
+    ScoreWork,
+    Work,
+)
 from worker import Engine
+from worker.errors import InvalidRequestError
 from worker.gen_output import GenerationDelta, GenerationOutput
 from worker.sources import is_smoke_test
 
 logger = logging.getLogger("ray.serve")
 
 EMBED_STEPS_IN_FLIGHT = 2
+TRIM_AFTER_TOKENS = 8192  # after a request this large, give freed heap back to the OS
 
 
 class EngineReplica:
@@ -48,6 +61,7 @@ class EngineReplica:
         self._active: dict[int, Work] = {}  # id(work) -> work, while serving it
         self._used_tokens = 0
         self._num_served = 0
+        self._streams = StreamSender()
         self.replica_id = serve.get_replica_context().replica_id.unique_id
         self._heartbeat = asyncio.get_running_loop().create_task(self._report_forever())
         self.on_ready()
@@ -57,7 +71,8 @@ class EngineReplica:
         """Wire the engine's step observer to this replica's metrics (none if they cannot
         be built: the replica serves without them). Runs before the first heartbeat."""
         try:
-            self.metrics = ReplicaMetrics(self.args.name, self.replica_id)
+            kinds = ("forward", "generate") if self.info.can_generate else ("forward",)
+            self.metrics = ReplicaMetrics(self.args.name, self.replica_id, kinds)
         except Exception:  # serve without metrics rather than not at all
             logger.exception("replica metrics unavailable")
             self.metrics = None
@@ -66,43 +81,76 @@ class EngineReplica:
 
     # ---- requests -------------------------------------------------------------------
 
-    async def generate(self, work: GenerateWork) -> GenerationOutput:
-        with self._serving(work):
+    # Client errors come back as a ``Refusal`` value (see deployments/work.py).
+
+    async def generate(self, work: GenerateWork) -> GenerationOutput | Refusal:
+        with self._serving(work), _refusing() as refused:
             outputs = await self.engine.generate_async([work.prompt_token_ids], work.params)
             return outputs[0]
+        return refused.value
 
-    async def generate_stream(self, work: GenerateWork) -> AsyncIterator[GenerationDelta]:
-        """Deltas as steps produce them; closing the stream aborts the request."""
-        with self._serving(work):
+    async def generate_to(self, work: GenerateWork, sink: StreamSink) -> int | Refusal:
+        """Generate, sending the deltas to the ingress's stream channel (at most one entry
+        per engine step, merged further while the ingress lags: deployments/streams.py);
+        returns the number of tokens once the last one is on the wire. Cancelling the
+        call aborts the request."""
+        with self._serving(work), _refusing() as refused:
+            channel = await self._streams.channel(sink)
+            num_tokens = 0
+            async for delta in self.engine.generate_stream(work.prompt_token_ids, work.params):
+                if channel.closed:  # the ingress is gone: stop generating (aborts it)
+                    raise ConnectionError(f"stream channel to the ingress lost: "
+                                          f"{channel.error!r}")
+                channel.push(sink.key, entry_of(delta))  # per request, per step
+                num_tokens += len(delta.token_ids)
+            await channel.flushed()
+            return num_tokens
+        return refused.value
+
+    async def generate_stream(self, work: GenerateWork
+                              ) -> AsyncIterator[GenerationDelta | Refusal]:
+        """Deltas as steps produce them, through Serve's streaming call (the
+        ``serve_handle`` transport); closing the stream aborts the request."""
+        with self._serving(work), _refusing() as refused:
             async for delta in self.engine.generate_stream(work.prompt_token_ids, work.params):
                 yield delta
+        if refused.value is not None:
+            yield refused.value
 
-    async def embed(self, work: EmbedWork) -> np.ndarray:
+    async def embed(self, work: EmbedWork) -> np.ndarray | Refusal:
         """[num_inputs, hidden] float32."""
-        with self._serving(work):
-            return await self.engine.embed_async(work.inputs, work.pooling, work.normalize)
+        with self._serving(work), _refusing() as refused:
+            vectors = await self.engine.embed_async(work.inputs, work.pooling, work.normalize)
+            if work.num_tokens > TRIM_AFTER_TOKENS:  # its activations are freed by now
+                trim_memory()
+            return vectors
+        return refused.value
 
-    async def score(self, work: ScoreWork) -> list[np.ndarray]:
+    async def score(self, work: ScoreWork) -> list[np.ndarray] | Refusal:
         """Per input, log p(token t | tokens < t) for t = 1..len-1."""
-        with self._serving(work):
+        with self._serving(work), _refusing() as refused:
             return await self.engine.score_async(work.inputs)
+        return refused.value
 
-    async def classify(self, work: ClassifyWork) -> np.ndarray:
+    async def classify(self, work: ClassifyWork) -> np.ndarray | Refusal:
         """[num_inputs, num_labels] float32 logits of the classification head."""
-        with self._serving(work):
+        with self._serving(work), _refusing() as refused:
             return await self.engine.classify_async(work.inputs, work.token_type_ids)
+        return refused.value
 
     async def model_info(self) -> ModelInfo:
         return self.info
 
     async def state(self) -> dict:
         """What this replica holds now (tests check it drains to zero): tokens and
-        requests in service, KV blocks in use (after checking the block invariants)."""
+        requests in service, KV blocks in use (after checking the block invariants),
+        engine steps run so far, resident memory."""
         used_blocks = 0
         if self.info.can_generate:
             self.engine.check_kv_invariants()
             used_blocks = self.engine.generation.blocks.stats().num_used_blocks
-        return {"replica_id": self.replica_id, **self.load(), "kv_used_blocks": used_blocks}
+        return {"replica_id": self.replica_id, **self.load(), "kv_used_blocks": used_blocks,
+                "num_engine_steps": self.engine.stats.num_steps, "rss_bytes": rss_bytes()}
 
     def load(self) -> dict:
         """What the replica holds: the same numbers go to the router, the autoscaler and
@@ -179,6 +227,22 @@ class EngineReplica:
             self.metrics.set_budget(capacity, capacity - self._used_tokens)
         except Exception:  # metrics never stop the heartbeat
             logger.exception("replica metrics failed")
+
+
+class _Refused:
+    value: Refusal | None = None
+
+
+@contextlib.contextmanager
+def _refusing():
+    """Catch a client error (``InvalidRequestError``) into ``.value`` as a ``Refusal``
+    and log it as one line: it is the request's fault, not the replica's."""
+    refused = _Refused()
+    try:
+        yield refused
+    except InvalidRequestError as exc:
+        logger.info("refused a request: %s", exc)
+        refused.value = Refusal(exc)
 
 
 class _Serving:

@@ -13,7 +13,8 @@ route names the model, ``OpenAIService`` marks dispatch and tokens:
 | first token | streamed: the first delta; non-streamed: the replica's whole answer   |
 | end         | the response's last byte is sent                                      |
 
-TTFT = first token - arrival; TPOT = (end - first token) / (generated - 1), streamed
+A client that leaves before the response starts is recorded as 499 (nginx's "client
+closed request"), never as a server error. TTFT = first token - arrival; TPOT = (end - first token) / (generated - 1), streamed
 requests only (a non-streamed answer arrives whole: no time between its tokens);
 e2e = end - arrival, successful requests only (a 429 answered in a millisecond is not
 a latency); queue wait = dispatch - arrival. Recording never raises into a request: a
@@ -22,6 +23,7 @@ failing metric is logged once and skipped.
 
 from __future__ import annotations
 
+import asyncio
 import logging
 import time
 
@@ -31,6 +33,7 @@ logger = logging.getLogger("ray.serve")
 
 ENDPOINTS = {"/v1/completions": "completions", "/v1/chat/completions": "chat",
              "/v1/embeddings": "embeddings"}
+CLIENT_CLOSED = 499  # nginx's "client closed request": the client left before an answer
 UNKNOWN_MODEL = "unknown"  # the body did not parse, or named a model that is not served
 _SCOPE_KEY = "packserve.timer"
 _RECORDER: dict = {"metrics": None, "failed": False}  # per ingress process
@@ -131,16 +134,32 @@ class RequestMetrics:
             path = scope.get("path", "").removeprefix(scope.get("root_path", ""))
             endpoint = ENDPOINTS.get(path)
         if endpoint is None:
-            return await self.inner(scope, receive, send)
+            try:
+                return await self.inner(scope, receive, send)
+            except ClientLeft:
+                return
         t = RequestTimer(endpoint)
         scope[_SCOPE_KEY] = t  # the scope is this request's own dict, down to the route
 
+        started = False
+
         async def timed_send(message: Message) -> None:
+            nonlocal started
             if message["type"] == "http.response.start":
-                t.status = message["status"]
+                t.status, started = message["status"], True
             await send(message)
 
         try:
             await self.inner(scope, receive, timed_send)
+        except ClientLeft:
+            t.status = CLIENT_CLOSED
+        except asyncio.CancelledError:  # Serve cancels a request whose client left
+            if not started:
+                t.status = CLIENT_CLOSED
+            raise
         finally:
             t.finish()
+
+
+class ClientLeft(Exception):
+    """The client disconnected before the request was read; there is no one to answer."""

@@ -10,6 +10,8 @@ import json
 import time
 import uuid
 
+import numpy as np
+
 from worker.sequence import TokenLogprobs
 
 
@@ -56,6 +58,27 @@ class CompletionLogprobs:
             out["text_offset"].append(self.offset)
             self.offset += len(text)
         return out
+
+
+def token_logprobs(entries: list | None) -> list[TokenLogprobs] | None:
+    """A stream entry's wire logprobs (``[[logprob, [[id, logprob], ...]], ...]``) as
+    ``TokenLogprobs`` (per token: only requests that asked for logprobs pay this)."""
+    if entries is None:
+        return None
+    return [TokenLogprobs(lp, tuple((int(t), float(v)) for t, v in top)) for lp, top in entries]
+
+
+def embeddings_body(vectors: np.ndarray, encoding_format: str, model: str,
+                    num_tokens: int) -> bytes:
+    """The /v1/embeddings response as JSON bytes, written row by row: no dict of
+    Python floats for the whole list (FastAPI would walk it float by float)."""
+    from deployments.tokens import embedding_json
+
+    rows = ",".join(f'{{"object":"embedding","index":{i},"embedding":'
+                    f"{embedding_json(v, encoding_format)}}}" for i, v in enumerate(vectors))
+    tail = json.dumps({"model": model, "usage": {"prompt_tokens": num_tokens,
+                                                 "total_tokens": num_tokens}})
+    return f'{{"object":"list","data":[{rows}],{tail[1:]}'.encode()
 
 
 def merge_logprobs(*parts: dict | None) -> dict | None:

@@ -1,16 +1,29 @@
 """The ingress's side of tokenization: text in, token ids out, and token strings back
 for logprobs. Replicas receive token ids only (they detokenize generated text with
-their own copy of the tokenizer, so a stream's text deltas come from the engine)."""
+their own copy of the tokenizer, so a stream's text deltas come from the engine).
+
+Tokenizing never blocks the event loop for long: ``TokenizerPool`` runs inputs over
+``INLINE_CHARS`` characters on a bounded pool of threads (the Rust tokenizer releases
+the GIL while it encodes, and a chat template's rendering is interleaved with the loop
+every switch interval), and small ones inline, where a thread hop would cost more than
+the work. The ingress refuses text over ``http.max_prompt_chars`` before it gets here.
+"""
 
 from __future__ import annotations
 
+import asyncio
 import base64
 import functools
+import json
+from concurrent.futures import ThreadPoolExecutor
 
 import numpy as np
 
-from deployments.errors import bad_request
+from deployments.errors import bad_request, overloaded
 from worker.sources import resolve_model
+
+INLINE_CHARS = 2048  # ~0.1 ms to tokenize: cheaper inline than on a thread
+QUEUED_PER_THREAD = 8  # large inputs waiting per pool thread before a 429
 
 
 class ModelTokenizer:
@@ -24,7 +37,12 @@ class ModelTokenizer:
 
     def encode(self, text: str) -> list[int]:
         """Token ids with the model's special tokens (BOS, or [CLS] ... [SEP])."""
-        return list(self.tokenizer(text, add_special_tokens=True)["input_ids"])
+        return list(self.tokenizer(text, add_special_tokens=True, verbose=False)["input_ids"])
+
+    def encode_batch(self, texts: list[str]) -> list[list[int]]:
+        """``encode`` of each text, in one call (the Rust tokenizer runs them in parallel)."""
+        return [list(ids) for ids in
+                self.tokenizer(texts, add_special_tokens=True, verbose=False)["input_ids"]]
 
     def chat(self, messages: list[dict]) -> list[int]:
         """The chat template rendered with the assistant's turn opened, as token ids."""
@@ -49,8 +67,38 @@ class ModelTokenizer:
         return self.tokenizer.decode([token_id], skip_special_tokens=False)
 
 
-def embedding_payload(vector: np.ndarray, encoding_format: str):
-    """A float list, or base64 of little-endian float32 (what OpenAI's client decodes)."""
+class TokenizerPool:
+    """Where the ingress tokenizes: inline for small inputs, else on ``num_threads``
+    threads with at most ``QUEUED_PER_THREAD`` inputs waiting per thread (more: 429)."""
+
+    def __init__(self, num_threads: int):
+        self.num_threads = num_threads
+        self.max_queued = num_threads * QUEUED_PER_THREAD
+        self.num_queued = 0
+        self._executor = ThreadPoolExecutor(num_threads, thread_name_prefix="tokenize")
+
+    async def run(self, num_chars: int, fn, *args):
+        """``fn(*args)`` for an input of ``num_chars`` characters, off the loop if large."""
+        if num_chars <= INLINE_CHARS:
+            return fn(*args)
+        if self.num_queued >= self.max_queued:
+            raise overloaded(f"the ingress's tokenizer is busy: {self.num_queued} large inputs "
+                             f"(over {INLINE_CHARS} characters) are waiting for its "
+                             f"{self.num_threads} threads (http.tokenizer_threads)",
+                             retry_after_s=1)
+        self.num_queued += 1
+        try:
+            return await asyncio.get_running_loop().run_in_executor(self._executor, fn, *args)
+        finally:
+            self.num_queued -= 1
+
+    def shutdown(self) -> None:
+        self._executor.shutdown(wait=False, cancel_futures=True)
+
+
+def embedding_json(vector: np.ndarray, encoding_format: str) -> str:
+    """One embedding as JSON text: a float list, or a base64 string of little-endian
+    float32 (what OpenAI's client decodes)."""
     if encoding_format == "base64":
-        return base64.b64encode(np.asarray(vector, dtype="<f4").tobytes()).decode("ascii")
-    return vector.astype(np.float32).tolist()
+        return '"' + base64.b64encode(np.asarray(vector, dtype="<f4").tobytes()).decode() + '"'
+    return json.dumps(np.asarray(vector, dtype=np.float32).tolist(), separators=(",", ":"))

@@ -44,6 +44,16 @@ class ClassifyWork(Work):
 
 
 @dataclass(frozen=True)
+class Refusal:
+    """A client error a replica found (a bad token id, a sequence over its budget),
+    returned rather than raised: Serve logs every exception a replica method raises as
+    "Request failed." with its traceback, and a client's mistake is not the server's
+    error. The ingress turns it into the 4xx that ``error`` maps to."""
+
+    error: Exception  # a worker.errors.InvalidRequestError (pickles with its fields)
+
+
+@dataclass(frozen=True)
 class ModelInfo:
     """A replica's model, as the ingress validates against it and /v1/models lists it."""
 

@@ -1,5 +1,5 @@
-"""``packserve``: the command line. ``packserve batch`` runs a bulk job (see
-``deployments.batch``); other subcommands (``serve``) plug into ``build_parser``.
+"""``packserve batch``: the bulk job's options (see ``deployments.batch``); the
+``packserve`` command itself is ``deployments/cli.py``.
 
 Exit status: 0 when the output is complete (bad rows do not count as failure), 1 when
 the job could not finish (finished shards are kept: rerun to resume), 2 for bad options,
@@ -10,17 +10,16 @@ from __future__ import annotations
 
 import argparse
 import json
-import logging
 import sys
 
-from deployments.batch.config import TASKS, JobConfig, JobConfigError, JobError
+from deployments.batch.config import TASKS, JobConfig, JobConfigError
 
 
 def build_parser() -> argparse.ArgumentParser:
-    parser = argparse.ArgumentParser(prog="packserve", description="padding-free LLM inference")
-    sub = parser.add_subparsers(dest="command", required=True)
-    add_batch_parser(sub)
-    return parser
+    """The whole ``packserve`` parser (``deployments/cli.py``)."""
+    from deployments.cli import build_parser as packserve_parser
+
+    return packserve_parser()
 
 
 def add_batch_parser(sub) -> argparse.ArgumentParser:
@@ -30,7 +29,8 @@ def add_batch_parser(sub) -> argparse.ArgumentParser:
                        "one engine per GPU of the Ray cluster; resumable: rerun the same "
                        "command after a crash and finished shards are skipped.")
     p.set_defaults(handler=_run_batch)
-    p.add_argument("--model", required=True, help="hub id or local checkpoint directory")
+    p.add_argument("--model", required=True, help="hub id, local checkpoint directory, "
+                   "packaged:NAME or smoke:decoder")
     p.add_argument("--task", required=True, choices=TASKS)
     p.add_argument("--input", required=True, help=".jsonl/.ndjson or .parquet")
     p.add_argument("--output", required=True, help=".jsonl/.ndjson or .parquet")
@@ -130,20 +130,10 @@ def _run_batch(args: argparse.Namespace) -> int:
 
 
 def main(argv: list[str] | None = None) -> int:
-    parser = build_parser()
-    args = parser.parse_args(argv)
-    logging.basicConfig(level=logging.INFO, format="%(levelname)s %(name)s: %(message)s")
-    try:
-        return args.handler(args)
-    except JobConfigError as exc:
-        parser.error(str(exc))
-    except JobError as exc:
-        print(f"packserve {args.command}: {exc}", file=sys.stderr)
-        return 1
-    except KeyboardInterrupt:
-        print(f"packserve {args.command}: interrupted; finished shards are kept, rerun the "
-              "same command to resume", file=sys.stderr)
-        return 130
+    """``packserve`` (deployments/cli.py), kept here for ``python -m deployments.batch``."""
+    from deployments.cli import main as packserve_main
+
+    return packserve_main(argv)
 
 
 if __name__ == "__main__":

@@ -269,3 +269,23 @@ def test_readme_lists_every_metric():
     missing = [spec.exported_names[0].removesuffix("_bucket") for spec in METRICS.values()
                if f"`{spec.exported_names[0].removesuffix('_bucket')}`" not in readme]
     assert not missing, f"README's Observability table lacks {missing}"
+
+
+def test_the_local_prometheus_config_scrapes_packserve_serve_metrics_port():
+    """``dashboards/prometheus.yml`` targets the port ``packserve serve`` fixes, and
+    Prometheus' own checker accepts it."""
+    import yaml
+
+    from deployments.serve_cli import DEFAULT_METRICS_PORT
+    from tests.prometheus_server import prometheus_binary
+
+    path = Path(__file__).resolve().parents[2] / "dashboards/prometheus.yml"
+    config = yaml.safe_load(path.read_text())
+    (job,) = config["scrape_configs"]
+    assert job["static_configs"] == [{"targets": [f"127.0.0.1:{DEFAULT_METRICS_PORT}"]}]
+    binary = prometheus_binary()
+    if binary is None:
+        pytest.skip("no Prometheus: `make prometheus`")
+    out = subprocess.run([str(binary.parent / "promtool"), "check", "config", str(path)],
+                         capture_output=True, text=True, timeout=60, check=False)
+    assert out.returncode == 0, out.stdout + out.stderr

@@ -1,7 +1,8 @@
 """What Prometheus stores is what the registry says: every metric of
 ``deployments/metrics.py``, recorded from a Ray actor through the recorders, is scraped
 from Ray's metrics endpoint by a real Prometheus under exactly
-``MetricSpec.exported_names`` (the names the dashboard check relies on)."""
+``MetricSpec.exported_names`` (the names the dashboard check relies on); counters that
+never counted anything are there at 0."""
 
 from __future__ import annotations
 
@@ -26,6 +27,8 @@ def _recorder_actor():
 
             self.replica = ReplicaMetrics("tiny", "r1")
             self.ingress, self.admission = IngressMetrics(), AdmissionMetrics()
+            self.ingress.export_zeros({"tiny": ("chat", "embeddings")})
+            self.admission.export_zeros("tiny")
             self.step = StepRecord(StepKind.FORWARD, (60, 30), (64, 64), 120, (0.01, 0.02),
                                    1600, 0.001, 1, 48, 48, 40, 30, 10, 2, 3, (0.5,), 96, 32)
 
@@ -57,8 +60,15 @@ def test_prometheus_stores_the_registry_names(ray_cluster):
             result = prom.query('{__name__=~"ray_packserve_.*"}')
             got = {r["metric"]["__name__"] for r in result}
         assert got == want, f"missing {sorted(want - got)}, unexpected {sorted(got - want)}"
-        (series,) = prom.query('ray_packserve_real_tokens_total{model="tiny"}')
+        (series,) = prom.query('ray_packserve_real_tokens_total{model="tiny", kind="forward"}')
         labels = series["metric"]
         assert {k: labels[k] for k in METRICS["packserve_real_tokens"].tag_keys} == {
             "model": "tiny", "replica": "r1", "kind": "forward"}
+        # never incremented, yet exported at 0 from the start (no "No data" panels)
+        for expr in ('ray_packserve_oom_events_total{model="tiny", kind="generate"}',
+                     'ray_packserve_budget_shrinks_total{model="tiny", kind="generate"}',
+                     'ray_packserve_rejections_total{model="tiny", reason="too_large"}',
+                     'ray_packserve_requests_total{model="tiny", endpoint="embeddings"}'):
+            (zero,) = prom.query(expr)
+            assert float(zero["value"][1]) == 0, (expr, zero)
     ray.kill(recorder)

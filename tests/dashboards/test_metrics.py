@@ -63,7 +63,7 @@ class Fake:
         self.defaults = dict(tags)
         return self
 
-    def _record(self, method, value, tags=None):
+    def _call(self, method, value, tags=None):
         assert isinstance(value, (int, float)) and not isinstance(value, bool)
         merged = {**self.defaults, **(tags or {})}
         assert set(merged) == set(self.spec.tag_keys), (self.spec.name, merged)
@@ -71,14 +71,19 @@ class Fake:
             assert value > 0, f"{self.spec.name}: Ray refuses inc({value})"
         self.calls.append((method, value, merged))
 
+    def _record(self, value, tags=None):
+        """Ray's own recording (what ``inc`` calls after its check): zero exports."""
+        assert self.spec.kind is metrics.MetricKind.COUNTER and value == 0
+        self._call("zero", value, tags)
+
     def inc(self, value=1.0, tags=None):
-        self._record("inc", value, tags)
+        self._call("inc", value, tags)
 
     def set(self, value, tags=None):
-        self._record("set", value, tags)
+        self._call("set", value, tags)
 
     def observe(self, value, tags=None):
-        self._record("observe", value, tags)
+        self._call("observe", value, tags)
 
 
 @pytest.fixture
@@ -97,8 +102,27 @@ def values(fake: Fake) -> list:
     return [value for _, value, _ in fake.calls]
 
 
+def test_counters_are_exported_at_zero_from_the_start(fakes):
+    ReplicaMetrics("tiny", "r1", kinds=("forward",))
+    fwd = {"model": "tiny", "replica": "r1", "kind": "forward"}
+    for name in ("packserve_real_tokens", "packserve_padding_tokens_avoided",
+                 "packserve_oom_events", "packserve_budget_shrinks"):
+        assert fakes[name].calls == [("zero", 0, fwd)], name  # an encoder: no generate kind
+    for name in ("packserve_h2d_bytes", "packserve_h2d_seconds", "packserve_preemptions"):
+        assert fakes[name].calls == [("zero", 0, {"model": "tiny", "replica": "r1"})], name
+    IngressMetrics().export_zeros({"tiny": ("chat", "embeddings")})
+    assert [tags["endpoint"] for _, _, tags in fakes["packserve_requests"].calls] == [
+        "chat", "embeddings"]
+    AdmissionMetrics().export_zeros("tiny")
+    assert {tags["reason"] for _, _, tags in fakes["packserve_rejections"].calls} == {
+        r.value for r in RejectReason}
+    assert fakes["packserve_admissions"].calls == [("zero", 0, {"model": "tiny"})]
+
+
 def test_replica_metrics_record_a_step(fakes):
     replica = ReplicaMetrics("tiny", "r1")
+    for fake in fakes.values():  # the zero exports (tested above)
+        fake.calls.clear()
     replica.observe_step(record())
     tags = {"model": "tiny", "replica": "r1", "kind": "forward"}
     assert fakes["packserve_real_tokens"].calls == [("inc", 90, tags)]

@@ -1,8 +1,9 @@
 """The OpenAI API over real Ray Serve, driven by the official ``openai`` client: every
 endpoint (streaming included) returns what the engine returns when called directly,
 bad input gets a 4xx naming the limit and the value, and a client that leaves
-mid-stream frees its tokens. One app for the module: the real all-MiniLM-L6-v2 and the
-smoke-test decoder (random weights, trained BPE tokenizer with a chat template)."""
+mid-stream frees its tokens. On the session's shared app (tests/deployments/conftest.py):
+the real all-MiniLM-L6-v2 and the smoke-test decoder (random weights, trained BPE
+tokenizer with a chat template)."""
 
 from __future__ import annotations
 
@@ -14,29 +15,25 @@ import numpy as np
 import openai
 import pytest
 
-from tests.deployments.conftest import running_app, wait_drained
+from tests.deployments.conftest import (
+    EMBED,
+    EMBED_ENGINE,
+    GEN,
+    GEN_ENGINE,
+    KEY,
+    SHARED_APP,
+    SHARED_MODELS,
+    wait_drained,
+)
 
-KEY = "test-key"
-EMBED, GEN = "all-MiniLM-L6-v2", "packserve-smoke"
-MODELS = [EMBED, GEN]
-BODY_LIMIT = 64 * 1024
-ARGS = {
-    "models": [
-        {"name": EMBED, "model": "packaged:all-MiniLM-L6-v2",
-         "engine": {"max_num_batched_tokens": 4096}},
-        {"name": GEN, "model": "smoke:decoder",
-         "engine": {"max_num_batched_tokens": 1024, "num_kv_blocks": 512, "max_model_len": 512}},
-    ],
-    "http": {"api_key": KEY, "max_body_bytes": BODY_LIMIT},
-}
+MODELS = SHARED_MODELS
+BODY_LIMIT = 4 << 20  # http.max_body_bytes' default
 PROMPTS = ["Hello there, how are", "The packer sorts lengths", "a"]
 
 
 @pytest.fixture(scope="module")
-def url(serve_url):
-    with running_app(ARGS):
-        yield serve_url
-        wait_drained(serve_url, MODELS, KEY)
+def url(shared_url):
+    return shared_url
 
 
 @pytest.fixture(scope="module")
@@ -53,10 +50,8 @@ def direct():
     from worker.sources import resolve_model
 
     engines = {
-        EMBED: Engine(EngineConfig(model="packaged:all-MiniLM-L6-v2",
-                                   max_num_batched_tokens=4096)),
-        GEN: Engine(EngineConfig(model="smoke:decoder", max_num_batched_tokens=1024,
-                                 num_kv_blocks=512, max_model_len=512)),
+        EMBED: Engine(EngineConfig(model="packaged:all-MiniLM-L6-v2", **EMBED_ENGINE)),
+        GEN: Engine(EngineConfig(model="smoke:decoder", **GEN_ENGINE)),
     }
     toks = {m: AutoTokenizer.from_pretrained(resolve_model(e.config.model))
             for m, e in engines.items()}
@@ -199,7 +194,8 @@ def _post(url, path, body, *, raw=None, headers=None):
     ("/v1/completions", {"model": GEN, "prompt": "hi", "max_token": 3}, 400,
      ["max_token", "unknown field"]),
     ("/v1/completions", {"model": GEN, "prompt": "hi", "n": 2}, 400, ["n", "2"]),
-    ("/v1/completions", {"model": GEN, "prompt": [5, 99999]}, 400, ["99999", "vocab"]),
+    ("/v1/completions", {"model": GEN, "prompt": [5, 99999]}, 400,
+     ["prompt[1]", "99999", "vocabulary", "4096"]),
     ("/v1/completions", {"model": GEN, "prompt": "hi", "temperature": 7}, 400,
      ["temperature", "7"]),
     ("/v1/completions", {"model": EMBED, "prompt": "hi"}, 400, ["embedding model"]),
@@ -245,4 +241,4 @@ def test_client_leaving_mid_stream_cancels_and_frees(url):
         lines = r.iter_lines()
         first = [line for line, _ in zip(lines, range(6)) if line.startswith("data:")]
         assert first  # tokens are flowing; now leave before the 400 tokens are done
-    wait_drained(url, MODELS, KEY)  # lease released, request aborted, KV blocks freed
+    wait_drained(url, MODELS, KEY, app=SHARED_APP)  # lease released, request aborted, KV freed
