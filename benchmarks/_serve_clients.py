@@ -42,7 +42,7 @@ class Result:
 
 
 def engine_sender(engine):
-    from worker.sampling import SamplingParams
+    from worker.generate.sampling import SamplingParams
 
     async def send(req: Req) -> Result:
         res = Result(start=time.perf_counter())

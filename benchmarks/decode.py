@@ -73,8 +73,8 @@ def fake_running(gen, batch: int, context: int, max_tokens: int, vocab: int, see
     """``batch`` running sequences whose first ``context - 1`` tokens are "cached" (blocks
     allocated, nothing computed): the next step is a decode of token ``context - 1``.
     Benchmark-only: it reaches into the scheduler to skip the prefill."""
-    from worker.sampling import SamplingParams
-    from worker.sequence import SeqStatus
+    from worker.generate.sampling import SamplingParams
+    from worker.generate.sequence import SeqStatus
 
     rng = np.random.default_rng(seed)
     params = SamplingParams(temperature=0, max_tokens=max_tokens, ignore_eos=True)
@@ -200,7 +200,7 @@ def attention_alone(gen, backend: str, batch: int, context: int, iters: int = 20
     """ms of one layer's paged attention for a decode step of the running batch."""
     import torch
 
-    from worker import paged_attention as pa
+    from worker.attention import paged as pa
 
     seqs = gen.scheduler.running
     meta = pa.build_metadata([gen.blocks.block_table(s.seq_id) for s in seqs],

@@ -92,7 +92,7 @@ def make_runner(engine, device: str):
     """``run(n) -> attempt``: one synthetic packed forward, OOM caught, peak recorded."""
     import torch
 
-    from worker.probe import is_out_of_memory
+    from worker.core.memory import is_out_of_memory
 
     max_len = engine.config.max_model_len
     cuda = device.startswith("cuda")
@@ -119,12 +119,12 @@ def make_runner(engine, device: str):
 
 def probe(engine, args):
     """The engine's own probe settings, run over this engine (which has big staging)."""
-    from worker.budget import probe_settings
-    from worker.probe import config_budget
-    from worker.probe_cli import measure_engine
+    from worker.budget.cli import measure_engine
+    from worker.budget.limits import probe_settings
+    from worker.budget.probe import config_budget
 
     if not args.device.startswith("cuda"):
-        from worker.config import CPU_DEFAULT_BUDGET
+        from worker.core.config import CPU_DEFAULT_BUDGET
 
         return config_budget(CPU_DEFAULT_BUDGET, align=engine.config.align)
     base = dataclasses.replace(engine.config, max_num_batched_tokens=None)

@@ -124,7 +124,7 @@ def run_padded(model, tokens: list[np.ndarray], order: np.ndarray, batch_size: i
 
 def time_mode(name: str, fn, warmup, repeats: int, device: str) -> tuple[dict, np.ndarray | None]:
     """Warm up, then ``repeats`` timed passes; OOM (or any error) is reported, not raised."""
-    from worker.probe import is_out_of_memory
+    from worker.core.memory import is_out_of_memory
 
     entry: dict = {"status": "ok"}
     output = None

@@ -115,7 +115,7 @@ def run_ours(engine, prompts, gens, *, latency: bool = False):
     TTFT (from the start of the run: all requests arrive at once) and TPOT percentiles,
     read from the time each sampled token is appended (a wrapper on the output processor,
     a dictionary update per token)."""
-    from worker.sampling import SamplingParams
+    from worker.generate.sampling import SamplingParams
 
     params = [SamplingParams(temperature=0, max_tokens=g, ignore_eos=True) for g in gens]
     processor = engine.generation.processor
@@ -155,7 +155,7 @@ def lower_bound(engine, prompts, gens, device: str) -> dict:
     batch-1 step time, plus the whole prefill at the prefill rate, each measured here
     (prefill: every prompt with max_tokens 1; batch-1 step: one request generating 65
     tokens minus one generating 1, over 64)."""
-    from worker.sampling import SamplingParams
+    from worker.generate.sampling import SamplingParams
 
     def timed(token_lists, max_tokens):
         _common.synchronize(device)

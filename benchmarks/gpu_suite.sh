@@ -119,7 +119,7 @@ fi
 # 2. Tests: every gpu-marked worker test (the Triton kernel compiled, graphs, the engine's
 #    fast path against the eager gather path), then the packer suite.
 if [ "$DRY_RUN" = 1 ]; then
-  TESTS="tests/worker/test_decode_graphs.py tests/worker/test_paged_selection.py"
+  TESTS="tests/worker/generate/test_decode_graphs.py tests/worker/attention/test_paged_selection.py"
   MARK=()
 else
   TESTS="tests/worker"

@@ -153,7 +153,7 @@ def summarize(results: list[dict], wall_s: float, cpu_s: float | None = None) ->
 # ---- in-process ------------------------------------------------------------------------------
 
 def engine_sender(engine):
-    from worker.sampling import SamplingParams
+    from worker.generate.sampling import SamplingParams
 
     async def send(prompt, answer_len):
         params = SamplingParams(temperature=0, max_tokens=answer_len, ignore_eos=True)
@@ -272,7 +272,7 @@ def run_serve(args) -> dict:
              object_store_memory=1 << 30)
     from transformers import AutoConfig
 
-    from worker.sources import resolve_model
+    from worker.models.sources import resolve_model
 
     port = free_port()
     serve.start(http_options={"host": "127.0.0.1", "port": port})

@@ -130,7 +130,7 @@ def bench_classify(args, engine_cls, config_cls) -> dict:
     import torch
     from transformers import AutoModelForSequenceClassification, AutoTokenizer
 
-    from worker.sources import resolve_model
+    from worker.models.sources import resolve_model
 
     path = resolve_model("smoke:classifier")
     tok = AutoTokenizer.from_pretrained(path)

@@ -110,7 +110,7 @@ def ceiling_model(root: str) -> str:
     import torch
     from transformers import AutoConfig, AutoTokenizer, Qwen2ForCausalLM
 
-    from worker.sources import resolve_model
+    from worker.models.sources import resolve_model
 
     smoke = resolve_model("smoke:decoder")
     base = AutoConfig.from_pretrained(smoke).to_dict()
@@ -227,7 +227,7 @@ def main(argv=None) -> None:
     p.add_argument("--profile", help="write py-spy profiles of every Ray process here")
     args = p.parse_args(argv)
     load_before = os.getloadavg()  # 1, 5, 15 min: other jobs on the machine show here
-    from worker.smoke import DECODER_VOCAB_SIZE
+    from worker.models.smoke import DECODER_VOCAB_SIZE
 
     with tempfile.TemporaryDirectory(prefix="ps-ceiling-") as root:
         if args.mode == "ceiling":

@@ -5,7 +5,7 @@ id, a local directory, ``packaged:all-MiniLM-L6-v2``, ``smoke:decoder``).
 |------------|----------------------------------------------------------------------|
 | ``serve``  | the Serve application for one model from flags, or a Serve config (``deployments/serve_cli.py``) |
 | ``batch``  | a resumable bulk job over a JSONL or Parquet file (``deployments/batch/cli.py``) |
-| ``probe``  | the engine's token budget report for a model on this machine (``worker/probe_cli.py``) |
+| ``probe``  | the engine's token budget report for a model on this machine (``worker/budget/cli.py``) |
 
 Exit status: 0 on success, 1 when the work could not finish, 2 for bad options, 130
 when interrupted.
@@ -28,16 +28,16 @@ def build_parser() -> argparse.ArgumentParser:
     add_serve_parser(sub)
     add_batch_parser(sub)
     probe = sub.add_parser("probe", help="print the token budget report for a model on this "
-                           "machine (python -m worker.probe)", add_help=False)
+                           "machine (python -m worker.budget.cli)", add_help=False)
     probe.set_defaults(handler=_run_probe)
     return parser
 
 
 def _run_probe(args: argparse.Namespace, rest: list[str]) -> int:
-    """``python -m worker.probe`` with its ``--model`` spec resolved to a directory first
+    """``python -m worker.budget.cli`` with its ``--model`` spec resolved to a directory first
     (``packaged:``/``smoke:`` specs are packserve's; the probe reads a checkpoint)."""
-    from worker.probe_cli import main as probe_main
-    from worker.sources import resolve_model
+    from worker.budget.cli import main as probe_main
+    from worker.models.sources import resolve_model
 
     rest = list(rest)
     for i, word in enumerate(rest):

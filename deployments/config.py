@@ -17,7 +17,7 @@ from typing import Literal
 
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, create_model, model_validator
 
-from worker.config import ConfigError, EngineConfig
+from worker.core.config import ConfigError, EngineConfig
 
 API_KEY_ENV = "PACKSERVE_API_KEY"
 DEFAULT_MAX_BODY_BYTES = 4 << 20

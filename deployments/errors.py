@@ -17,7 +17,7 @@ import math
 
 from fastapi.responses import JSONResponse
 
-from worker.errors import EngineDeadError, InvalidRequestError
+from worker.core.errors import EngineDeadError, InvalidRequestError
 
 
 class APIError(Exception):

@@ -31,7 +31,7 @@ from pydantic import (
 )
 from pydantic_core import PydanticCustomError
 
-from worker.sampling import MAX_LOGPROBS, SamplingParams
+from worker.generate.sampling import MAX_LOGPROBS, SamplingParams
 
 MAX_SEED = 2**63 - 1  # the sampler seeds a torch.Generator: a signed 64-bit value
 FIELD_ERROR = "packserve_field"

@@ -39,9 +39,9 @@ from deployments.work import (
     Work,
 )
 from worker import Engine
-from worker.errors import InvalidRequestError
-from worker.gen_output import GenerationDelta, GenerationOutput
-from worker.sources import is_smoke_test
+from worker.core.errors import InvalidRequestError
+from worker.generate.output import GenerationDelta, GenerationOutput
+from worker.models.sources import is_smoke_test
 
 logger = logging.getLogger("ray.serve")
 

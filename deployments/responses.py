@@ -12,7 +12,7 @@ import uuid
 
 import numpy as np
 
-from worker.sequence import TokenLogprobs
+from worker.generate.sequence import TokenLogprobs
 
 
 def new_id(prefix: str) -> str:

@@ -77,7 +77,7 @@ class Entry:
 
 
 def entry_of(delta) -> Entry:
-    """A ``worker.gen_output.GenerationDelta`` as an ``Entry``."""
+    """A ``worker.generate.output.GenerationDelta`` as an ``Entry``."""
     logprobs = None
     if delta.logprobs is not None:
         logprobs = [[e.logprob, [list(t) for t in e.top]] for e in delta.logprobs]

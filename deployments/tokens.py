@@ -20,7 +20,7 @@ from concurrent.futures import ThreadPoolExecutor
 import numpy as np
 
 from deployments.errors import bad_request, overloaded
-from worker.sources import resolve_model
+from worker.models.sources import resolve_model
 
 INLINE_CHARS = 2048  # ~0.1 ms to tokenize: cheaper inline than on a thread
 QUEUED_PER_THREAD = 8  # large inputs waiting per pool thread before a 429

@@ -9,8 +9,8 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 
-from worker.labels import LabelSpec
-from worker.sampling import SamplingParams
+from worker.generate.sampling import SamplingParams
+from worker.models.labels import LabelSpec
 
 
 @dataclass(frozen=True)
@@ -50,7 +50,7 @@ class Refusal:
     "Request failed." with its traceback, and a client's mistake is not the server's
     error. The ingress turns it into the 4xx that ``error`` maps to."""
 
-    error: Exception  # a worker.errors.InvalidRequestError (pickles with its fields)
+    error: Exception  # a worker.core.errors.InvalidRequestError (pickles with its fields)
 
 
 @dataclass(frozen=True)

@@ -12,7 +12,7 @@ os.environ.setdefault("HF_HUB_DISABLE_PROGRESS_BARS", "1")
 
 def _interpret_triton_without_cuda() -> None:
     """Triton kernels run under its interpreter on CPU; the switch is read when a kernel
-    is decorated, so it must be set before anything imports ``worker.triton_paged``."""
+    is decorated, so it must be set before anything imports ``worker.attention.triton_paged``."""
     import torch
 
     if "TRITON_INTERPRET" not in os.environ and not torch.cuda.is_available():

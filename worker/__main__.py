@@ -12,8 +12,8 @@ import json
 import logging
 import sys
 
-from worker.config import EngineConfig
-from worker.sources import resolve_model
+from worker.core.config import EngineConfig
+from worker.models.sources import resolve_model
 
 
 def _parse(argv: list[str] | None) -> argparse.Namespace:
@@ -51,7 +51,7 @@ def main(argv: list[str] | None = None) -> int:
         sequences = [tokenizer(line)["input_ids"] for line in lines]
     else:
         sequences = [[int(tok) for tok in line.split()] for line in lines]
-    from worker.engine import Engine
+    from worker.core.engine import Engine
 
     with Engine(config) as engine:
         if args.task == "classify":

@@ -21,8 +21,8 @@ from deployments.batch.outputs import encode_errors, encode_part
 from deployments.batch.rows import BadRow
 from deployments.batch.shards import ShardStats, padded_tokens
 from deployments.batch.tokenize import TokenizedShard
-from worker.errors import InvalidRequestError, RequestOutOfMemoryError
-from worker.request import Task, validate
+from worker.core.errors import InvalidRequestError, RequestOutOfMemoryError
+from worker.core.request import Task, validate
 
 logger = logging.getLogger(__name__)
 
@@ -57,7 +57,7 @@ class BatchWorker:
         self.engine = Engine(config.engine_config(device))
         self.params = None
         if config.task == "generate":
-            from worker.sampling import SamplingParams
+            from worker.generate.sampling import SamplingParams
 
             self.params = config.sampling or SamplingParams()
 

@@ -63,7 +63,7 @@ def add_batch_parser(sub) -> argparse.ArgumentParser:
     m = p.add_argument_group("embed")
     m.add_argument("--pooling", choices=("mean", "last", "cls"))
     m.add_argument("--normalize", action="store_true")
-    g = p.add_argument_group("generate (worker.sampling.SamplingParams)")
+    g = p.add_argument_group("generate (worker.generate.sampling.SamplingParams)")
     g.add_argument("--max-tokens", type=int)
     g.add_argument("--temperature", type=float)
     g.add_argument("--top-p", type=float)
@@ -86,7 +86,7 @@ def config_from_args(args: argparse.Namespace) -> JobConfig:
         given["ignore_eos"] = True
     sampling = None
     if args.task == "generate":
-        from worker.sampling import SamplingParams
+        from worker.generate.sampling import SamplingParams
 
         try:
             sampling = SamplingParams(**given)
@@ -109,7 +109,7 @@ def config_from_args(args: argparse.Namespace) -> JobConfig:
             address=args.address, num_actors=args.num_actors,
             num_cpus_per_actor=args.num_cpus_per_actor, pooling=args.pooling,
             normalize=args.normalize, sampling=sampling, progress=args.progress)
-    except ValueError as exc:  # worker.config.ConfigError names the EngineConfig field
+    except ValueError as exc:  # worker.core.config.ConfigError names the EngineConfig field
         if isinstance(exc, JobConfigError):
             raise
         field = getattr(exc, "field", "model").replace("_", "-")

@@ -13,10 +13,10 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import TYPE_CHECKING
 
-from worker.config import EngineConfig, check_choice, check_int
+from worker.core.config import EngineConfig, check_choice, check_int
 
 if TYPE_CHECKING:
-    from worker.sampling import SamplingParams
+    from worker.generate.sampling import SamplingParams
 
 TASKS = ("embed", "score", "generate", "classify")
 DEVICES = ("auto", "cpu", "cuda")

@@ -10,7 +10,7 @@ from __future__ import annotations
 import enum
 from dataclasses import dataclass
 
-from worker.errors import RequestOutOfMemoryError, SequenceTooLongError
+from worker.core.errors import RequestOutOfMemoryError, SequenceTooLongError
 
 
 class ErrorKind(enum.StrEnum):
@@ -30,7 +30,7 @@ class ErrorKind(enum.StrEnum):
 
 @dataclass(frozen=True)
 class BadRow:
-    """One row without output. ``limit``/``value``/``setting`` as in ``worker.errors``."""
+    """One row without output. ``limit``/``value``/``setting`` as in ``worker.core.errors``."""
 
     row: int
     id: str | int | None  # None when the row has no usable id

@@ -43,7 +43,7 @@ class TokenizedShard:
 def load_tokenizer(model: str, trust_remote_code: bool):
     from transformers import AutoTokenizer
 
-    from worker.sources import resolve_model
+    from worker.models.sources import resolve_model
 
     # the same model specs as the engine (packaged:, smoke:), resolved in this worker
     return AutoTokenizer.from_pretrained(resolve_model(model),

@@ -14,7 +14,7 @@ from deployments.metrics import (
     RejectReason,
     ReplicaMetrics,
 )
-from worker.observe import StepKind, StepRecord
+from worker.core.observe import StepKind, StepRecord
 
 
 def record(**overrides) -> StepRecord:

@@ -117,7 +117,7 @@ def test_score_and_generate_parquet_equal_the_engine(ray_cluster, model_dir, tmp
     pq.write_table(pa.Table.from_pylist(gen_docs), inp)
     assert run_cli(model_dir, "generate", inp, tmp_path / "gen.jsonl", "--shard-size", "50",
                    "--max-tokens", "4", "--temperature", "0", "--no-progress") == 0
-    from worker.sampling import SamplingParams
+    from worker.generate.sampling import SamplingParams
 
     with reference_engine(model_dir) as engine:
         want = engine.generate(gen_ids, SamplingParams(max_tokens=4, temperature=0))

@@ -157,7 +157,7 @@ def llama_with_tokenizer(tiny_model, tmp_path_factory):
 
 def test_the_actor_loses_only_the_document_that_fails(llama_with_tokenizer, tmp_path,
                                                        monkeypatch):
-    from worker.errors import RequestOutOfMemoryError
+    from worker.core.errors import RequestOutOfMemoryError
 
     docs = make_docs(12, seed=5) + [{"id": "long", "text": " ".join(["w4"] * 40)}]
     inp = write_jsonl(tmp_path / "in.jsonl", docs)
@@ -184,4 +184,4 @@ def test_the_actor_loses_only_the_document_that_fails(llama_with_tokenizer, tmp_
     assert [(b.row, b.kind, b.setting) for b in bad] == [
         (4, ErrorKind.OUT_OF_MEMORY, "max_model_len"), (12, ErrorKind.TOO_LONG, "max_model_len")]
     assert (result.stats.num_docs, result.stats.num_bad, result.stats.num_rows) == (11, 2, 13)
-    worker.engine.shutdown()
+    worker.core.engine.shutdown()

@@ -42,7 +42,7 @@ def direct():
     from transformers import AutoTokenizer
 
     from worker import Engine, EngineConfig
-    from worker.sources import resolve_model
+    from worker.models.sources import resolve_model
 
     specs = {CLS: "smoke:classifier", XENC: "smoke:reranker", EMBED: "packaged:all-MiniLM-L6-v2"}
     engines = {m: Engine(EngineConfig(model=s, **ENGINE)) for m, s in specs.items()}

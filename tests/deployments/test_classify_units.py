@@ -9,7 +9,7 @@ from pydantic import ValidationError
 
 from deployments.classify_protocol import RerankRequest, ScoreRequest
 from deployments.work import ModelInfo
-from worker.labels import SIGMOID, SOFTMAX, LabelSpec
+from worker.models.labels import SIGMOID, SOFTMAX, LabelSpec
 
 
 def info(can_generate: bool, labels: LabelSpec | None = None) -> ModelInfo:

@@ -47,7 +47,7 @@ def direct():
     from transformers import AutoTokenizer
 
     from worker import Engine, EngineConfig
-    from worker.sources import resolve_model
+    from worker.models.sources import resolve_model
 
     engines = {
         EMBED: Engine(EngineConfig(model="packaged:all-MiniLM-L6-v2", **EMBED_ENGINE)),
@@ -61,7 +61,7 @@ def direct():
 
 
 def greedy(max_tokens, **kw):
-    from worker.sampling import SamplingParams
+    from worker.generate.sampling import SamplingParams
 
     return SamplingParams(max_tokens=max_tokens, temperature=0, **kw)
 

@@ -43,8 +43,8 @@ def expected():
     from transformers import AutoTokenizer
 
     from worker import Engine, EngineConfig
-    from worker.sampling import SamplingParams
-    from worker.sources import resolve_model
+    from worker.generate.sampling import SamplingParams
+    from worker.models.sources import resolve_model
 
     tok = AutoTokenizer.from_pretrained(resolve_model("smoke:decoder"))
     with Engine(EngineConfig(model="smoke:decoder", max_num_batched_tokens=512,

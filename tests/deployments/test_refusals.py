@@ -14,7 +14,7 @@ from deployments.errors import APIError
 from deployments.openai_api import OpenAIService
 from deployments.replica import EngineReplica
 from deployments.work import Refusal, ScoreWork
-from worker.errors import SequenceOverBudgetError
+from worker.core.errors import SequenceOverBudgetError
 
 
 class FakeEngine:

@@ -1,0 +1,304 @@
+"""Attention over the paged KV cache for one packed step of prefill chunks and decodes.
+
+Sequence ``i`` of a step brings ``q_len`` new tokens (a prefill chunk, or 1 for a
+decode) on top of ``k_len - q_len`` tokens already cached; its new K/V are written to
+the cache first, then its queries attend to all ``k_len`` cached tokens, causal and
+aligned bottom-right::
+
+    query j of the chunk (0 <= j < q_len) sees keys 0 .. k_len - q_len + j
+    with a sliding window w also only keys > k_len - q_len + j - w
+
+Backends (``select_paged_backend``; why, measured, in docs/decisions.md):
+
+| name            | where                                    | how                             |
+|-----------------|------------------------------------------|---------------------------------|
+| ``triton``      | CUDA, half, triton; passes its self-check | ours: one launch, K/V in place (``triton_paged.py``) |
+| ``flash_attn``  | CUDA, half, flash-attn, block % 256 == 0 | flash_attn_varlen_func(block_table) |
+| ``torch_paged`` | CUDA, half, varlen_attn(block_table)     | torch >= 2.12; block % 256 == 0 |
+| ``gather``      | CUDA, half, torch >= 2.10                | context to a scratch, varlen_attn |
+| ``reference``   | anywhere (CPU)                           | gather blocks, then SDPA        |
+
+``triton`` also runs on CPU tensors under Triton's interpreter (``TRITON_INTERPRET=1``),
+for tests only, when asked for by name.
+
+The function ``worker.attention.packed.register`` puts into transformers dispatches on the
+``packserve_paged`` forward kwarg: present -> ``PagedContext.attend`` (this module);
+absent -> the packed (cache-free) backend the model was loaded with, so one model
+serves both paths.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import functools
+import logging
+
+import numpy as np
+import torch
+import torch.nn.functional as F
+
+from worker.attention.packed import (
+    flash_attn_available,
+    torch_varlen_available,
+    varlen_kwargs,
+    varlen_params,
+    varlen_window,
+)
+from worker.kv.cache import KVCache
+
+logger = logging.getLogger(__name__)
+
+PAGED_BACKENDS = ("triton", "flash_attn", "torch_paged", "gather", "reference")
+PAGED_KERNEL_BLOCK_MULTIPLE = 256  # FA2's paged kernels refuse other page sizes
+
+
+@dataclasses.dataclass(frozen=True)
+class PagedMetadata:
+    """Where a step's tokens go in the cache and what each sequence attends to."""
+
+    slot_mapping: torch.Tensor  # [T] int64: cache slot of each new token
+    cu_seqlens_q: torch.Tensor  # [B + 1] int32: new tokens per sequence, prefix sums
+    cu_seqlens_k: torch.Tensor  # [B + 1] int32: cached + new tokens, prefix sums
+    seqlens_k: torch.Tensor  # [B] int32: cached + new tokens
+    block_tables: torch.Tensor  # [B, W] int32: W >= the longest table; unused entries 0
+    max_seqlen_q: int
+    max_seqlen_k: int
+    host_cu_seqlens_q: np.ndarray  # [B + 1] int64 (the reference loop reads no device)
+    host_seqlens_k: np.ndarray  # [B] int64
+    block_size: int
+    context_slots: torch.Tensor | None = None  # [sum k_len] int64: ``gather`` backend only
+
+    @property
+    def num_seqs(self) -> int:
+        return int(self.host_seqlens_k.shape[0])
+
+
+@dataclasses.dataclass(frozen=True)
+class PagedContext:
+    """What the model's forward carries to every attention layer (``packserve_paged=``)."""
+
+    cache: KVCache
+    meta: PagedMetadata
+    backend: str  # one of PAGED_BACKENDS
+
+    def attend(self, module, query, key, value, attention_mask, scaling=None,
+               sliding_window=None, **_):
+        """One layer: transformers layout in ([1, H, T, D]), ([1, T, Hq, D], None) out."""
+        if attention_mask is not None:
+            raise ValueError("paged attention received a dense attention_mask; the model "
+                             "built its own mask and is not supported by packserve's paged "
+                             "backends")
+        layer = module.layer_idx
+        q, k, v = query[0].transpose(0, 1), key[0].transpose(0, 1), value[0].transpose(0, 1)
+        self.cache.write(layer, k, v, self.meta.slot_mapping)
+        out = _BACKENDS[self.backend](q, self.cache.key(layer), self.cache.value(layer),
+                                      self.meta, scaling, sliding_window)
+        return out.unsqueeze(0), None
+
+
+def context_slots(block_tables: torch.Tensor, seqlens_k: torch.Tensor,
+                  cu_seqlens_k: torch.Tensor, total_k: int, block_size: int) -> torch.Tensor:
+    """Cache slots of every sequence's whole context, back to back -> [total_k] int64."""
+    device = block_tables.device
+    seq = torch.repeat_interleave(torch.arange(seqlens_k.shape[0], device=device),
+                                  seqlens_k.long(), output_size=total_k)
+    pos = torch.arange(total_k, device=device) - cu_seqlens_k[:-1].long()[seq]
+    return block_tables.long()[seq, pos // block_size] * block_size + pos % block_size
+
+
+def build_metadata(tables: list[list[int]], num_cached, num_new, block_size: int,
+                   device, *, with_context_slots: bool = False) -> PagedMetadata:
+    """Metadata from host lists (tests, tools); the runner stages the same fields in place."""
+    num_cached = np.asarray(num_cached, np.int64)
+    num_new = np.asarray(num_new, np.int64)
+    seqlens_k = num_cached + num_new
+    cu_q = np.concatenate([[0], np.cumsum(num_new)])
+    cu_k = np.concatenate([[0], np.cumsum(seqlens_k)])
+    width = max(1, max(len(t) for t in tables))
+    bt = np.zeros((len(tables), width), np.int32)
+    for i, table in enumerate(tables):
+        bt[i, : len(table)] = table
+    bt_t = torch.from_numpy(bt)
+    slots = [np.asarray(t, np.int64)[p // block_size] * block_size + p % block_size
+             for t, p in ((tables[i], np.arange(num_cached[i], seqlens_k[i]))
+                          for i in range(len(tables)))]
+    to = functools.partial(torch.as_tensor, device=device)
+    meta = PagedMetadata(
+        to(np.concatenate(slots)), to(cu_q.astype(np.int32)), to(cu_k.astype(np.int32)),
+        to(seqlens_k.astype(np.int32)), bt_t.to(device), int(num_new.max()),
+        int(seqlens_k.max()), cu_q, seqlens_k, block_size)
+    if not with_context_slots:
+        return meta
+    slots_k = context_slots(meta.block_tables, meta.seqlens_k, meta.cu_seqlens_k,
+                            int(cu_k[-1]), block_size)
+    return dataclasses.replace(meta, context_slots=slots_k)
+
+
+# ---- backends: (q [T, Hq, D], k_cache, v_cache [N, bs, Hkv, D], meta, scale, window) ----
+
+def reference_paged(q, k_cache, v_cache, meta: PagedMetadata, scale, window) -> torch.Tensor:
+    """Decodes in one padded SDPA; each prefill chunk gathers its blocks for its own SDPA
+    with a bottom-right causal mask."""
+    out = torch.empty_like(q)
+    cu, lens, bs = meta.host_cu_seqlens_q, meta.host_seqlens_k, meta.block_size
+    q_lens = np.diff(cu)
+    decodes = np.flatnonzero(q_lens == 1)
+    if decodes.size:
+        _reference_decodes(q, k_cache, v_cache, meta, scale, window, decodes, out)
+    for i in np.flatnonzero(q_lens > 1):  # per prefill chunk, every layer: the CPU path
+        start, end, k_len = int(cu[i]), int(cu[i + 1]), int(lens[i])
+        blocks = meta.block_tables[i, : -(-k_len // bs)].long()
+        k = k_cache[blocks].flatten(0, 1)[:k_len].transpose(0, 1)
+        v = v_cache[blocks].flatten(0, 1)[:k_len].transpose(0, 1)
+        mask = bottom_right_mask(end - start, k_len, window, q.device)
+        o = F.scaled_dot_product_attention(
+            q[start:end].transpose(0, 1), k, v, attn_mask=mask, scale=scale,
+            is_causal=mask is None and end - start == k_len, enable_gqa=True)
+        out[start:end] = o.transpose(0, 1)
+    return out
+
+
+def _reference_decodes(q, k_cache, v_cache, meta, scale, window, decodes, out) -> None:
+    """Every one-token query at once: contexts gathered into [n, max_k] padded rows."""
+    device, bs = q.device, meta.block_size
+    idx = torch.from_numpy(decodes).to(device)
+    k_lens = torch.from_numpy(meta.host_seqlens_k[decodes]).to(device)
+    max_k = int(meta.host_seqlens_k[decodes].max())
+    pos = torch.arange(max_k, device=device)
+    slots = meta.block_tables[idx][:, pos // bs].long() * bs + pos % bs  # [n, max_k]
+    h, d = k_cache.shape[-2:]
+    k = k_cache.view(-1, h, d)[slots].transpose(1, 2)  # [n, Hkv, max_k, D]
+    v = v_cache.view(-1, h, d)[slots].transpose(1, 2)
+    valid = pos[None, :] < k_lens[:, None]
+    if window:
+        valid &= pos[None, :] > k_lens[:, None] - 1 - window
+    rows = torch.from_numpy(meta.host_cu_seqlens_q[decodes]).to(device)
+    o = F.scaled_dot_product_attention(q[rows][:, :, None], k, v, attn_mask=valid[:, None, None],
+                                       scale=scale, enable_gqa=True)
+    out[rows] = o[:, :, 0]
+
+
+def bottom_right_mask(q_len: int, k_len: int, window, device) -> torch.Tensor | None:
+    """[q_len, k_len] bool (True = attend); None when plain SDPA does the same."""
+    if (q_len == 1 or q_len == k_len) and (not window or k_len <= window):
+        return None  # a decode sees everything; a full prefill is top-left == bottom-right
+    qpos = torch.arange(k_len - q_len, k_len, device=device)[:, None]
+    kpos = torch.arange(k_len, device=device)[None, :]
+    mask = kpos <= qpos
+    if window:
+        mask &= kpos > qpos - window
+    return mask
+
+
+def gather_paged(q, k_cache, v_cache, meta: PagedMetadata, scale, window) -> torch.Tensor:
+    """Copy every sequence's context into a contiguous scratch, then ``varlen_attn``
+    (FlashAttention-2 in torch; causal aligned bottom-right like flash-attn >= 2.1)."""
+    from torch.nn.attention.varlen import varlen_attn
+
+    if meta.context_slots is None:
+        raise ValueError("the gather backend needs PagedMetadata.context_slots")
+    h, d = k_cache.shape[-2:]
+    k = k_cache.view(-1, h, d).index_select(0, meta.context_slots)
+    v = v_cache.view(-1, h, d).index_select(0, meta.context_slots)
+    q, extra, rep = varlen_kwargs(q, h, scale, window, causal=True)
+    if rep > 1:
+        k, v = k.repeat_interleave(rep, dim=1), v.repeat_interleave(rep, dim=1)
+    return varlen_attn(q, k, v, meta.cu_seqlens_q, meta.cu_seqlens_k, meta.max_seqlen_q,
+                       meta.max_seqlen_k, **extra)
+
+
+def torch_paged(q, k_cache, v_cache, meta: PagedMetadata, scale, window) -> torch.Tensor:
+    """``varlen_attn`` reading the page pool through ``block_table`` (torch >= 2.12)."""
+    from torch.nn.attention.varlen import varlen_attn
+
+    # torch >= 2.12 (block_table) also has enable_gqa, so no K/V repeat is ever asked for.
+    q, extra, _ = varlen_kwargs(q, k_cache.shape[-2], scale, window, causal=True)
+    return varlen_attn(q, k_cache, v_cache, meta.cu_seqlens_q, meta.cu_seqlens_k,
+                       meta.max_seqlen_q, meta.max_seqlen_k, seqused_k=meta.seqlens_k,
+                       block_table=meta.block_tables, **extra)
+
+
+def flash_attn_paged(q, k_cache, v_cache, meta: PagedMetadata, scale, window) -> torch.Tensor:
+    """flash-attn's varlen kernel over the page pool (``block_table``; GQA native)."""
+    from flash_attn import flash_attn_varlen_func
+
+    return flash_attn_varlen_func(
+        q, k_cache, v_cache, meta.cu_seqlens_q, meta.cu_seqlens_k, meta.max_seqlen_q,
+        meta.max_seqlen_k, softmax_scale=scale, causal=True,
+        window_size=varlen_window(window, True), block_table=meta.block_tables)
+
+
+def triton_paged(q, k_cache, v_cache, meta: PagedMetadata, scale, window) -> torch.Tensor:
+    """Our Triton kernel (``worker.attention.triton_paged``), imported on first use."""
+    from worker.attention.triton_paged import triton_paged as kernel
+
+    return kernel(q, k_cache, v_cache, meta, scale, window)
+
+
+_BACKENDS = {"triton": triton_paged, "flash_attn": flash_attn_paged, "torch_paged": torch_paged,
+             "gather": gather_paged, "reference": reference_paged}
+
+
+# ---- selection and registration --------------------------------------------------------
+
+def torch_paged_available() -> bool:
+    return torch_varlen_available() and "block_table" in varlen_params()
+
+
+def paged_backend_candidates(device_type: str, dtype: torch.dtype, block_size: int) -> list[str]:
+    """The backends that can run here, fastest first (see the module table)."""
+    if device_type != "cuda" or dtype not in (torch.float16, torch.bfloat16):
+        return ["reference"]
+    from worker.attention.triton_paged import triton_available
+
+    names = ["triton"] if triton_available() else []
+    if block_size % PAGED_KERNEL_BLOCK_MULTIPLE == 0:
+        names += [n for n, ok in (("flash_attn", flash_attn_available),
+                                  ("torch_paged", torch_paged_available)) if ok()]
+    if torch_varlen_available():
+        names.append("gather")
+    return names + ["reference"]
+
+
+def check_paged_backend(requested: str, device_type: str, dtype: torch.dtype,
+                        block_size: int) -> None:
+    """Raise ``ConfigError`` (naming ``paged_attention_backend``) unless ``requested``
+    can run here."""
+    from worker.core.config import ConfigError
+
+    if requested == "auto" or requested in paged_backend_candidates(device_type, dtype,
+                                                                    block_size):
+        return
+    if requested == "triton" and device_type == "cpu":
+        from worker.attention.triton_paged import triton_available
+
+        if triton_available():
+            return
+        raise ConfigError("paged_attention_backend", "'triton' runs on CPU only under "
+                          "Triton's interpreter (TRITON_INTERPRET=1, for tests); use 'auto'")
+    raise ConfigError("paged_attention_backend", f"{requested!r} cannot run on {device_type} "
+                      f"with dtype {dtype} and kv_block_size {block_size} (flash_attn and "
+                      "torch_paged need CUDA, half precision and a block size multiple of "
+                      f"{PAGED_KERNEL_BLOCK_MULTIPLE}); use 'auto'")
+
+
+def select_paged_backend(device_type: str, dtype: torch.dtype, block_size: int,
+                         requested: str = "auto", self_check=None) -> str:
+    """``requested`` (checked) or the fastest backend that runs here. ``self_check(name)``
+    returns None when the named kernel works on this device, else why not; a kernel that
+    fails it is skipped with a warning, so a kernel that does not compile never stops the
+    engine from starting (``triton`` is the one checked)."""
+    check_paged_backend(requested, device_type, dtype, block_size)
+    names = paged_backend_candidates(device_type, dtype, block_size)
+    if requested != "auto":
+        names = [requested] + [n for n in names if n != requested]
+    for name in names:
+        problem = self_check(name) if self_check is not None and name in CHECKED else None
+        if problem is None:
+            return name
+        logger.warning("paged attention backend %r failed its start-up self-check, falling "
+                       "back to the next one: %s", name, problem)
+    return "reference"
+
+
+CHECKED = ("triton",)  # backends of ours that must pass a self-check on the device

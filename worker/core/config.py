@@ -1,0 +1,118 @@
+"""Engine configuration: one frozen dataclass, validated on construction.
+
+This module imports neither torch nor transformers, so the HTTP layer can build and
+validate an ``EngineConfig`` without loading the engine.
+"""
+
+from __future__ import annotations
+
+import re
+from dataclasses import dataclass
+
+DEVICES = re.compile(r"^(cpu|cuda(:\d+)?)$")
+DTYPES = ("auto", "float32", "bfloat16", "float16")
+ATTENTION_BACKENDS = ("auto", "flash_attn", "torch_varlen", "reference")
+PAGED_ATTENTION_BACKENDS = ("auto", "triton", "flash_attn", "torch_paged", "gather", "reference")
+CPU_DEFAULT_BUDGET = 8192  # tokens per bin on CPU when max_num_batched_tokens is unset
+
+
+class ConfigError(ValueError):
+    """A configuration value is invalid; the message names the field."""
+
+    def __init__(self, field: str, message: str):
+        super().__init__(f"EngineConfig.{field}: {message}")
+        self.field = field
+
+
+@dataclass(frozen=True)
+class EngineConfig:
+    """What one per-GPU engine serves and under which limits.
+
+    ``None`` fields are resolved by the engine once the model is loaded (see
+    ``Engine.config`` for the resolved copy): ``max_num_batched_tokens`` is
+    ``CPU_DEFAULT_BUDGET`` on CPU and measured by the Phase-0 probe on CUDA;
+    ``max_model_len`` is the model's ``max_position_embeddings``.
+    """
+
+    model: str  # hub id or local directory
+    device: str = "cpu"  # "cpu" | "cuda" | "cuda:N"
+    dtype: str = "auto"  # auto: float32 on CPU; the checkpoint's half dtype (else bf16) on CUDA
+    attention_backend: str = "auto"  # auto: flash_attn > torch_varlen (CUDA) > reference
+    max_num_batched_tokens: int | None = None  # token budget per bin (aligned tokens)
+    max_num_seqs: int = 0  # sequences per bin; 0 = no cap
+    max_num_bins_per_step: int = 4  # bins one step schedules (the overlap window)
+    align: int = 16  # lengths round up to a multiple of this when packing
+    max_model_len: int | None = None  # longest sequence accepted
+    trust_remote_code: bool = False
+    # Generation (continuous batching over a paged KV cache; see worker/generate/generation.py):
+    kv_block_size: int | None = None  # tokens per KV block; None: 256 when
+    #   paged_attention_backend names flash_attn or torch_paged (they need a multiple of
+    #   256), else 16
+    num_kv_blocks: int | None = None  # None: sized from the probe (CUDA) or a cap (CPU)
+    max_num_running_seqs: int = 256  # sequences generating at once (each holds KV blocks)
+    max_prefill_chunk: int = 0  # prefill tokens per request per step; 0 = the step budget
+    paged_attention_backend: str = "auto"  # auto: triton > flash_attn > torch_paged >
+    #   gather on CUDA (the first that runs and passes its self-check), reference on CPU
+    cuda_graphs: bool = True  # decode-only steps replay CUDA graphs (CUDA only; False =
+    #   every step eager, vLLM's enforce_eager)
+    enable_prefix_caching: bool = True  # reuse the KV of full blocks seen before (vLLM's
+    #   automatic prefix caching, on by default as there)
+
+    def __post_init__(self) -> None:
+        if not isinstance(self.model, str) or not self.model:
+            raise ConfigError("model", f"must be a hub id or a local path, got {self.model!r}")
+        if not isinstance(self.device, str) or not DEVICES.match(self.device):
+            raise ConfigError("device", f"must be 'cpu', 'cuda' or 'cuda:N', got {self.device!r}")
+        check_choice("dtype", self.dtype, DTYPES)
+        check_choice("attention_backend", self.attention_backend, ATTENTION_BACKENDS)
+        check_int("align", self.align, 1)
+        check_int("max_num_seqs", self.max_num_seqs, 0)
+        check_int("max_num_bins_per_step", self.max_num_bins_per_step, 1)
+        if self.max_num_batched_tokens is not None:
+            check_int("max_num_batched_tokens", self.max_num_batched_tokens, self.align)
+            if self.max_num_batched_tokens % self.align:
+                raise ConfigError(
+                    "max_num_batched_tokens",
+                    f"must be a multiple of align ({self.align}), "
+                    f"got {self.max_num_batched_tokens}",
+                )
+        if self.max_model_len is not None:
+            check_int("max_model_len", self.max_model_len, 1)
+        if not isinstance(self.trust_remote_code, bool):
+            raise ConfigError("trust_remote_code",
+                              f"must be a bool, got {self.trust_remote_code!r}")
+        check_int("max_num_running_seqs", self.max_num_running_seqs, 1)
+        check_int("max_prefill_chunk", self.max_prefill_chunk, 0)
+        check_choice("paged_attention_backend", self.paged_attention_backend,
+                     PAGED_ATTENTION_BACKENDS)
+        for name in ("cuda_graphs", "enable_prefix_caching"):
+            if not isinstance(getattr(self, name), bool):
+                raise ConfigError(name, f"must be a bool, got {getattr(self, name)!r}")
+        if self.kv_block_size is not None and self.kv_block_size % 16 and \
+                self.paged_attention_backend == "triton":
+            raise ConfigError("kv_block_size", "must be a multiple of 16 for the triton "
+                              f"paged attention backend, got {self.kv_block_size}")
+        for name in ("kv_block_size", "num_kv_blocks"):
+            if getattr(self, name) is not None:
+                check_int(name, getattr(self, name), 1)
+        if self.device == "cpu" and self.attention_backend in ("flash_attn", "torch_varlen"):
+            raise ConfigError(
+                "attention_backend",
+                f"{self.attention_backend!r} runs only on CUDA; use 'reference' or 'auto' on CPU",
+            )
+
+    @property
+    def is_cuda(self) -> bool:
+        return self.device.startswith("cuda")
+
+
+def check_choice(field: str, value, choices: tuple[str, ...], error=ConfigError) -> None:
+    """Raise ``error(field, message)`` unless ``value`` is one of ``choices``."""
+    if value not in choices:
+        raise error(field, f"must be one of {', '.join(choices)}; got {value!r}")
+
+
+def check_int(field: str, value, minimum: int, error=ConfigError) -> None:
+    """Raise ``error(field, message)`` unless ``value`` is an integer >= ``minimum``."""
+    if isinstance(value, bool) or not isinstance(value, int) or value < minimum:
+        raise error(field, f"must be an integer >= {minimum}, got {value!r}")

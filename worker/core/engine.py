@@ -1,0 +1,333 @@
+"""The per-GPU engine: ``step()`` is schedule, run, postprocess.
+
+The sync API (``embed``, ``score``, ``classify``, ``generate``) queues its requests and
+drives steps on the caller's thread until they are done. Generation
+(``worker.core.generate_api``) is a second policy behind the same three step calls;
+classification (``worker.core.classify_api``) is one more pooled task of the packed path.
+The async API (``submit``, ``embed_async``, ``score_async``, ``classify_async``) queues and
+returns futures; a background ``StepLoop`` thread steps.
+Both may be used at once: one lock serializes steps.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import dataclasses
+import functools
+import logging
+import threading
+from collections import deque
+from collections.abc import Sequence
+
+import numpy as np
+
+from worker.budget.limits import resolve_budget, resolve_max_model_len, staging_capacity
+from worker.core.classify_api import ClassifyAPI
+from worker.core.config import EngineConfig
+from worker.core.device import make_device
+from worker.core.errors import EngineDeadError, InvalidRequestError, RequestOutOfMemoryError
+from worker.core.generate_api import GenerateAPI
+from worker.core.loop import StepLoop
+from worker.core.observe import ObserveAPI
+from worker.core.request import (
+    Pooling,
+    Request,
+    RequestLimits,
+    Task,
+    as_token_array,
+    as_token_types,
+    check_type_count,
+    parse_pooling,
+    parse_task,
+)
+from worker.core.request import validate as validate_request
+from worker.models.loader import load_model
+from worker.packed.runner import ModelRunner, StepResult
+from worker.packed.scheduler import Scheduler, SchedulerOutput
+from worker.packed.staging import Staging
+
+logger = logging.getLogger(__name__)
+
+
+@dataclasses.dataclass
+class EngineStats:
+    """Counters since start; ``Engine.stats`` returns a snapshot."""
+
+    num_steps: int = 0
+    num_bins: int = 0  # bins run, after out-of-memory splits
+    num_tokens: int = 0  # real tokens run
+    num_requests_finished: int = 0
+    num_requests_failed: int = 0  # failed while running (out of memory alone)
+    num_oom: int = 0  # bins or generation steps that ran out of memory (each shrank a budget)
+    token_budget: int = 0  # current budget per bin
+    num_generated_tokens: int = 0
+    gen_token_budget: int = 0  # current generation step budget (0 until generation starts)
+    prefix_cache_queries: int = 0  # prompt tokens of admitted generation requests
+    prefix_cache_hits: int = 0  # of those, tokens whose KV came from the prefix cache
+    prefix_cache_evictions: int = 0  # cached KV blocks handed out for other tokens
+
+
+class Engine(GenerateAPI, ClassifyAPI, ObserveAPI):
+    """Packed, padding-free forwards over one device. See the module docstring."""
+
+    def __init__(self, config: EngineConfig):
+        self.device = make_device(config.device)
+        model, self.spec = load_model(config, self.device.device)
+        max_model_len = resolve_max_model_len(config, self.spec)
+        max_tokens, max_seqs = staging_capacity(config, max_model_len)
+        self.staging = Staging(max_tokens, max_seqs, self.device,
+                               token_types=self.spec.takes_token_type_ids)
+        self.runner = ModelRunner(model, self.spec, self.staging, self.device)
+        budget, self.budget_report = resolve_budget(config, self.runner, self.device,
+                                                    max_model_len)
+        self.config = dataclasses.replace(  # every None resolved
+            config, max_num_batched_tokens=budget, max_model_len=max_model_len,
+            dtype=str(self.spec.dtype).removeprefix("torch."),
+            attention_backend=self.spec.attention_backend,
+        )
+        self.scheduler = Scheduler(budget, align=config.align, max_num_seqs=config.max_num_seqs,
+                                   max_num_bins_per_step=config.max_num_bins_per_step)
+        self.limits = RequestLimits(self.spec.vocab_size, max_model_len, budget, config.align,
+                                    can_score=self.runner.head is not None,
+                                    can_classify=self.runner.classifier is not None,
+                                    type_vocab_size=self.spec.type_vocab_size)
+        self.default_pooling = Pooling.LAST if self.spec.is_decoder else Pooling.MEAN
+        self._stats = EngineStats(token_budget=budget)
+        self._intake: deque[Request] = deque()  # appended by any thread, drained by step()
+        self._step_lock = threading.RLock()  # _die() may run inside a step
+        self._state_lock = threading.Lock()
+        self._loop: StepLoop | None = None
+        self._dead: BaseException | None = None
+        logger.info("engine ready: %s", self.config)
+
+    # ---- sync API -------------------------------------------------------------------
+
+    def embed(self, token_id_lists: Sequence, pooling: str | None = None,
+              normalize: bool = False) -> np.ndarray:
+        """One pooled vector per sequence -> [n, hidden] float32. Raises the first
+        request's typed error (with a note naming its index) before running any."""
+        requests = self._make_all(token_id_lists, Task.EMBED, pooling, normalize)
+        self._run_sync(requests)
+        if not requests:
+            return np.empty((0, self.spec.hidden_size), np.float32)
+        return np.stack([r.output for r in requests])
+
+    def score(self, token_id_lists: Sequence) -> list[np.ndarray]:
+        """Per sequence, log p(token t | tokens < t) for t = 1..len-1 -> [len - 1] float32."""
+        requests = self._make_all(token_id_lists, Task.SCORE, None, False)
+        self._run_sync(requests)
+        return [r.output for r in requests]
+
+    # ---- async API ------------------------------------------------------------------
+
+    def submit(self, token_ids, task: str | Task = Task.EMBED, *, pooling: str | None = None,
+               normalize: bool = False, token_type_ids=None) -> asyncio.Future:
+        """Queue one sequence; the future (of the running event loop) resolves to its
+        output array, or to its typed error. Raises ``EngineDeadError`` when dead.
+        ``token_type_ids``: a pair's token types (classify; see ``Engine.classify``)."""
+        loop = asyncio.get_running_loop()
+        future = loop.create_future()
+        self._check_alive()
+        try:
+            request = self._make(token_ids, parse_task(task), pooling, normalize,
+                                 token_type_ids)
+        except InvalidRequestError as exc:
+            future.set_exception(exc)
+            return future
+        request.on_finish = functools.partial(_settle_threadsafe, loop, future)
+        future.add_done_callback(functools.partial(_mark_cancelled, request))
+        self._start_loop()
+        self._enqueue([request])
+        return future
+
+    async def embed_async(self, token_id_lists: Sequence, pooling: str | None = None,
+                          normalize: bool = False) -> np.ndarray:
+        """``embed`` through the step loop; raises the first request's error."""
+        futures = [self.submit(ids, Task.EMBED, pooling=pooling, normalize=normalize)
+                   for ids in token_id_lists]
+        outputs = await asyncio.gather(*futures)
+        if not outputs:
+            return np.empty((0, self.spec.hidden_size), np.float32)
+        return np.stack(outputs)
+
+    async def score_async(self, token_id_lists: Sequence) -> list[np.ndarray]:
+        """``score`` through the step loop; raises the first request's error."""
+        futures = [self.submit(ids, Task.SCORE) for ids in token_id_lists]
+        return list(await asyncio.gather(*futures))
+
+    # ---- the step -------------------------------------------------------------------
+
+    def step(self) -> int:
+        """Schedule, run, postprocess one step; returns the requests it finished."""
+        with self._step_lock:
+            self._check_alive()
+            if self._generation_turn():
+                return self._generation_step()
+            while self._intake:
+                self.scheduler.add(self._intake.popleft())
+            out = self.scheduler.schedule()
+            if out is None:
+                return 0
+            budget = self.scheduler.token_budget
+            try:
+                result = self.runner.run(out.batch)
+            except BaseException as exc:
+                self._fail_step(out, exc)
+                raise
+            self._postprocess(out, result)
+            if self._obs is not None:
+                self._obs.forward_step(out, result, budget, self.scheduler.token_budget,
+                                       self._gen, self.num_waiting)
+            return len(out.requests)
+
+    def _postprocess(self, out: SchedulerOutput, result: StepResult) -> None:
+        for num_tokens in result.oom_num_tokens:
+            self.scheduler.shrink_budget(num_tokens)
+        failed = set(result.oom_failed)
+        budget = self.scheduler.token_budget
+        self._count(out, result, failed)  # before any caller can see a result
+        for i, request in enumerate(out.requests):  # per request, every step
+            if i in failed:
+                request.finish(error=RequestOutOfMemoryError(request.num_tokens, budget))
+                continue
+            output = result.outputs[i]
+            if request.normalize:
+                output = output / max(float(np.linalg.norm(output)), 1e-12)
+            request.finish(output=output)
+
+    def _count(self, out: SchedulerOutput, result: StepResult, failed: set[int]) -> None:
+        s = self._stats
+        s.num_steps += 1
+        s.num_bins += result.num_bins
+        s.num_tokens += out.num_tokens - sum(out.requests[i].num_tokens for i in failed)
+        s.num_requests_finished += len(out.requests) - len(failed)
+        s.num_requests_failed += len(failed)
+        s.num_oom += len(result.oom_num_tokens)
+        s.token_budget = self.scheduler.token_budget
+
+    # ---- lifecycle ------------------------------------------------------------------
+
+    @property
+    def stats(self) -> EngineStats:
+        return dataclasses.replace(self._stats)
+
+    def is_alive(self) -> bool:
+        """False once shut down or once a step raised (the loop is then gone too)."""
+        return self._dead is None and (self._loop is None or self._loop.is_alive())
+
+    def shutdown(self, timeout: float | None = 30.0) -> None:
+        """Stop the step loop, fail whatever is still queued. Idempotent."""
+        if self._loop is not None:
+            self._loop.stop(timeout)
+        self._die(EngineDeadError("the engine was shut down"))
+
+    def __enter__(self) -> Engine:
+        return self
+
+    def __exit__(self, *exc) -> None:
+        self.shutdown()
+
+    # ---- helpers --------------------------------------------------------------------
+
+    def _make(self, token_ids, task: Task, pooling, normalize: bool,
+              token_type_ids=None) -> Request:
+        if task is not Task.EMBED and (pooling is not None or normalize):
+            raise InvalidRequestError(f"{task} takes no pooling or normalize",
+                                      setting="pooling")
+        arr = as_token_array(token_ids)
+        validate_request(arr, task, self.limits)
+        types = as_token_types(token_type_ids, arr.shape[0], self.limits)
+        pool = parse_pooling(pooling, self.default_pooling) if task is Task.EMBED else None
+        return Request(arr, task, pool, bool(normalize), token_type_ids=types)
+
+    def _make_all(self, lists: Sequence, task: Task, pooling, normalize,
+                  token_type_ids: Sequence | None = None) -> list[Request]:
+        check_type_count(token_type_ids, len(lists))
+        requests = []
+        for i, token_ids in enumerate(lists):
+            types = None if token_type_ids is None else token_type_ids[i]
+            try:
+                requests.append(self._make(token_ids, task, pooling, normalize, types))
+            except InvalidRequestError as exc:
+                exc.add_note(f"(sequence {i} of the {len(lists)} given)")
+                raise
+        return requests
+
+    def _run_sync(self, requests: list[Request]) -> None:
+        self._check_alive()
+        self._enqueue(requests)
+        while not all(r.finished for r in requests):  # per request, per step
+            self.step()
+        for r in requests:
+            if r.error is not None:
+                raise r.error
+
+    def _enqueue(self, requests: list[Request]) -> None:
+        if self._obs is not None:
+            self._obs.stamp(requests)
+        self._intake.extend(requests)
+        if self._loop is not None:
+            self._loop.wake()
+
+    def _start_loop(self) -> None:
+        with self._state_lock:
+            if self._loop is None:
+                self._loop = StepLoop(self.step, self._has_work, self._on_loop_death)
+                self._loop.start()
+
+    def _has_work(self) -> bool:
+        pooled = bool(self._intake) or self.scheduler.num_waiting > 0
+        return pooled or self._generation_has_work()
+
+    def _on_loop_death(self, exc: BaseException) -> None:
+        err = EngineDeadError(f"the step loop died: {exc!r}")
+        err.__cause__ = exc
+        self._die(err)
+
+    def _fail_step(self, out: SchedulerOutput, exc: BaseException) -> None:
+        err = EngineDeadError(f"a step failed, the engine is dead: {exc!r}")
+        err.__cause__ = exc
+        self._die(err)  # dead before any caller hears of it: a retry must see it dead
+        for request in out.requests:  # per request of the failed step
+            if not request.finished:
+                request.finish(error=err)
+
+    def _die(self, err: BaseException) -> None:
+        """Mark dead (first reason wins) and fail every queued request."""
+        with self._state_lock:
+            if self._dead is None:
+                self._dead = err
+        with self._step_lock:
+            pending = list(self._intake) + list(self.scheduler.waiting)
+            self._intake.clear()
+            self.scheduler.waiting.clear()
+        for request in pending:  # per queued request, once
+            if not request.finished:
+                request.finish(error=self._dead)
+        self._fail_generation(self._dead)
+
+    def _check_alive(self) -> None:
+        if self._dead is not None:
+            raise EngineDeadError(f"the engine is not running ({self._dead})") from self._dead
+
+
+def _settle_threadsafe(loop: asyncio.AbstractEventLoop, future: asyncio.Future,
+                       request: Request) -> None:
+    try:
+        loop.call_soon_threadsafe(_settle, future, request)
+    except RuntimeError:  # the caller's event loop is closed: nobody is waiting
+        pass
+
+
+def _settle(future: asyncio.Future, request: Request) -> None:
+    if future.done():
+        return
+    if request.error is not None:
+        future.set_exception(request.error)
+    else:
+        future.set_result(request.output)
+
+
+def _mark_cancelled(request: Request, future: asyncio.Future) -> None:
+    if future.cancelled():
+        request.cancelled = True

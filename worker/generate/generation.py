@@ -1,0 +1,359 @@
+"""Generation as a policy the engine steps: continuous batching over a paged KV cache.
+
+``Generation`` composes one manager per resource (``BlockManager`` for KV blocks,
+``GenScheduler`` for the per-step token budget, ``GenRunner`` for the forward and the
+sampler, ``OutputProcessor`` for stop rules and text) and exposes the engine's three
+step calls: ``schedule``, ``run``, ``postprocess`` (or ``recover_from_oom`` when the
+forward ran out of device memory). Requests come in through
+``submit`` (any thread); everything else runs under the engine's step lock.
+"""
+
+from __future__ import annotations
+
+import functools
+import logging
+from collections import deque
+from dataclasses import dataclass
+
+import numpy as np
+import torch
+
+from worker.attention.paged import (
+    PAGED_KERNEL_BLOCK_MULTIPLE,
+    check_paged_backend,
+    select_paged_backend,
+)
+from worker.core.config import ConfigError
+from worker.core.errors import InvalidRequestError, RequestOutOfMemoryError
+from worker.generate.cuda_graphs import (
+    GRAPH_BACKENDS,
+    CaptureReport,
+    DecodeGraphs,
+    graph_buckets,
+    graph_memory_estimate,
+)
+from worker.generate.output import OutputProcessor
+from worker.generate.runner import GenRunner
+from worker.generate.sampling import SampledTokens, SamplingParams, make_generator
+from worker.generate.scheduler import GenScheduler, GenSchedulerOutput
+from worker.generate.sequence import FinishReason, Sequence
+from worker.kv.block_manager import BlockManager
+from worker.kv.cache import KVCache, KVCacheSpec, kv_bytes_from_report
+
+logger = logging.getLogger(__name__)
+
+CPU_KV_CACHE_BYTES = 1 << 30  # KV cache on CPU when num_kv_blocks is unset (at most)
+CUDA_UNPROBED_KV_FRACTION = 0.8  # of free memory, when no probe report sizes the cache
+
+
+GEN_MEASURED_STEP_TOKENS = 8192  # generation step budget when the probe set the budget
+
+
+@dataclass(frozen=True)
+class GenerationSettings:
+    """Generation limits, resolved from ``EngineConfig`` (errors name its fields)."""
+
+    max_num_batched_tokens: int  # tokens per step (decodes + prefill chunks)
+    max_num_running_seqs: int = 256  # running sequences at most (each holds KV blocks)
+    max_prefill_chunk: int = 0  # prefill tokens per sequence per step; 0 = the budget
+    kv_block_size: int = 16  # tokens per KV block
+    num_kv_blocks: int | None = None  # None: from the probe (CUDA) or a byte cap (CPU)
+    paged_attention_backend: str = "auto"  # see worker.attention.paged
+    cuda_graphs: bool = True  # decode-only steps replay CUDA graphs (CUDA, triton only)
+    enable_prefix_caching: bool = True  # reuse cached full blocks (see worker.kv.block_pool)
+
+    def __post_init__(self) -> None:
+        for name, low in (("max_num_batched_tokens", 1), ("max_num_running_seqs", 1),
+                          ("max_prefill_chunk", 0), ("kv_block_size", 1)):
+            value = getattr(self, name)
+            if isinstance(value, bool) or not isinstance(value, int) or value < low:
+                raise ConfigError(name, f"must be an integer >= {low}, got {value!r}")
+        if self.num_kv_blocks is not None and (not isinstance(self.num_kv_blocks, int)
+                                               or self.num_kv_blocks < 1):
+            raise ConfigError("num_kv_blocks", f"must be an integer >= 1 or None, "
+                              f"got {self.num_kv_blocks!r}")
+        if self.max_num_running_seqs > self.max_num_batched_tokens:
+            raise ConfigError(
+                "max_num_running_seqs", f"{self.max_num_running_seqs} exceeds the generation "
+                f"step budget ({self.max_num_batched_tokens} tokens, max_num_batched_tokens): "
+                "every running decode must fit in one step")
+
+    @classmethod
+    def from_config(cls, config, device_type: str, dtype: torch.dtype,
+                    measured: bool) -> GenerationSettings:
+        """From a resolved ``EngineConfig``. A measured (probe) budget is capped at
+        ``GEN_MEASURED_STEP_TOKENS``: decode-heavy steps gain nothing from more, and the
+        KV cache gets the memory instead. ``kv_block_size`` None: 256 when the paged
+        backend asked for is a flash kernel (it needs multiples of 256), else 16 (our
+        Triton kernel's default, as vLLM's)."""
+        step = config.max_num_batched_tokens
+        if measured:
+            step = min(step, GEN_MEASURED_STEP_TOKENS)
+        block = config.kv_block_size
+        if block is None:
+            flash = config.paged_attention_backend in ("flash_attn", "torch_paged")
+            block = PAGED_KERNEL_BLOCK_MULTIPLE if flash else 16
+        check_paged_backend(config.paged_attention_backend, device_type, dtype, block)
+        return cls(step, config.max_num_running_seqs, config.max_prefill_chunk, block,
+                   config.num_kv_blocks, config.paged_attention_backend, config.cuda_graphs,
+                   config.enable_prefix_caching)
+
+
+def eos_token_ids(model) -> frozenset[int]:
+    """The EOS token(s) of the model's generation config (what HF ``generate`` stops at)."""
+    config = getattr(model, "generation_config", None)
+    eos = getattr(config, "eos_token_id", None)
+    if eos is None:
+        return frozenset()
+    return frozenset([eos] if isinstance(eos, int) else eos)
+
+
+def resolve_num_kv_blocks(settings: GenerationSettings, spec: KVCacheSpec, device,
+                          report, max_model_len: int, reserve_bytes: int = 0) -> int:
+    """``num_kv_blocks`` if set; CUDA: what the probe left free after a step's
+    activations and ``reserve_bytes`` (the CUDA graphs), else a fraction of free memory;
+    CPU: ``CPU_KV_CACHE_BYTES`` at most, and no more than every running sequence at full
+    length needs."""
+    if settings.num_kv_blocks is not None:
+        return settings.num_kv_blocks
+    full = spec.num_blocks_for_tokens(max_model_len) * settings.max_num_running_seqs
+    if device.device.type != "cuda":
+        return max(1, min(full, spec.num_blocks_for_bytes(CPU_KV_CACHE_BYTES)))
+    if report is not None and getattr(report, "activation_bytes_per_token", None):
+        free = kv_bytes_from_report(report, settings.max_num_batched_tokens) - reserve_bytes
+    else:
+        free = int(torch.cuda.mem_get_info(device.device)[0] * CUDA_UNPROBED_KV_FRACTION
+                   ) - reserve_bytes
+    blocks = spec.num_blocks_for_bytes(free)
+    if blocks < spec.num_blocks_for_tokens(max_model_len):
+        raise ConfigError(
+            "num_kv_blocks", f"only {max(free, 0) / 2**30:.2f} GiB are left for the KV cache "
+            f"({blocks} blocks), less than one sequence of max_model_len={max_model_len} "
+            "needs; lower max_model_len or max_num_batched_tokens")
+    return min(blocks, full)
+
+
+class Generation:
+    """Continuous batching for one model on one device (see the module docstring)."""
+
+    def __init__(self, model, device, settings: GenerationSettings, *, max_model_len: int,
+                 vocab_size: int, report=None, tokenizer=None):
+        dtype = next(model.parameters()).dtype
+        spec = KVCacheSpec.from_model_config(model.config, dtype, settings.kv_block_size)
+        self.backend = select_paged_backend(
+            device.device.type, dtype, settings.kv_block_size, settings.paged_attention_backend,
+            functools.partial(_self_check, model.config, spec, device.device))
+        buckets = graph_buckets(settings.max_num_running_seqs)
+        graphs = (settings.cuda_graphs and device.device.type == "cuda"
+                  and self.backend in GRAPH_BACKENDS)
+        reserve = graph_memory_estimate(model.config, dtype, buckets[-1], getattr(
+            report, "activation_bytes_per_token", None)) if graphs else 0
+        num_blocks = resolve_num_kv_blocks(settings, spec, device, report, max_model_len,
+                                           reserve)
+        self.settings, self.max_model_len, self.vocab_size = settings, max_model_len, vocab_size
+        self.device = device
+        self.blocks = BlockManager(num_blocks, settings.kv_block_size)
+        # One block more than the manager hands out: the scratch block of padding rows.
+        self.cache = KVCache(spec, num_blocks + 1, device.device)
+        self.scheduler = GenScheduler(self.blocks,
+                                      max_num_batched_tokens=settings.max_num_batched_tokens,
+                                      max_num_seqs=settings.max_num_running_seqs,
+                                      max_prefill_chunk=settings.max_prefill_chunk,
+                                      enable_prefix_caching=settings.enable_prefix_caching,
+                                      cache_salt=f"{model.config._name_or_path}|{dtype}")
+        self.runner = GenRunner(model, self.cache, self.blocks, device, backend=self.backend,
+                                max_num_batched_tokens=settings.max_num_batched_tokens,
+                                max_num_seqs=settings.max_num_running_seqs,
+                                max_model_len=max_model_len)
+        self.processor = OutputProcessor(eos_token_ids(model), tokenizer)
+        self._intake: deque[Sequence] = deque()
+        self._live: dict[int, Sequence] = {}  # unfinished, by seq_id (intake included)
+        self.num_preemptions = 0  # sequences preempted so far (recompute), for observers
+        self.graph_report: CaptureReport | None = None
+        logger.info("generation: %d KV blocks of %d tokens (%.2f GiB), %s paged attention",
+                    num_blocks, settings.kv_block_size, self.cache.num_bytes / 2**30, self.backend)
+        if graphs:
+            self._capture_graphs(buckets, reserve)
+
+    def _capture_graphs(self, buckets: tuple[int, ...], reserve: int) -> None:
+        """Capture the decode graphs; any failure leaves every step eager (logged)."""
+        graphs = DecodeGraphs(self.runner, buckets, capture=True)
+        try:
+            report = graphs.capture_all()
+        except Exception as exc:  # noqa: BLE001 - a failed capture must not stop the engine
+            del graphs
+            self.device.empty_cache()
+            logger.warning("CUDA graphs disabled, every step runs eager: capture failed: %r",
+                           exc)
+            return
+        self.runner.graphs, self.graph_report = graphs, report
+        logger.info("CUDA graphs: %d decode buckets (1..%d) captured in %.1f s, %.3f GiB "
+                    "(%.3f GiB were kept out of the KV cache for them)", len(buckets),
+                    buckets[-1], report.seconds, report.memory_bytes / 2**30, reserve / 2**30)
+        if report.memory_bytes > reserve:
+            logger.warning("the CUDA graphs took %.3f GiB, more than the %.3f GiB reserved",
+                           report.memory_bytes / 2**30, reserve / 2**30)
+
+    # ---- requests -------------------------------------------------------------------
+
+    def make_sequence(self, token_ids, params: SamplingParams) -> Sequence:
+        """A validated sequence; raises ``InvalidRequestError`` naming the limit."""
+        if not isinstance(params, SamplingParams):
+            raise InvalidRequestError(f"params must be SamplingParams, got {type(params).__name__}")
+        ids = _token_list(token_ids, self.vocab_size)
+        total = len(ids) + params.max_tokens
+        if total > self.max_model_len:
+            raise InvalidRequestError(
+                f"the prompt ({len(ids)} tokens) plus max_tokens ({params.max_tokens}) is "
+                f"{total} tokens, more than max_model_len={self.max_model_len}; lower "
+                "max_tokens or shorten the prompt", limit=self.max_model_len, value=total,
+                setting="max_tokens")
+        need = -(-total // self.blocks.block_size)
+        if need > self.blocks.num_blocks:
+            raise InvalidRequestError(
+                f"the prompt plus max_tokens ({total} tokens) needs {need} KV blocks, more than "
+                f"the cache holds (num_kv_blocks={self.blocks.num_blocks}); lower max_tokens or "
+                "raise num_kv_blocks", limit=self.blocks.num_blocks, value=need,
+                setting="num_kv_blocks")
+        if params.stop and self.processor.tokenizer is None:
+            raise InvalidRequestError("stop strings need a tokenizer and this model has none; "
+                                      "use stop_token_ids", value=params.stop,
+                                      setting="SamplingParams.stop")
+        gen = make_generator(params, self.device.device)
+        return Sequence(ids, len(ids), params, gen)
+
+    def submit(self, seq: Sequence) -> None:
+        """Queue ``seq`` (any thread)."""
+        self._live[seq.seq_id] = seq
+        self._intake.append(seq)
+
+    def abort(self, seq_id: int) -> bool:
+        """Finish ``seq_id`` as aborted and free its KV blocks now (under the step lock)."""
+        seq = self._live.get(seq_id)
+        if seq is None:
+            return False
+        self._drain_intake()
+        self._finish(seq, FinishReason.ABORT)
+        return True
+
+    def has_work(self) -> bool:
+        return bool(self._intake) or self.scheduler.num_unfinished > 0
+
+    @property
+    def num_waiting(self) -> int:
+        """Sequences queued, preempted ones included, not yet running."""
+        return len(self._intake) + len(self.scheduler.waiting)
+
+    # ---- the step -------------------------------------------------------------------
+
+    def schedule(self) -> GenSchedulerOutput | None:
+        self._drain_intake()
+        out = self.scheduler.schedule()
+        if out is None:
+            return None
+        self.num_preemptions += len(out.preempted)
+        for seq in out.preempted:  # per preempted sequence: its tokens leave the table
+            self.runner.release(seq)
+        if not out.seqs:
+            raise RuntimeError(f"generation cannot progress ({out.stop.value}) with "
+                               f"{self.scheduler.num_unfinished} requests unfinished")
+        return out
+
+    def run(self, out: GenSchedulerOutput) -> tuple[list[Sequence], SampledTokens] | None:
+        """The step's sampled tokens; None when its forward ran out of device memory."""
+        return self.runner.run(out)
+
+    def recover_from_oom(self, out: GenSchedulerOutput, align: int) -> list[Sequence]:
+        """``out``'s forward ran out of device memory and nothing advanced: return its KV
+        slots and shrink the step budget (preempting the newest sequences if the decodes
+        alone no longer fit; see ``GenScheduler.shrink_budget``). A step of one token
+        cannot shrink: its sequence fails alone with ``RequestOutOfMemoryError``.
+        Returns the sequences failed."""
+        self.scheduler.undo(out)
+        for seq in out.seqs:  # their block tables lost a suffix: write them again
+            self.runner.resync(seq)
+        failed = []
+        if out.num_tokens == 1:
+            seq = out.seqs[0]
+            self._fail(seq, RequestOutOfMemoryError(seq.num_tokens, 1))
+            failed.append(seq)
+        for seq in self.scheduler.shrink_budget(out.num_tokens, align):  # newest first
+            self.runner.release(seq)
+            self.num_preemptions += 1
+        return failed
+
+    def postprocess(self, out: GenSchedulerOutput,
+                    result: tuple[list[Sequence], SampledTokens]) -> list[Sequence]:
+        """Advance, append tokens, finish; returns the sequences that finished."""
+        self.scheduler.advance(out)
+        finished = []
+        samplers, sampled = result
+        for i, seq in enumerate(samplers):  # per sampling sequence, every step
+            reason = self.processor.append(seq, sampled, i)
+            if reason is not None:
+                self._finish(seq, reason)
+                finished.append(seq)
+            elif seq.on_update is not None:
+                seq.on_update(seq)
+        return finished
+
+    def check_invariants(self) -> None:
+        """No leaked or double-owned KV block; blocks held exactly by running sequences."""
+        self.scheduler.check_invariants()
+        if self.runner.state.num_rows_used != len(self.scheduler.running):
+            raise AssertionError(f"the batch state holds {self.runner.state.num_rows_used} rows "
+                                 f"for {len(self.scheduler.running)} running sequences")
+
+    def fail_all(self, error: BaseException) -> None:
+        """Abort every unfinished request with ``error`` (engine shutdown or death)."""
+        self._drain_intake()
+        for seq in list(self._live.values()):  # once per unfinished request
+            self._fail(seq, error)
+
+    def _fail(self, seq: Sequence, error: BaseException) -> None:
+        seq.error = error
+        self._finish(seq, FinishReason.ABORT)
+
+    def _finish(self, seq: Sequence, reason: FinishReason) -> None:
+        if seq.finished:
+            return
+        self.scheduler.finish(seq, reason)
+        self.runner.release(seq)
+        self._live.pop(seq.seq_id, None)
+        if seq.on_update is not None:
+            seq.on_update(seq)
+        if seq.on_finish is not None:
+            seq.on_finish(seq)
+
+    def _drain_intake(self) -> None:
+        while self._intake:
+            self.scheduler.add(self._intake.popleft())
+
+
+def _self_check(model_config, spec: KVCacheSpec, device, name: str) -> str | None:
+    """Run the ``name`` kernel once on a small random step shaped like this model's
+    attention and compare it with the reference; None when it agrees."""
+    from worker.attention.triton_check import self_check
+
+    window = getattr(model_config, "sliding_window", None)
+    if not isinstance(window, int) or getattr(model_config, "use_sliding_window", True) is False:
+        window = None
+    return self_check(device, spec.dtype, num_heads=model_config.num_attention_heads,
+                      num_kv_heads=spec.num_kv_heads, head_dim=spec.head_dim,
+                      block_size=spec.block_size, window=window)
+
+
+def _token_list(token_ids, vocab_size: int) -> list[int]:
+    from worker.core.request import as_token_array
+
+    arr = as_token_array(token_ids)
+    if arr.shape[0] == 0:
+        from worker.core.errors import EmptySequenceError
+
+        raise EmptySequenceError()
+    bad = np.flatnonzero((arr < 0) | (arr >= vocab_size))
+    if bad.size:
+        from worker.core.errors import TokenOutOfVocabError
+
+        raise TokenOutOfVocabError(int(arr[bad[0]]), int(bad[0]), vocab_size)
+    return arr.tolist()

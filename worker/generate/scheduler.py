@@ -1,0 +1,328 @@
+"""Continuous batching: each step, how many tokens for which sequence.
+
+A step holds at most ``max_num_batched_tokens`` tokens, filled in this order (first
+come, first served within each group, so no request starves):
+
+1. every running decode gets its one token (stall-free: a long prefill never delays a
+   decode; ``max_num_seqs <= max_num_batched_tokens`` guarantees they all fit);
+2. running sequences still prefilling get their next chunk;
+3. waiting sequences are admitted from the head of the queue while the budget,
+   ``max_num_seqs`` and the free KV blocks allow; admission never skips the head.
+   With prefix caching, an admitted sequence first takes the longest chain of cached
+   full blocks matching its tokens (never its last token: that one must be computed to
+   sample), and only the rest is prefilled. After each step, the full blocks a sequence
+   computed are registered under their chained hashes.
+
+A chunk is at most ``max_prefill_chunk`` tokens (0 = no cap besides the budget).
+Several prompts share a step, and a step is one packed forward, so filling the budget
+in arrival order with chunking leaves no room unused: there is nothing for FFD to pack.
+
+Out of KV blocks: a decode, or a prefill that cannot fit even one token, preempts the
+newest running sequence not yet scheduled this step (recompute: its blocks are freed at
+once and it goes back to the waiting queue in arrival order; its tokens are kept and
+prefilled again). A decode that is itself the newest preempts itself.
+
+Out of device memory (the step's forward raised): ``undo`` returns the step's slot
+reservations, then ``shrink_budget`` sets the budget to 90% of the failed step (aligned
+down), for good. Every running sequence must keep its decode row, so at most ``budget``
+sequences run: when the new budget is below the running count, the newest running
+sequences are preempted (recompute) down to it, and admission stops at the budget too.
+"""
+
+from __future__ import annotations
+
+import bisect
+import enum
+import itertools
+import logging
+from collections import deque
+from dataclasses import dataclass, field
+
+from worker.core.memory import shrunk_budget
+from worker.generate.sequence import FinishReason, SeqStatus, Sequence
+from worker.kv.block_manager import AllocStatus, BlockInvariantError, BlockManager
+from worker.kv.block_pool import chain_hashes, root_hash
+
+logger = logging.getLogger(__name__)
+
+
+class StopReason(str, enum.Enum):
+    """Why a step stopped taking prefill work."""
+
+    NOTHING_WAITING = "nothing waiting"
+    TOKEN_BUDGET = "token budget used"
+    MAX_NUM_SEQS = "max_num_seqs running"
+    OUT_OF_BLOCKS = "out of KV blocks"
+
+
+@dataclass(frozen=True)
+class GenSchedulerOutput:
+    """What one step runs: ``seqs[i]`` computes its next ``num_new_tokens[i]`` tokens."""
+
+    seqs: list[Sequence]  # [B]: the num_decodes decodes first, then prefill chunks
+    num_new_tokens: list[int]  # [B]
+    num_decodes: int
+    preempted: list[Sequence] = field(default_factory=list)  # sent back to waiting
+    stop: StopReason = StopReason.NOTHING_WAITING
+    num_prefix_queries: int = 0  # tokens of the sequences admitted this step
+    num_prefix_hits: int = 0  # of those, tokens found in the prefix cache
+
+    @property
+    def num_tokens(self) -> int:
+        return sum(self.num_new_tokens)
+
+
+class GenScheduler:
+    """Waiting queue and running set over one ``BlockManager``."""
+
+    # After an out-of-memory shrink, this many clean steps in a row double the budget
+    # again, up to the configured one: a transient spike (another process, a burst of
+    # long prompts) must not cap the engine for the rest of its life.
+    regrow_after_steps = 256
+
+    def __init__(self, blocks: BlockManager, *, max_num_batched_tokens: int,
+                 max_num_seqs: int, max_prefill_chunk: int = 0,
+                 enable_prefix_caching: bool = False, cache_salt: str = ""):
+        if not 1 <= max_num_seqs <= max_num_batched_tokens:
+            raise ValueError(f"max_num_seqs ({max_num_seqs}) must be in [1, "
+                             f"max_num_batched_tokens ({max_num_batched_tokens})]: every "
+                             "running decode must fit in one step")
+        self.blocks = blocks
+        self.max_num_batched_tokens, self.max_num_seqs = max_num_batched_tokens, max_num_seqs
+        self.configured_num_batched_tokens = max_num_batched_tokens  # the regrow ceiling
+        self._clean_steps = 0  # steps since the last out-of-memory shrink
+        self.max_prefill_chunk = max_prefill_chunk
+        self.waiting: deque[Sequence] = deque()  # arrival order
+        self.running: list[Sequence] = []  # arrival order; every one holds blocks
+        self._arrivals = itertools.count()
+        self.prefix_caching = enable_prefix_caching
+        self._root_hash = root_hash(cache_salt)  # a first block's parent: the model's id
+        self.num_prefix_queries = 0  # tokens of admitted sequences, since start
+        self.num_prefix_hits = 0  # of those, tokens taken from the prefix cache
+
+    @property
+    def num_unfinished(self) -> int:
+        return len(self.waiting) + len(self.running)
+
+    def add(self, seq: Sequence) -> None:
+        seq.arrival = next(self._arrivals)
+        seq.status = SeqStatus.WAITING
+        self.waiting.append(seq)
+
+    def schedule(self) -> GenSchedulerOutput | None:
+        """The next step's work; ``None`` when nothing is waiting or running."""
+        if not self.running and not self.waiting:
+            return None
+        step = _Step(self.max_num_batched_tokens)
+        append_slot = self.blocks.append_slot
+        for seq in [s for s in self.running if s.is_decode]:  # per running decode, every step
+            if seq.status is not SeqStatus.RUNNING:
+                continue  # preempted earlier in this step
+            if append_slot(seq.seq_id) or self._reserve_decode(seq, step):
+                step.add(seq, 1)
+        num_decodes = len(step.seqs)
+        stop = self._continue_prefills(step)
+        if stop is None:
+            stop = self._admit(step)
+        return GenSchedulerOutput(step.seqs, step.counts, num_decodes, step.preempted, stop,
+                                  step.num_queried, step.num_hit)
+
+    def finish(self, seq: Sequence, reason: FinishReason) -> None:
+        """Finish ``seq`` (running or waiting) and free its blocks now. Idempotent."""
+        if seq.finished:
+            return
+        if seq.status is SeqStatus.RUNNING:
+            self.running.remove(seq)
+        elif seq in self.waiting:
+            self.waiting.remove(seq)
+        self.blocks.free(seq.seq_id)
+        seq.status, seq.finish_reason = SeqStatus.FINISHED, reason
+
+    def advance(self, out: GenSchedulerOutput) -> None:
+        """After the step ran: the scheduled tokens' K/V are now in the cache, and the
+        blocks they filled are registered in the prefix cache."""
+        bs = self.blocks.block_size
+        for seq, n in zip(out.seqs, out.num_new_tokens):  # per scheduled sequence
+            if seq.status is not SeqStatus.RUNNING:
+                continue
+            seq.num_computed += n
+            full = seq.num_computed // bs
+            if self.prefix_caching and full > seq.num_registered:  # once per block
+                self.blocks.register(seq.seq_id, seq.num_registered, self._hashes(seq, full),
+                                     full)
+                seq.num_registered = full
+        self._maybe_regrow()
+
+    def _maybe_regrow(self) -> None:
+        if self.max_num_batched_tokens >= self.configured_num_batched_tokens:
+            return
+        self._clean_steps += 1
+        if self._clean_steps >= self.regrow_after_steps:
+            self._clean_steps = 0
+            self.max_num_batched_tokens = min(self.configured_num_batched_tokens,
+                                              2 * self.max_num_batched_tokens)
+            logger.info("generation step budget regrown to %d tokens",
+                        self.max_num_batched_tokens)
+
+    def undo(self, out: GenSchedulerOutput) -> None:
+        """``out`` did not run: return the slots it reserved (a running sequence holds
+        exactly its ``num_computed`` tokens between steps). Admitted sequences stay
+        running, with no slots."""
+        for seq in out.seqs:  # per scheduled sequence of the failed step
+            if seq.status is SeqStatus.RUNNING:
+                self.blocks.trim(seq.seq_id, seq.num_computed)
+
+    def shrink_budget(self, failed_num_tokens: int, align: int) -> list[Sequence]:
+        """After a step of ``failed_num_tokens`` ran out of memory (and ``undo``): the
+        budget becomes 90% of it, aligned down to ``align`` when at least that, and at
+        least 1; ``regrow_after_steps`` clean steps later it doubles again (up to the
+        configured budget). The newest running sequences are preempted until every
+        running decode fits the budget; returns them."""
+        self._clean_steps = 0
+        self.max_num_batched_tokens = min(self.max_num_batched_tokens,
+                                          shrunk_budget(failed_num_tokens, align, minimum=1))
+        preempted = []
+        while len(self.running) > self.max_num_batched_tokens:  # newest first
+            preempted.append(self.running[-1])
+            self._preempt(self.running[-1])
+        return preempted
+
+    def check_invariants(self) -> None:
+        """Blocks are consistent and owned exactly by the running sequences."""
+        self.blocks.check_invariants()
+        for seq in self.waiting:
+            if self.blocks.has(seq.seq_id):
+                raise BlockInvariantError(f"waiting sequence {seq.seq_id} holds KV blocks")
+        for seq in self.running:
+            if self.blocks.num_tokens(seq.seq_id) < seq.num_computed:
+                raise BlockInvariantError(f"sequence {seq.seq_id} computed {seq.num_computed} "
+                                          f"tokens but holds slots for "
+                                          f"{self.blocks.num_tokens(seq.seq_id)}")
+        if self.blocks.stats().num_seqs != len(self.running):
+            raise BlockInvariantError("a sequence that is not running holds KV blocks")
+
+    # ---- helpers ------------------------------------------------------------------
+
+    def _reserve_decode(self, seq: Sequence, step: _Step) -> bool:
+        """One slot for ``seq``'s decode, preempting the newest others as needed."""
+        while self.blocks.allocate(seq.seq_id, 1) is AllocStatus.OUT_OF_BLOCKS:
+            victim = self.running[-1]
+            self._preempt(victim)
+            step.preempted.append(victim)
+            if victim is seq:
+                return False
+        return True
+
+    def _continue_prefills(self, step: _Step) -> StopReason | None:
+        for seq in [s for s in self.running if not s.is_decode]:  # per prefilling sequence
+            if seq.status is not SeqStatus.RUNNING:
+                continue  # preempted earlier in this step
+            n = min(self._chunk(seq, step.budget), self._room(seq))
+            while n == 0 and step.budget > 0 and self._preempt_newer(seq, step):
+                n = min(self._chunk(seq, step.budget), self._room(seq))
+            if n == 0:
+                return StopReason.TOKEN_BUDGET if step.budget == 0 else StopReason.OUT_OF_BLOCKS
+            self.blocks.allocate(seq.seq_id, n)
+            step.add(seq, n)
+        return None
+
+    def _admit(self, step: _Step) -> StopReason:
+        while self.waiting:  # per admitted sequence
+            seq = self.waiting[0]
+            if seq in step.preempted:  # just lost its blocks: admitting it again would thrash
+                return StopReason.OUT_OF_BLOCKS
+            if len(self.running) >= min(self.max_num_seqs, self.max_num_batched_tokens):
+                return StopReason.MAX_NUM_SEQS  # the budget caps it after an OOM shrink
+            if step.budget == 0:
+                return StopReason.TOKEN_BUDGET
+            hit = self._take_prefix(seq)
+            n = self._chunk(seq, step.budget)
+            if self.blocks.allocate(seq.seq_id, n) is AllocStatus.OUT_OF_BLOCKS:
+                self.blocks.free(seq.seq_id)  # the prefix goes back to the cache
+                seq.num_computed = seq.num_registered = 0
+                return StopReason.OUT_OF_BLOCKS
+            self.waiting.popleft()
+            seq.status = SeqStatus.RUNNING
+            bisect.insort(self.running, seq, key=_by_arrival)
+            step.add(seq, n)
+            if seq.num_cached_tokens is None:  # the first admission's, as vLLM reports it
+                seq.num_cached_tokens = hit
+            if self.prefix_caching:
+                step.num_queried += seq.num_tokens
+                step.num_hit += hit
+                self.num_prefix_queries += seq.num_tokens
+                self.num_prefix_hits += hit
+        return StopReason.NOTHING_WAITING
+
+    def _take_prefix(self, seq: Sequence) -> int:
+        """Tokens of ``seq`` found in the prefix cache (it takes their blocks), at most
+        all its full blocks but the one holding its last token."""
+        if not self.prefix_caching:
+            return 0
+        max_blocks = (seq.num_tokens - 1) // self.blocks.block_size
+        taken = self.blocks.take_prefix(seq.seq_id, self._hashes(seq, max_blocks)[:max_blocks])
+        seq.num_registered = taken
+        seq.num_computed = taken * self.blocks.block_size
+        return seq.num_computed
+
+    def _hashes(self, seq: Sequence, num_blocks: int) -> list[bytes]:
+        """``seq``'s chained block hashes, extended to at least ``num_blocks`` full blocks."""
+        have = len(seq.block_hashes)
+        if have < num_blocks:
+            parent = seq.block_hashes[-1] if have else self._root_hash
+            seq.block_hashes += chain_hashes(seq.token_ids, self.blocks.block_size, parent,
+                                             have, num_blocks)
+        return seq.block_hashes
+
+    def _chunk(self, seq: Sequence, budget: int) -> int:
+        n = min(seq.num_uncomputed, budget)
+        return min(n, self.max_prefill_chunk) if self.max_prefill_chunk else n
+
+    def _room(self, seq: Sequence) -> int:
+        """Tokens ``seq`` can still add without new preemptions."""
+        bs = self.blocks.block_size
+        slack = -self.blocks.num_tokens(seq.seq_id) % bs
+        return slack + self.blocks.num_free_blocks * bs
+
+    def _preempt_newer(self, seq: Sequence, step: _Step) -> bool:
+        for victim in reversed(self.running):  # newest first
+            if victim.arrival <= seq.arrival:
+                return False
+            if victim not in step.scheduled:  # scheduled ones already hold this step's slots
+                self._preempt(victim)
+                step.preempted.append(victim)
+                return True
+        return False
+
+    def _preempt(self, seq: Sequence) -> None:
+        self.running.remove(seq)
+        self.blocks.free(seq.seq_id)  # full blocks stay cached: recompute may hit them
+        seq.num_computed, seq.num_registered, seq.status = 0, 0, SeqStatus.WAITING
+        seq.num_preemptions += 1
+        i = 0
+        while i < len(self.waiting) and self.waiting[i].arrival < seq.arrival:
+            i += 1  # preempted sequences are older than most waiting ones: a short scan
+        self.waiting.insert(i, seq)
+
+
+def _by_arrival(seq: Sequence) -> int:
+    return seq.arrival
+
+
+class _Step:
+    """The step being filled; thrown away once the output is built."""
+
+    def __init__(self, budget: int):
+        self.budget = budget
+        self.seqs: list[Sequence] = []
+        self.counts: list[int] = []
+        self.scheduled: set[Sequence] = set()  # Sequence hashes by identity
+        self.preempted: list[Sequence] = []
+        self.num_queried = 0  # prefix cache: tokens of the sequences admitted
+        self.num_hit = 0  # of those, tokens found cached
+
+    def add(self, seq: Sequence, n: int) -> None:
+        self.seqs.append(seq)
+        self.counts.append(n)
+        self.scheduled.add(seq)
+        self.budget -= n

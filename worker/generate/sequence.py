@@ -1,0 +1,95 @@
+"""One generation request while it runs: its tokens, how far its KV is computed, its fate.
+
+Token accounting, the one table to keep in mind::
+
+    token_ids        prompt + generated tokens so far       len = num_tokens
+    num_computed     tokens whose K/V are in the paged cache (0 again after preemption)
+    uncomputed       num_tokens - num_computed
+                     1   -> a decode: the last sampled token goes in, the next comes out
+                     > 1 -> a prefill (first time, or recompute after preemption); the
+                            chunk that reaches num_tokens samples the next token
+
+Sequences stay on the host: the scheduler reads them, the runner gets plain arrays.
+"""
+
+from __future__ import annotations
+
+import enum
+import itertools
+from collections.abc import Callable
+from dataclasses import dataclass, field
+
+import torch
+
+from worker.generate.sampling import SamplingParams
+
+_ids = itertools.count()
+
+
+class FinishReason(str, enum.Enum):
+    STOP = "stop"  # EOS, a stop token id or a stop string
+    LENGTH = "length"  # max_tokens, or max_model_len reached
+    ABORT = "abort"  # cancelled by the caller
+
+
+class SeqStatus(enum.Enum):
+    WAITING = "waiting"  # queued, or preempted (its KV was freed; it recomputes)
+    RUNNING = "running"  # holds KV blocks
+    FINISHED = "finished"
+
+
+@dataclass(frozen=True)
+class TokenLogprobs:
+    """Logprobs of one generated token (the model's raw distribution)."""
+
+    logprob: float  # log p(the generated token)
+    top: tuple[tuple[int, float], ...]  # [k] (token id, logprob), most likely first
+
+
+@dataclass(eq=False)
+class Sequence:
+    """A generation request. Callbacks run on the stepping thread: ``on_update`` after
+    every step that changed it (streaming), ``on_finish`` once when it finishes."""
+
+    token_ids: list[int]  # prompt + generated
+    prompt_len: int
+    params: SamplingParams
+    generator: torch.Generator | None = None  # None for greedy requests
+    seq_id: int = field(default_factory=lambda: next(_ids))
+    arrival: int = field(default_factory=lambda: next(_ids))  # FCFS order
+    num_computed: int = 0
+    status: SeqStatus = SeqStatus.WAITING
+    finish_reason: FinishReason | None = None
+    logprobs: list[TokenLogprobs] = field(default_factory=list)  # one per generated token
+    text: str = ""  # detokenized output so far ("" without a tokenizer)
+    num_preemptions: int = 0
+    block_hashes: list[bytes] = field(default_factory=list)  # chained, of full blocks so far
+    num_registered: int = 0  # leading blocks known to the prefix cache (taken or registered)
+    num_cached_tokens: int | None = None  # prompt tokens found cached at first admission
+    error: BaseException | None = None  # set when the engine died under the request
+    on_update: Callable[[Sequence], None] | None = None
+    on_finish: Callable[[Sequence], None] | None = None
+
+    @property
+    def num_tokens(self) -> int:
+        return len(self.token_ids)
+
+    @property
+    def num_uncomputed(self) -> int:
+        return len(self.token_ids) - self.num_computed
+
+    @property
+    def is_decode(self) -> bool:
+        return len(self.token_ids) - self.num_computed == 1
+
+    @property
+    def output_ids(self) -> list[int]:
+        return self.token_ids[self.prompt_len:]
+
+    @property
+    def num_output_tokens(self) -> int:
+        return len(self.token_ids) - self.prompt_len
+
+    @property
+    def finished(self) -> bool:
+        return self.status is SeqStatus.FINISHED
