@@ -16,7 +16,7 @@ from worker.core.config import ConfigError
 from worker.generate.sampling import SamplingParams
 from worker.models import smoke, sources
 
-REPO = Path(__file__).resolve().parents[2]
+REPO = Path(__file__).resolve().parents[3]
 SPEC = "smoke:decoder"
 
 
