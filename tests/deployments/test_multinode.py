@@ -1,6 +1,6 @@
 """A real multi-node Ray cluster on this machine (tests/ray_multinode.py): a head without
 GPUs and two worker nodes with fake GPUs, each its own ``ray start`` process tree with its
-own ports and temp dir. packserve is deployed the way README says to on a cluster
+own ports and temp dir. packserve is deployed the way docs/kubernetes.md says to on a cluster
 (``serve run -a ADDRESS config.yaml``), four replicas of the smoke decoder at one GPU each.
 
 Checked: replicas spread over both workers; admission is one pool over all of them;
