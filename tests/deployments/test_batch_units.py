@@ -184,4 +184,4 @@ def test_the_actor_loses_only_the_document_that_fails(llama_with_tokenizer, tmp_
     assert [(b.row, b.kind, b.setting) for b in bad] == [
         (4, ErrorKind.OUT_OF_MEMORY, "max_model_len"), (12, ErrorKind.TOO_LONG, "max_model_len")]
     assert (result.stats.num_docs, result.stats.num_bad, result.stats.num_rows) == (11, 2, 13)
-    worker.core.engine.shutdown()
+    worker.engine.shutdown()
