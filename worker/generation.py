@@ -164,7 +164,7 @@ class Generation:
         self.runner = GenRunner(model, self.cache, self.blocks, device, backend=self.backend,
                                 max_num_batched_tokens=settings.max_num_batched_tokens,
                                 max_num_seqs=settings.max_num_running_seqs,
-                                max_model_len=max_model_len)
+                                max_model_len=max_model_len, eos_token_ids=eos_token_ids(model))
         self.processor = OutputProcessor(eos_token_ids(model), tokenizer)
         self._intake: deque[Sequence] = deque()
         self._live: dict[int, Sequence] = {}  # unfinished, by seq_id (intake included)
@@ -215,6 +215,11 @@ class Generation:
                 f"the cache holds (num_kv_blocks={self.blocks.num_blocks}); lower max_tokens or "
                 "raise num_kv_blocks", limit=self.blocks.num_blocks, value=need,
                 setting="num_kv_blocks")
+        if params.logit_bias and params.logit_bias[-1][0] >= self.vocab_size:
+            raise InvalidRequestError(
+                f"logit_bias names token {params.logit_bias[-1][0]}, outside the vocabulary "
+                f"(ids 0 to {self.vocab_size - 1})", limit=self.vocab_size - 1,
+                value=params.logit_bias[-1][0], setting="SamplingParams.logit_bias")
         if params.stop and self.processor.tokenizer is None:
             raise InvalidRequestError("stop strings need a tokenizer and this model has none; "
                                       "use stop_token_ids", value=params.stop,
