@@ -48,6 +48,8 @@ from deployments.responses import (
 from deployments.streams import Entry, StreamReceiver
 from deployments.tokens import ModelTokenizer, TokenizerPool
 from deployments.work import EmbedWork, GenerateWork, ModelInfo, Refusal, ScoreWork
+from worker.errors import InvalidRequestError
+from worker.grammar import Grammars, Structured
 
 logger = logging.getLogger("ray.serve")
 
@@ -65,6 +67,7 @@ class OpenAIService:
         self.streams = StreamReceiver() if args.http.stream_transport == "channel" else None
         self._infos: dict[str, ModelInfo] = {}
         self._tokenizers: dict[str, ModelTokenizer] = {}
+        self._grammars: dict[str, Grammars] = {}  # structured-output checks, per model
         self._loading = asyncio.Lock()
 
     # ---- models ---------------------------------------------------------------------
@@ -168,6 +171,7 @@ class OpenAIService:
                               "echo: true, which scores the prompt)", param="max_tokens")
         check_length(info, len(ids), max_tokens, "prompt", max_tokens_sent=sent)
         check_logit_bias(info, body.logit_bias)
+        await self._check_structured(body.model, tok, body.structured())
         leases = await self._reserve(body.model, len(ids) + max_tokens, body.n)
         env = Envelope("cmpl", "text_completion", body.model)
         lp = CompletionLogprobs(tok) if body.logprobs is not None else None
@@ -225,6 +229,7 @@ class OpenAIService:
         ids = await self.pool.run(chars, tok.chat, messages)
         max_tokens = chat_max_tokens(info, len(ids), body.token_limit())
         check_logit_bias(info, body.logit_bias)
+        await self._check_structured(body.model, tok, body.structured())
         k = (body.top_logprobs or 0) if body.logprobs else None
         leases = await self._reserve(body.model, len(ids) + max_tokens, body.n)
         try:
@@ -346,6 +351,22 @@ class OpenAIService:
             return await self.pool.run(len(prompt), tok.encode, prompt)
         check_vocab(info, prompt, "prompt")
         return prompt
+
+    async def _check_structured(self, model: str, tok: ModelTokenizer,
+                                structured: Structured | None) -> None:
+        """A constraint that does not compile is a 400 before anything is admitted (a
+        stream could not turn it into a status later). Compiled grammars are cached."""
+        if structured is None:
+            return
+        grammars = self._grammars.get(model)
+        if grammars is None:
+            info = await self.info(model)
+            grammars = self._grammars[model] = Grammars(tok.tokenizer, info.vocab_size,
+                                                        frozenset())
+        try:
+            await asyncio.to_thread(grammars.check, structured)
+        except InvalidRequestError as exc:
+            raise bad_request(str(exc), param=exc.setting) from None
 
     async def _reserve(self, model: str, num_tokens: int, n: int) -> list[Lease]:
         """One lease per choice (each choice runs as its own sequence); all or none."""

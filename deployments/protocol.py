@@ -18,6 +18,7 @@ the OpenAI error's ``param`` (``deployments/ingress.py``).
 
 from __future__ import annotations
 
+import json
 import re
 from typing import Annotated, Literal
 
@@ -31,6 +32,7 @@ from pydantic import (
 )
 from pydantic_core import PydanticCustomError
 
+from worker.grammar import Structured
 from worker.sampling import MAX_LOGIT_BIAS, MAX_LOGPROBS, SamplingParams
 
 MAX_SEED = 2**63 - 1  # the sampler seeds a torch.Generator: a signed 64-bit value
@@ -144,6 +146,32 @@ class StreamOptions(BaseModel):
     include_usage: bool = False
 
 
+class JsonSchemaFormat(BaseModel):
+    """``response_format.json_schema``: OpenAI's named schema."""
+
+    model_config = ConfigDict(extra="forbid", strict=True, populate_by_name=True)
+    name: str = "response"
+    schema_: dict = Field(alias="schema")
+    strict: bool | None = None  # the output always follows the schema either way
+    description: str | None = None
+
+
+class ResponseFormat(BaseModel):
+    """``response_format``: ``text`` (no constraint), ``json_object`` (any JSON object)
+    or ``json_schema`` (an object valid against ``json_schema.schema``)."""
+
+    model_config = ConfigDict(extra="forbid", strict=True)
+    type: Literal["text", "json_object", "json_schema"]
+    json_schema: JsonSchemaFormat | None = None
+
+    @model_validator(mode="after")
+    def _schema_iff_json_schema(self):
+        if (self.type == "json_schema") != (self.json_schema is not None):
+            raise field_error("response_format", "response_format.json_schema is required "
+                              "with type json_schema, and allowed only with it")
+        return self
+
+
 class _Sampling(_Body):
     temperature: float = Field(1.0, ge=0, le=2)
     top_p: float = Field(1.0, gt=0, le=1)
@@ -161,6 +189,47 @@ class _Sampling(_Body):
     repetition_penalty: float = Field(1.0, gt=0)  # an extension (vLLM's); 1 = off
     min_p: float = Field(0.0, ge=0, le=1)  # an extension (vLLM's); 0 = off
     min_tokens: int = Field(0, ge=0)  # an extension (vLLM's): EOS held back until this many
+    response_format: ResponseFormat | None = None
+    # vLLM's structured-output extensions (at most one constraint per request):
+    guided_json: dict | str | None = None  # a JSON schema (object, or its JSON text)
+    guided_regex: str | None = None
+    guided_choice: list[str] | None = Field(None, min_length=1)
+    guided_grammar: str | None = None  # a Lark grammar (llguidance's dialect)
+
+    @model_validator(mode="after")
+    def _one_constraint(self):
+        given = [f for f in ("guided_json", "guided_regex", "guided_choice", "guided_grammar")
+                 if getattr(self, f) is not None]
+        if self.response_format is not None and self.response_format.type != "text":
+            given.insert(0, "response_format")
+        if len(given) > 1:
+            raise field_error(given[1], f"send one output constraint; got {', '.join(given)}")
+        if isinstance(self.guided_json, str):
+            try:
+                schema = json.loads(self.guided_json)
+            except ValueError as exc:
+                raise field_error("guided_json", f"not valid JSON: {exc}") from None
+            if not isinstance(schema, dict):
+                raise field_error("guided_json", "must be a JSON schema object")
+        return self
+
+    def structured(self) -> Structured | None:
+        """The request's output constraint for the engine, if any."""
+        fmt = self.response_format
+        if fmt is not None and fmt.type == "json_object":
+            return Structured.json(None)
+        if fmt is not None and fmt.type == "json_schema":
+            return Structured.json(fmt.json_schema.schema_)
+        if self.guided_json is not None:
+            schema = self.guided_json
+            return Structured.json(json.loads(schema) if isinstance(schema, str) else schema)
+        if self.guided_regex is not None:
+            return Structured("regex", self.guided_regex)
+        if self.guided_choice is not None:
+            return Structured.choice(self.guided_choice)
+        if self.guided_grammar is not None:
+            return Structured("lark", self.guided_grammar)
+        return None
 
     @field_validator("logit_bias")
     @classmethod
@@ -207,7 +276,7 @@ class _Sampling(_Body):
             presence_penalty=self.presence_penalty, frequency_penalty=self.frequency_penalty,
             repetition_penalty=self.repetition_penalty,
             logit_bias=tuple((int(k), v) for k, v in (self.logit_bias or {}).items()),
-            min_tokens=min(self.min_tokens, max_tokens))
+            min_tokens=min(self.min_tokens, max_tokens), structured=self.structured())
 
     @property
     def include_usage(self) -> bool:

@@ -21,13 +21,13 @@ from collections.abc import Callable
 import numpy as np
 import torch
 
+from worker import logits_process
 from worker.block_manager import BlockManager
 from worker.gen_inputs import BatchState, HostMeta, StepLayout, apply_updates, stage_step
 from worker.gen_scheduler import GenSchedulerOutput
 from worker.kv_cache import KVCache
 from worker.paged_attention import PagedContext, PagedMetadata, context_slots
 from worker.probe import is_out_of_memory
-from worker import logits_process
 from worker.sampling import SampledTokens, Sampler, SamplingRows
 from worker.sequence import Sequence
 
@@ -39,7 +39,8 @@ class GenRunner:
 
     def __init__(self, model: torch.nn.Module, cache: KVCache, blocks: BlockManager, device, *,
                  backend: str, max_num_batched_tokens: int, max_num_seqs: int,
-                 max_model_len: int, eos_token_ids: frozenset[int] = frozenset()):
+                 max_model_len: int, eos_token_ids: frozenset[int] = frozenset(),
+                 grammars=None):
         self.model, self.cache, self.blocks, self.device = model, cache, blocks, device
         self.base, self.head = model.base_model, model.get_output_embeddings()
         self.softcap = getattr(model.config, "final_logit_softcapping", None)
@@ -49,6 +50,7 @@ class GenRunner:
         self.state = BatchState(max_num_seqs, max_model_len, blocks.block_size,
                                 cache.num_blocks - 1, SamplingRows(max_num_seqs))
         self.state.sampling.eos_token_ids = np.array(sorted(eos_token_ids), np.int64)
+        self.grammars = grammars  # worker.grammar.Grammars: structured rows' masks
         self.table = torch.from_numpy(self.state.tables).to(device.device, copy=True)
         # A step adds at most a block per sequence plus one per block_size tokens.
         self.max_updates = max_num_batched_tokens // blocks.block_size + max_num_seqs + 1
@@ -99,7 +101,8 @@ class GenRunner:
         if logits_process.any_processed(sampling, own):  # penalties, bias, min_tokens
             raw, logits = logits, logits.clone()
             lengths = np.fromiter((out.seqs[i].num_tokens for i in picked), np.int64, len(picked))
-            logits_process.apply(logits, sampling, own, self.state.tokens, lengths)
+            logits_process.apply(logits, sampling, own, self.state.tokens, lengths,
+                                 self.grammars)
         sampled = self.sampler.sample_rows(logits, sampling, own, raw)
         return [out.seqs[i] for i in picked], sampled
 

@@ -31,6 +31,7 @@ from worker.errors import InvalidRequestError, RequestOutOfMemoryError
 from worker.gen_output import OutputProcessor
 from worker.gen_runner import GenRunner
 from worker.gen_scheduler import GenScheduler, GenSchedulerOutput
+from worker.grammar import Grammars
 from worker.kv_cache import KVCache, KVCacheSpec, kv_bytes_from_report
 from worker.paged_attention import (
     PAGED_KERNEL_BLOCK_MULTIPLE,
@@ -161,10 +162,12 @@ class Generation:
                                       max_prefill_chunk=settings.max_prefill_chunk,
                                       enable_prefix_caching=settings.enable_prefix_caching,
                                       cache_salt=f"{model.config._name_or_path}|{dtype}")
+        self.grammars = Grammars(tokenizer, vocab_size, eos_token_ids(model))
         self.runner = GenRunner(model, self.cache, self.blocks, device, backend=self.backend,
                                 max_num_batched_tokens=settings.max_num_batched_tokens,
                                 max_num_seqs=settings.max_num_running_seqs,
-                                max_model_len=max_model_len, eos_token_ids=eos_token_ids(model))
+                                max_model_len=max_model_len, eos_token_ids=eos_token_ids(model),
+                                grammars=self.grammars)
         self.processor = OutputProcessor(eos_token_ids(model), tokenizer)
         self._intake: deque[Sequence] = deque()
         self._live: dict[int, Sequence] = {}  # unfinished, by seq_id (intake included)
@@ -224,8 +227,10 @@ class Generation:
             raise InvalidRequestError("stop strings need a tokenizer and this model has none; "
                                       "use stop_token_ids", value=params.stop,
                                       setting="SamplingParams.stop")
+        matcher = (self.grammars.matcher(params.structured)
+                   if params.structured is not None else None)
         gen = make_generator(params, self.device.device)
-        return Sequence(ids, len(ids), params, gen)
+        return Sequence(ids, len(ids), params, gen, matcher=matcher)
 
     def submit(self, seq: Sequence) -> None:
         """Queue ``seq`` (any thread)."""

@@ -13,6 +13,7 @@ frequency_penalty f,   each token the output holds c times: logit - f x c - pr x
 presence_penalty pr    (OpenAI's definition; the prompt does not count)
 logit_bias             logit + bias, for each (token id, bias) given
 min_tokens m           EOS and ``stop_token_ids`` at -inf while fewer than m are generated
+structured             every token its grammar does not allow at -inf (worker/grammar.py)
 =====================  ====================================================================
 
 Counts come from the rows' token ids, which the runner keeps on the host
@@ -26,6 +27,7 @@ from __future__ import annotations
 import numpy as np
 import torch
 
+from worker.grammar import Grammars, apply_bitmask
 from worker.sampling import SamplingRows
 
 
@@ -34,10 +36,16 @@ def any_processed(state: SamplingRows, rows: np.ndarray) -> bool:
 
 
 def apply(logits: torch.Tensor, state: SamplingRows, rows: np.ndarray, tokens: np.ndarray,
-          lengths: np.ndarray) -> None:
+          lengths: np.ndarray, grammars: Grammars | None = None) -> None:
     """Process ``logits`` [n, vocab] in place; logits row i is ``state`` row ``rows[i]``,
-    whose tokens so far (prompt and output) are ``tokens[rows[i], :lengths[i]]``."""
+    whose tokens so far (prompt and output) are ``tokens[rows[i], :lengths[i]]``.
+    ``grammars`` computes the structured rows' masks (worker/grammar.py)."""
     device = logits.device
+    structured = [i for i in np.flatnonzero(state.processed[rows]).tolist()
+                  if state.matchers[rows[i]] is not None]
+    if structured:  # first: the host computes masks while the device may still run
+        mask = grammars.fill([state.matchers[rows[i]] for i in structured])
+        apply_bitmask(logits, torch.tensor(structured, device=device), mask)
     at = np.flatnonzero(state.penalized[rows])  # [r] positions among the n
     if at.size:
         _penalize(logits, state, rows[at], at, tokens, lengths[at])

@@ -29,6 +29,7 @@ import numpy as np
 import torch
 
 from worker.errors import InvalidRequestError
+from worker.grammar import Structured
 
 MAX_LOGPROBS = 20
 MAX_LOGIT_BIAS = 300  # entries per request, as OpenAI allows
@@ -67,6 +68,7 @@ class SamplingParams:
     logit_bias: tuple[tuple[int, float], ...] = ()  # (token id, bias added to its logit),
     #   at most MAX_LOGIT_BIAS, each in [-100, 100] (OpenAI's limits); a dict is accepted
     min_tokens: int = 0  # EOS and stop_token_ids are masked until this many are generated
+    structured: Structured | None = None  # the output follows this grammar (worker/grammar.py)
 
     def __post_init__(self) -> None:
         _int_at_least("max_tokens", self.max_tokens, 1)
@@ -91,6 +93,9 @@ class SamplingParams:
             raise InvalidSamplingParamsError("min_tokens", f"<= max_tokens ({self.max_tokens})",
                                              self.min_tokens)
         object.__setattr__(self, "logit_bias", _logit_bias(self.logit_bias))
+        if self.structured is not None and not isinstance(self.structured, Structured):
+            raise InvalidSamplingParamsError("structured", "a worker.grammar.Structured",
+                                             self.structured)
         for name in ("ignore_eos", "skip_special_tokens"):
             if not isinstance(getattr(self, name), bool):
                 raise InvalidSamplingParamsError(name, "a bool", getattr(self, name))
@@ -213,12 +218,16 @@ class SamplingRows:
         self.bias: list[tuple[np.ndarray, np.ndarray] | None] = [None] * max_num_rows
         #   [rows]: (token ids int64, biases float32)
         self.eos_token_ids = np.empty(0, np.int64)  # the model's, set by the engine
+        self.matchers: list = [None] * max_num_rows  # [rows]: a structured row's grammar
+        #   matcher (worker/grammar.py), else None
 
     def set(self, row: int, params: SamplingParams,
-            generator: torch.Generator | None = None, prompt_len: int = 0) -> None:
+            generator: torch.Generator | None = None, prompt_len: int = 0,
+            matcher=None) -> None:
         """Give ``row`` to a sequence: its parameters and its generator (``make_generator``'s
         result; None = the device's shared generator). Greedy rows keep no generator.
-        ``prompt_len``: where its output starts (penalties and min_tokens read it)."""
+        ``prompt_len``: where its output starts (penalties and min_tokens read it);
+        ``matcher``: its grammar's state when the output is structured."""
         greedy = params.greedy
         self.temperature[row] = 0.0 if greedy else params.temperature
         self.top_k[row], self.top_p[row], self.min_p[row] = params.top_k, params.top_p, params.min_p
@@ -235,8 +244,9 @@ class SamplingRows:
         self.bias[row] = (None if not params.logit_bias else
                           (np.array([t for t, _ in params.logit_bias], np.int64),
                            np.array([b for _, b in params.logit_bias], np.float32)))
+        self.matchers[row] = matcher
         self.processed[row] = (params.penalized or params.min_tokens > 0
-                               or bool(params.logit_bias))
+                               or bool(params.logit_bias) or matcher is not None)
 
     def clear(self, row: int) -> None:
         """Free ``row`` (its sequence finished or was preempted); it reads as greedy."""
