@@ -29,7 +29,9 @@ from deployments.protocol import (
     FIELD_ERROR,
     ChatCompletionRequest,
     CompletionRequest,
+    DetokenizeRequest,
     EmbeddingRequest,
+    TokenizeRequest,
     short,
 )
 from deployments.request_timer import ClientLeft, RequestMetrics, set_recorder, timer
@@ -307,6 +309,16 @@ class OpenAIIngress:
     @app.post("/score")
     async def score(self, body: ScoreRequest, request: Request) -> dict:
         return await self.classify_service.score(body, self._timer(request, body))
+
+    @app.post("/tokenize")
+    @app.post("/v1/tokenize")
+    async def tokenize(self, body: TokenizeRequest) -> dict:
+        return await self.service.tokenize(body)
+
+    @app.post("/detokenize")
+    @app.post("/v1/detokenize")
+    async def detokenize(self, body: DetokenizeRequest) -> dict:
+        return await self.service.detokenize(body)
 
     @app.get("/v1/admission")
     async def admission(self) -> dict:

@@ -6,6 +6,7 @@ refusal a 400 naming the field, the limit, the value and the setting to change.
 | ``check_chars``         | ``http.max_prompt_chars`` characters   | tokenizing      |
 | ``check_embedding_inputs`` | ``http.max_embedding_inputs`` items | tokenizing      |
 | ``check_vocab``         | the model's vocabulary                 | admission       |
+| ``check_logit_bias``    | the model's vocabulary                 | admission       |
 | ``check_length``        | ``max_model_len`` (prompt + max_tokens)| admission       |
 | ``chat_max_tokens``     | the context left, when not sent        | admission       |
 """
@@ -44,6 +45,15 @@ def check_vocab(info: ModelInfo, token_ids: list[int], field: str) -> None:
         raise bad_request(f"{field}[{i}]: token id {bad} is outside the vocabulary of "
                           f"{info.name!r} ({info.vocab_size} tokens: ids 0 to "
                           f"{info.vocab_size - 1})", param=field)
+
+
+def check_logit_bias(info: ModelInfo, logit_bias: dict[str, float] | None) -> None:
+    """Every ``logit_bias`` key a token id of the model (the protocol checked the form)."""
+    bad = [k for k in (logit_bias or {}) if int(k) >= info.vocab_size]
+    if bad:
+        raise bad_request(f"logit_bias: token id {bad[0]} is outside the vocabulary of "
+                          f"{info.name!r} ({info.vocab_size} tokens: ids 0 to "
+                          f"{info.vocab_size - 1})", param="logit_bias")
 
 
 def check_length(info: ModelInfo, num_tokens: int, max_tokens: int, field: str,

@@ -23,11 +23,18 @@ from deployments.limits import (
     check_chars,
     check_embedding_inputs,
     check_length,
+    check_logit_bias,
     check_vocab,
     split_by_tokens,
 )
 from deployments.process import rss_bytes, trim_memory
-from deployments.protocol import ChatCompletionRequest, CompletionRequest, EmbeddingRequest
+from deployments.protocol import (
+    ChatCompletionRequest,
+    CompletionRequest,
+    DetokenizeRequest,
+    EmbeddingRequest,
+    TokenizeRequest,
+)
 from deployments.request_timer import UNTIMED, RequestTimer
 from deployments.responses import (
     CompletionLogprobs,
@@ -41,6 +48,8 @@ from deployments.responses import (
 from deployments.streams import Entry, StreamReceiver
 from deployments.tokens import ModelTokenizer, TokenizerPool
 from deployments.work import EmbedWork, GenerateWork, ModelInfo, Refusal, ScoreWork
+from worker.core.errors import InvalidRequestError
+from worker.generate.grammar import Grammars, Structured
 
 logger = logging.getLogger("ray.serve")
 
@@ -58,6 +67,7 @@ class OpenAIService:
         self.streams = StreamReceiver() if args.http.stream_transport == "channel" else None
         self._infos: dict[str, ModelInfo] = {}
         self._tokenizers: dict[str, ModelTokenizer] = {}
+        self._grammars: dict[str, Grammars] = {}  # structured-output checks, per model
         self._loading = asyncio.Lock()
 
     # ---- models ---------------------------------------------------------------------
@@ -160,7 +170,9 @@ class OpenAIService:
             raise bad_request("max_tokens must be >= 1, got 0 (0 is allowed only with "
                               "echo: true, which scores the prompt)", param="max_tokens")
         check_length(info, len(ids), max_tokens, "prompt", max_tokens_sent=sent)
-        lease = await self.admission.reserve(body.model, len(ids) + max_tokens)
+        check_logit_bias(info, body.logit_bias)
+        await self._check_structured(body.model, tok, body.structured())
+        leases = await self._reserve(body.model, len(ids) + max_tokens, body.n)
         env = Envelope("cmpl", "text_completion", body.model)
         lp = CompletionLogprobs(tok) if body.logprobs is not None else None
         try:
@@ -168,42 +180,43 @@ class OpenAIService:
             prompt_lp = None
             if body.echo and lp is not None:
                 scores = await self._call(handle.score,
-                                          ScoreWork(lease.lease_id, len(ids), [ids]), timer)
+                                          ScoreWork(leases[0].lease_id, len(ids), [ids]), timer)
                 prompt_lp = lp.prompt(ids, scores[0])
             if max_tokens == 0:
-                choice = {"index": 0, "text": prompt_text, "logprobs": prompt_lp,
-                          "finish_reason": "length"}
+                choices = [{"index": i, "text": prompt_text, "logprobs": prompt_lp,
+                            "finish_reason": "length"} for i in range(body.n)]
                 n = usage(len(ids), 0)
-                lease.release()
+                _release(leases)
                 if body.stream:
-                    return streaming.single([choice], env, n if body.include_usage else None)
-                return env.body(choices=[choice], usage=n)
-            work = GenerateWork(lease.lease_id, len(ids) + max_tokens, ids,
-                                body.sampling_params(max_tokens, body.logprobs))
+                    return streaming.single(choices, env, n if body.include_usage else None)
+                return env.body(choices=choices, usage=n)
+            works = [GenerateWork(lease.lease_id, len(ids) + max_tokens, ids,
+                                  body.sampling_params(max_tokens, body.logprobs, i))
+                     for i, lease in enumerate(leases)]
         except BaseException:
-            lease.release()
+            _release(leases)
             raise
         if body.stream:
-            echo = {"text": prompt_text, "logprobs": prompt_lp}  # the first chunk carries it
+            echo = [True] * body.n  # each choice's first chunk carries the prompt
 
-            def choice(entry: Entry) -> dict:
+            def choice(i: int, entry: Entry) -> dict:
                 gen_lp = (lp.generated(entry.token_ids, token_logprobs(entry.logprobs))
                           if lp and entry.logprobs else None)
-                out = {"index": 0, "text": echo["text"] + entry.text,
-                       "logprobs": merge_logprobs(echo["logprobs"], gen_lp),
-                       "finish_reason": entry.finish_reason}
-                echo.update(text="", logprobs=None)
-                return out
+                first, echo[i] = echo[i], False
+                return {"index": i, "text": (prompt_text if first else "") + entry.text,
+                        "logprobs": merge_logprobs(prompt_lp if first else None, gen_lp),
+                        "finish_reason": entry.finish_reason}
 
-            return streaming.events(self._entries(handle, work, timer), env, choice, len(ids),
-                                    body.include_usage, on_end=lease.release)
-        out = await self._generate(handle, work, lease, timer)
-        gen_lp = lp.generated(out.token_ids, out.logprobs) if lp and out.logprobs else None
-        choice = {"index": 0, "text": prompt_text + (out.text or ""),
-                  "logprobs": merge_logprobs(prompt_lp, gen_lp),
-                  "finish_reason": out.finish_reason.value}
-        return env.body(choices=[choice], usage=usage(len(ids), len(out.token_ids),
-                                                      out.num_cached_tokens))
+            return streaming.events(self._choices(handle, works, timer), env, choice, len(ids),
+                                    body.include_usage, on_end=lambda: _release(leases))
+        outs = await self._generate_all(handle, works, leases, timer)
+        choices = []
+        for i, out in enumerate(outs):
+            gen_lp = lp.generated(out.token_ids, out.logprobs) if lp and out.logprobs else None
+            choices.append({"index": i, "text": prompt_text + (out.text or ""),
+                            "logprobs": merge_logprobs(prompt_lp, gen_lp),
+                            "finish_reason": out.finish_reason.value})
+        return env.body(choices=choices, usage=_usage(len(ids), outs))
 
     # ---- chat -----------------------------------------------------------------------
 
@@ -215,30 +228,66 @@ class OpenAIService:
         check_chars(chars, self.limits.max_prompt_chars, "messages")
         ids = await self.pool.run(chars, tok.chat, messages)
         max_tokens = chat_max_tokens(info, len(ids), body.token_limit())
+        check_logit_bias(info, body.logit_bias)
+        await self._check_structured(body.model, tok, body.structured())
         k = (body.top_logprobs or 0) if body.logprobs else None
-        lease = await self.admission.reserve(body.model, len(ids) + max_tokens)
-        work = GenerateWork(lease.lease_id, len(ids) + max_tokens, ids,
-                            body.sampling_params(max_tokens, k))
+        leases = await self._reserve(body.model, len(ids) + max_tokens, body.n)
+        try:
+            works = [GenerateWork(lease.lease_id, len(ids) + max_tokens, ids,
+                                  body.sampling_params(max_tokens, k, i))
+                     for i, lease in enumerate(leases)]
+        except BaseException:
+            _release(leases)
+            raise
         env = Envelope("chatcmpl", "chat.completion", body.model)
         if body.stream:
             env.object = "chat.completion.chunk"
 
-            def choice(entry: Entry) -> dict:
-                return {"index": 0, "delta": {"content": entry.text} if entry.text else {},
+            def choice(i: int, entry: Entry) -> dict:
+                return {"index": i, "delta": {"content": entry.text} if entry.text else {},
                         "logprobs": chat_logprobs(tok, entry.token_ids,
                                                   token_logprobs(entry.logprobs)),
                         "finish_reason": entry.finish_reason}
 
-            first = {"index": 0, "delta": {"role": "assistant", "content": ""},
-                     "logprobs": None, "finish_reason": None}
-            return streaming.events(self._entries(handle, work, timer), env, choice, len(ids),
-                                    body.include_usage, first, on_end=lease.release)
-        out = await self._generate(handle, work, lease, timer)
-        choice = {"index": 0, "message": {"role": "assistant", "content": out.text or ""},
-                  "logprobs": chat_logprobs(tok, out.token_ids, out.logprobs),
-                  "finish_reason": out.finish_reason.value}
-        return env.body(choices=[choice], usage=usage(len(ids), len(out.token_ids),
-                                                      out.num_cached_tokens))
+            first = [{"index": i, "delta": {"role": "assistant", "content": ""},
+                      "logprobs": None, "finish_reason": None} for i in range(body.n)]
+            return streaming.events(self._choices(handle, works, timer), env, choice, len(ids),
+                                    body.include_usage, first,
+                                    on_end=lambda: _release(leases))
+        outs = await self._generate_all(handle, works, leases, timer)
+        choices = [{"index": i, "message": {"role": "assistant", "content": out.text or ""},
+                    "logprobs": chat_logprobs(tok, out.token_ids, out.logprobs),
+                    "finish_reason": out.finish_reason.value} for i, out in enumerate(outs)]
+        return env.body(choices=choices, usage=_usage(len(ids), outs))
+
+    # ---- tokenize -------------------------------------------------------------------
+
+    async def tokenize(self, body: TokenizeRequest) -> dict:
+        """vLLM's /tokenize: the ids completions (``prompt``) or chat (``messages``) would
+        run, with the same defaults, so ``count`` is their ``usage.prompt_tokens``."""
+        self.model(body.model)
+        info, tok = await self.info(body.model), await self.tokenizer(body.model)
+        if body.prompt is not None:
+            check_chars(len(body.prompt), self.limits.max_prompt_chars, "prompt")
+            special = True if body.add_special_tokens is None else body.add_special_tokens
+            ids = await self.pool.run(len(body.prompt), tok.encode, body.prompt, special)
+        else:
+            messages = [{"role": m.role, "content": m.content} for m in body.messages]
+            chars = sum(len(m["content"]) for m in messages)
+            check_chars(chars, self.limits.max_prompt_chars, "messages")
+            ids = await self.pool.run(chars, tok.chat, messages, body.add_generation_prompt,
+                                      bool(body.add_special_tokens))
+        out = {"count": len(ids), "max_model_len": info.max_model_len, "tokens": ids,
+               "token_strs": None}
+        if body.return_token_strs:
+            out["token_strs"] = [tok.token_text(t) for t in ids]
+        return out
+
+    async def detokenize(self, body: DetokenizeRequest) -> dict:
+        self.model(body.model)
+        info, tok = await self.info(body.model), await self.tokenizer(body.model)
+        check_vocab(info, body.tokens, "tokens")
+        return {"prompt": await self.pool.run(4 * len(body.tokens), tok.decode, body.tokens)}
 
     # ---- embeddings -----------------------------------------------------------------
 
@@ -303,10 +352,55 @@ class OpenAIService:
         check_vocab(info, prompt, "prompt")
         return prompt
 
+    async def _check_structured(self, model: str, tok: ModelTokenizer,
+                                structured: Structured | None) -> None:
+        """A constraint that does not compile is a 400 before anything is admitted (a
+        stream could not turn it into a status later). Compiled grammars are cached."""
+        if structured is None:
+            return
+        grammars = self._grammars.get(model)
+        if grammars is None:
+            info = await self.info(model)
+            grammars = self._grammars[model] = Grammars(tok.tokenizer, info.vocab_size,
+                                                        frozenset())
+        try:
+            await asyncio.to_thread(grammars.check, structured)
+        except InvalidRequestError as exc:
+            raise bad_request(str(exc), param=exc.setting) from None
+
+    async def _reserve(self, model: str, num_tokens: int, n: int) -> list[Lease]:
+        """One lease per choice (each choice runs as its own sequence); all or none."""
+        leases = []
+        try:
+            for _ in range(n):  # per choice
+                leases.append(await self.admission.reserve(model, num_tokens))
+        except BaseException:
+            _release(leases)
+            raise
+        return leases
+
     def _entries(self, handle, work: GenerateWork, timer: RequestTimer):
         if self.streams is not None:
             return streaming.channel_entries(self.streams, handle, work, timer)
         return streaming.handle_entries(handle, work, timer)
+
+    def _choices(self, handle, works: list[GenerateWork], timer: RequestTimer):
+        return streaming.merged([self._entries(handle, w, timer) for w in works])
+
+    async def _generate_all(self, handle, works: list[GenerateWork], leases: list[Lease],
+                            timer: RequestTimer) -> list:
+        """Every choice's output, in order; the first failure cancels the others."""
+        if len(works) == 1:
+            return [await self._generate(handle, works[0], leases[0], timer)]
+        tasks = [asyncio.ensure_future(self._generate(handle, w, lease, timer))
+                 for w, lease in zip(works, leases)]
+        try:
+            return await asyncio.gather(*tasks)
+        finally:
+            for task in tasks:
+                task.cancel()
+            await asyncio.gather(*tasks, return_exceptions=True)
+            _release(leases)  # a task cancelled before it started never released its own
 
     async def _generate(self, handle, work: GenerateWork, lease: Lease, timer: RequestTimer):
         try:
@@ -328,3 +422,14 @@ class OpenAIService:
         if isinstance(result, Refusal):
             raise from_exception(result.error)
         return result
+
+
+def _release(leases: list[Lease]) -> None:
+    for lease in leases:
+        lease.release()
+
+
+def _usage(num_prompt_tokens: int, outs: list) -> dict:
+    """Usage of ``n`` choices of one prompt: the prompt counted once, as OpenAI does."""
+    return usage(num_prompt_tokens, sum(len(o.token_ids) for o in outs),
+                 max(o.num_cached_tokens for o in outs))

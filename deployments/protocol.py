@@ -18,6 +18,7 @@ the OpenAI error's ``param`` (``deployments/ingress.py``).
 
 from __future__ import annotations
 
+import json
 import re
 from typing import Annotated, Literal
 
@@ -31,9 +32,11 @@ from pydantic import (
 )
 from pydantic_core import PydanticCustomError
 
-from worker.generate.sampling import MAX_LOGPROBS, SamplingParams
+from worker.generate.grammar import Structured
+from worker.generate.sampling import MAX_LOGIT_BIAS, MAX_LOGPROBS, SamplingParams
 
 MAX_SEED = 2**63 - 1  # the sampler seeds a torch.Generator: a signed 64-bit value
+MAX_N = 16  # choices per request (each runs as its own sequence and lease)
 FIELD_ERROR = "packserve_field"
 _SURROGATE = re.compile("[\ud800-\udfff]")
 
@@ -143,6 +146,32 @@ class StreamOptions(BaseModel):
     include_usage: bool = False
 
 
+class JsonSchemaFormat(BaseModel):
+    """``response_format.json_schema``: OpenAI's named schema."""
+
+    model_config = ConfigDict(extra="forbid", strict=True, populate_by_name=True)
+    name: str = "response"
+    schema_: dict = Field(alias="schema")
+    strict: bool | None = None  # the output always follows the schema either way
+    description: str | None = None
+
+
+class ResponseFormat(BaseModel):
+    """``response_format``: ``text`` (no constraint), ``json_object`` (any JSON object)
+    or ``json_schema`` (an object valid against ``json_schema.schema``)."""
+
+    model_config = ConfigDict(extra="forbid", strict=True)
+    type: Literal["text", "json_object", "json_schema"]
+    json_schema: JsonSchemaFormat | None = None
+
+    @model_validator(mode="after")
+    def _schema_iff_json_schema(self):
+        if (self.type == "json_schema") != (self.json_schema is not None):
+            raise field_error("response_format", "response_format.json_schema is required "
+                              "with type json_schema, and allowed only with it")
+        return self
+
+
 class _Sampling(_Body):
     temperature: float = Field(1.0, ge=0, le=2)
     top_p: float = Field(1.0, gt=0, le=1)
@@ -153,16 +182,69 @@ class _Sampling(_Body):
     ignore_eos: bool = False  # an extension (vLLM's)
     stream: bool = False
     stream_options: StreamOptions | None = None
-    n: int = Field(1, ge=1, le=1)  # one choice per request
-    presence_penalty: float = Field(0.0, ge=0, le=0)
-    frequency_penalty: float = Field(0.0, ge=0, le=0)
-    logit_bias: dict[str, float] | None = None
+    n: int = Field(1, ge=1, le=MAX_N)  # choices: n sequences of the prompt
+    presence_penalty: float = Field(0.0, ge=-2, le=2)
+    frequency_penalty: float = Field(0.0, ge=-2, le=2)
+    logit_bias: dict[str, float] | None = None  # token id (a string, as JSON keys are) -> bias
+    repetition_penalty: float = Field(1.0, gt=0)  # an extension (vLLM's); 1 = off
+    min_p: float = Field(0.0, ge=0, le=1)  # an extension (vLLM's); 0 = off
+    min_tokens: int = Field(0, ge=0)  # an extension (vLLM's): EOS held back until this many
+    response_format: ResponseFormat | None = None
+    # vLLM's structured-output extensions (at most one constraint per request):
+    guided_json: dict | str | None = None  # a JSON schema (object, or its JSON text)
+    guided_regex: str | None = None
+    guided_choice: list[str] | None = Field(None, min_length=1)
+    guided_grammar: str | None = None  # a Lark grammar (llguidance's dialect)
+
+    @model_validator(mode="after")
+    def _one_constraint(self):
+        given = [f for f in ("guided_json", "guided_regex", "guided_choice", "guided_grammar")
+                 if getattr(self, f) is not None]
+        if self.response_format is not None and self.response_format.type != "text":
+            given.insert(0, "response_format")
+        if len(given) > 1:
+            raise field_error(given[1], f"send one output constraint; got {', '.join(given)}")
+        if isinstance(self.guided_json, str):
+            try:
+                schema = json.loads(self.guided_json)
+            except ValueError as exc:
+                raise field_error("guided_json", f"not valid JSON: {exc}") from None
+            if not isinstance(schema, dict):
+                raise field_error("guided_json", "must be a JSON schema object")
+        return self
+
+    def structured(self) -> Structured | None:
+        """The request's output constraint for the engine, if any."""
+        fmt = self.response_format
+        if fmt is not None and fmt.type == "json_object":
+            return Structured.json(None)
+        if fmt is not None and fmt.type == "json_schema":
+            return Structured.json(fmt.json_schema.schema_)
+        if self.guided_json is not None:
+            schema = self.guided_json
+            return Structured.json(json.loads(schema) if isinstance(schema, str) else schema)
+        if self.guided_regex is not None:
+            return Structured("regex", self.guided_regex)
+        if self.guided_choice is not None:
+            return Structured.choice(self.guided_choice)
+        if self.guided_grammar is not None:
+            return Structured("lark", self.guided_grammar)
+        return None
 
     @field_validator("logit_bias")
     @classmethod
-    def _no_logit_bias(cls, value):
-        if value:
-            raise ValueError("logit_bias is not supported; send null or {}")
+    def _logit_bias(cls, value):
+        if not value:
+            return value
+        if len(value) > MAX_LOGIT_BIAS:
+            raise ValueError(f"logit_bias has {len(value)} entries, more than the limit of "
+                             f"{MAX_LOGIT_BIAS}")
+        for key, bias in value.items():
+            if not key.isdigit():
+                raise ValueError(f"logit_bias keys are token ids (integer strings); got "
+                                 f"{short(key)}")
+            if not -100 <= bias <= 100:
+                raise ValueError(f"logit_bias[{key!r}] is {bias}, outside [-100, 100]")
         return value
 
     @model_validator(mode="after")
@@ -172,13 +254,29 @@ class _Sampling(_Body):
                               "stream: true")
         return self
 
-    def sampling_params(self, max_tokens: int, logprobs: int | None) -> SamplingParams:
+    @model_validator(mode="after")
+    def _min_tokens_within_max_tokens(self):
+        limit = getattr(self, "token_limit", lambda: self.max_tokens)()
+        if limit is not None and self.min_tokens > limit:
+            raise field_error("min_tokens", f"min_tokens={self.min_tokens} is more than "
+                              f"max_tokens={limit}")
+        return self
+
+    def sampling_params(self, max_tokens: int, logprobs: int | None,
+                        choice: int = 0) -> SamplingParams:
+        """The engine's parameters for choice ``choice`` of ``n``: its seed is ``seed +
+        choice`` (vLLM's rule), so each choice equals a single request with that seed."""
         stop = [self.stop] if isinstance(self.stop, str) else (self.stop or [])
         return SamplingParams(
             max_tokens=max_tokens, temperature=self.temperature, top_p=self.top_p,
-            top_k=self.top_k, seed=self.seed, stop=tuple(stop),
-            stop_token_ids=tuple(self.stop_token_ids or ()), ignore_eos=self.ignore_eos,
-            logprobs=logprobs)
+            top_k=self.top_k, min_p=self.min_p,
+            seed=None if self.seed is None else (self.seed + choice) % (MAX_SEED + 1),
+            stop=tuple(stop), stop_token_ids=tuple(self.stop_token_ids or ()),
+            ignore_eos=self.ignore_eos, logprobs=logprobs,
+            presence_penalty=self.presence_penalty, frequency_penalty=self.frequency_penalty,
+            repetition_penalty=self.repetition_penalty,
+            logit_bias=tuple((int(k), v) for k, v in (self.logit_bias or {}).items()),
+            min_tokens=min(self.min_tokens, max_tokens), structured=self.structured())
 
     @property
     def include_usage(self) -> bool:
@@ -195,7 +293,7 @@ class CompletionRequest(_Sampling):
     logprobs: int | None = Field(None, ge=0, le=MAX_LOGPROBS)
     echo: bool = False
     suffix: None = None
-    best_of: int | None = Field(None, ge=1, le=1)
+    best_of: int | None = Field(None, ge=1, le=1)  # deprecated by OpenAI; use n
 
 
 class ChatMessage(BaseModel):
@@ -234,3 +332,27 @@ class EmbeddingRequest(_Body):
         _inputs, json_schema_input_type=str | list[str] | TokenIds | list[TokenIds])]
     encoding_format: Literal["float", "base64"] = "float"
     dimensions: int | None = Field(None, ge=1)
+
+
+class TokenizeRequest(_Body):
+    """POST /tokenize (vLLM's shape): a ``prompt`` as completions encode it, or
+    ``messages`` as chat renders them; ``count`` equals the ``usage.prompt_tokens`` that
+    endpoint reports for the same input."""
+
+    prompt: str | None = None
+    messages: list[ChatMessage] | None = Field(None, min_length=1)
+    add_special_tokens: bool | None = None  # default: True for a prompt, False for messages
+    add_generation_prompt: bool = True  # messages: open the assistant's turn, as chat does
+    return_token_strs: bool = False
+
+    @model_validator(mode="after")
+    def _one_input(self):
+        if (self.prompt is None) == (self.messages is None):
+            raise field_error("prompt", "send exactly one of prompt and messages")
+        return self
+
+
+class DetokenizeRequest(_Body):
+    """POST /detokenize (vLLM's shape): token ids back to text."""
+
+    tokens: TokenIds

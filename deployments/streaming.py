@@ -98,21 +98,64 @@ async def handle_entries(handle, work: GenerateWork, timer: RequestTimer
         stream.cancel()
 
 
-async def events(entries: AsyncIterator[Entry], env: Envelope, choice: Callable[[Entry], dict],
-                 num_prompt_tokens: int, include_usage: bool, first: dict | None = None,
-                 on_end: Callable[[], None] | None = None) -> AsyncIterator[str]:
-    """The SSE body of a streamed completion or chat: an optional first chunk, one chunk
-    per entry (``choice(entry)``), usage if asked, ``[DONE]``. An error after the
-    response started is sent as an error event (the status line is already out)."""
+async def merged(streams: list[AsyncIterator[Entry]]) -> AsyncIterator[tuple[int, Entry]]:
+    """``(i, entry)`` from the ``n`` streams of one request's choices, as they come; the
+    first error ends them all. Closing it closes every stream (aborting their requests)."""
+    if len(streams) == 1:
+        try:
+            async for entry in streams[0]:
+                yield 0, entry
+        finally:
+            await streams[0].aclose()
+        return
+    queue: asyncio.Queue = asyncio.Queue()
+
+    async def pump(i: int, stream: AsyncIterator[Entry]) -> None:
+        try:
+            async for entry in stream:
+                queue.put_nowait((i, entry, None))
+            queue.put_nowait((i, None, None))
+        except asyncio.CancelledError:
+            raise
+        except Exception as exc:  # noqa: BLE001 - handed to the consumer
+            queue.put_nowait((i, None, exc))
+        finally:
+            await stream.aclose()
+
+    tasks = [asyncio.ensure_future(pump(i, st)) for i, st in enumerate(streams)]
     try:
-        if first is not None:
-            yield sse(env.body(choices=[first]))
+        left = len(tasks)
+        while left:
+            i, entry, error = await queue.get()
+            if error is not None:
+                raise error
+            if entry is None:
+                left -= 1
+            else:
+                yield i, entry
+    finally:
+        for task in tasks:
+            task.cancel()
+        await asyncio.gather(*tasks, return_exceptions=True)
+
+
+async def events(entries: AsyncIterator[tuple[int, Entry]], env: Envelope,
+                 choice: Callable[[int, Entry], dict], num_prompt_tokens: int,
+                 include_usage: bool, first: list[dict] | None = None,
+                 on_end: Callable[[], None] | None = None) -> AsyncIterator[str]:
+    """The SSE body of a streamed completion or chat: optional first chunks (one per
+    choice), one chunk per entry of choice i (``choice(i, entry)``), usage if asked,
+    ``[DONE]``. An error after the response started is sent as an error event (the
+    status line is already out)."""
+    try:
+        for chunk in first or ():
+            yield sse(env.body(choices=[chunk]))
         num_generated = num_cached = 0
         try:
-            async for entry in entries:
+            async for i, entry in entries:
                 num_generated += len(entry.token_ids)
                 num_cached = max(num_cached, entry.num_cached_tokens)
-                yield sse(env.body(choices=[choice(entry)]))
+                yield sse(env.body(choices=[choice(i, entry)]))
         except APIError as err:
             logger.warning("stream of %s ended with %d: %s", env.id, err.status, err.message)
             yield sse(err.body())

@@ -35,23 +35,27 @@ class ModelTokenizer:
         self.tokenizer = AutoTokenizer.from_pretrained(resolve_model(model_spec),
                                                        trust_remote_code=trust_remote_code)
 
-    def encode(self, text: str) -> list[int]:
+    def encode(self, text: str, add_special_tokens: bool = True) -> list[int]:
         """Token ids with the model's special tokens (BOS, or [CLS] ... [SEP])."""
-        return list(self.tokenizer(text, add_special_tokens=True, verbose=False)["input_ids"])
+        return list(self.tokenizer(text, add_special_tokens=add_special_tokens,
+                                   verbose=False)["input_ids"])
 
     def encode_batch(self, texts: list[str]) -> list[list[int]]:
         """``encode`` of each text, in one call (the Rust tokenizer runs them in parallel)."""
         return [list(ids) for ids in
                 self.tokenizer(texts, add_special_tokens=True, verbose=False)["input_ids"]]
 
-    def chat(self, messages: list[dict]) -> list[int]:
-        """The chat template rendered with the assistant's turn opened, as token ids."""
+    def chat(self, messages: list[dict], add_generation_prompt: bool = True,
+             add_special_tokens: bool = False) -> list[int]:
+        """The chat template rendered with the assistant's turn opened, as token ids
+        (``add_special_tokens``: the tokenizer's own BOS on top of the template's)."""
         if not getattr(self.tokenizer, "chat_template", None):
             raise bad_request("this model's tokenizer has no chat template; use "
                               "/v1/completions with a prompt instead", param="messages")
         try:
-            out = self.tokenizer.apply_chat_template(messages, add_generation_prompt=True,
-                                                     tokenize=True)
+            out = self.tokenizer.apply_chat_template(
+                messages, add_generation_prompt=add_generation_prompt, tokenize=True,
+                **({"add_special_tokens": True} if add_special_tokens else {}))
         except Exception as exc:  # noqa: BLE001 - a template error is the messages' fault
             raise bad_request(f"the chat template rejected these messages: {exc}",
                               param="messages") from None

@@ -193,7 +193,7 @@ def _post(url, path, body, *, raw=None, headers=None):
     ("/v1/completions", {"model": GEN, "prompt": "", "max_tokens": 3}, 400, ["empty"]),
     ("/v1/completions", {"model": GEN, "prompt": "hi", "max_token": 3}, 400,
      ["max_token", "unknown field"]),
-    ("/v1/completions", {"model": GEN, "prompt": "hi", "n": 2}, 400, ["n", "2"]),
+    ("/v1/completions", {"model": GEN, "prompt": "hi", "n": 0}, 400, ["n", "0"]),
     ("/v1/completions", {"model": GEN, "prompt": [5, 99999]}, 400,
      ["prompt[1]", "99999", "vocabulary", "4096"]),
     ("/v1/completions", {"model": GEN, "prompt": "hi", "temperature": 7}, 400,

@@ -32,6 +32,7 @@ from worker.generate.cuda_graphs import (
     graph_buckets,
     graph_memory_estimate,
 )
+from worker.generate.grammar import Grammars
 from worker.generate.output import OutputProcessor
 from worker.generate.runner import GenRunner
 from worker.generate.sampling import SampledTokens, SamplingParams, make_generator
@@ -161,10 +162,12 @@ class Generation:
                                       max_prefill_chunk=settings.max_prefill_chunk,
                                       enable_prefix_caching=settings.enable_prefix_caching,
                                       cache_salt=f"{model.config._name_or_path}|{dtype}")
+        self.grammars = Grammars(tokenizer, vocab_size, eos_token_ids(model))
         self.runner = GenRunner(model, self.cache, self.blocks, device, backend=self.backend,
                                 max_num_batched_tokens=settings.max_num_batched_tokens,
                                 max_num_seqs=settings.max_num_running_seqs,
-                                max_model_len=max_model_len)
+                                max_model_len=max_model_len, eos_token_ids=eos_token_ids(model),
+                                grammars=self.grammars)
         self.processor = OutputProcessor(eos_token_ids(model), tokenizer)
         self._intake: deque[Sequence] = deque()
         self._live: dict[int, Sequence] = {}  # unfinished, by seq_id (intake included)
@@ -215,12 +218,19 @@ class Generation:
                 f"the cache holds (num_kv_blocks={self.blocks.num_blocks}); lower max_tokens or "
                 "raise num_kv_blocks", limit=self.blocks.num_blocks, value=need,
                 setting="num_kv_blocks")
+        if params.logit_bias and params.logit_bias[-1][0] >= self.vocab_size:
+            raise InvalidRequestError(
+                f"logit_bias names token {params.logit_bias[-1][0]}, outside the vocabulary "
+                f"(ids 0 to {self.vocab_size - 1})", limit=self.vocab_size - 1,
+                value=params.logit_bias[-1][0], setting="SamplingParams.logit_bias")
         if params.stop and self.processor.tokenizer is None:
             raise InvalidRequestError("stop strings need a tokenizer and this model has none; "
                                       "use stop_token_ids", value=params.stop,
                                       setting="SamplingParams.stop")
+        matcher = (self.grammars.matcher(params.structured)
+                   if params.structured is not None else None)
         gen = make_generator(params, self.device.device)
-        return Sequence(ids, len(ids), params, gen)
+        return Sequence(ids, len(ids), params, gen, matcher=matcher)
 
     def submit(self, seq: Sequence) -> None:
         """Queue ``seq`` (any thread)."""

@@ -117,7 +117,7 @@ class BatchState:
         if row is None:
             row = self._rows[seq.seq_id] = self._free.pop()
             self._num_stored[row] = self._num_synced[row] = 0
-            self.sampling.set(row, seq.params, seq.generator)
+            self.sampling.set(row, seq.params, seq.generator, seq.prompt_len, seq.matcher)
         stored, n = self._num_stored[row], len(seq.token_ids)
         if stored + 1 == n:
             self.tokens[row, stored] = seq.token_ids[stored]

@@ -17,6 +17,7 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 
+from worker.generate import grammar
 from worker.generate.sampling import SampledTokens
 from worker.generate.sequence import FinishReason, Sequence, TokenLogprobs
 
@@ -61,7 +62,8 @@ class OutputProcessor:
             k = seq.params.logprobs
             top = tuple(zip(sampled.top_ids[i][:k], sampled.top_logprobs[i][:k])) if k else ()
             seq.logprobs.append(TokenLogprobs(sampled.logprobs[i], top))
-        if token in seq.params.stop_token_ids or (
+        done = seq.matcher is not None and grammar.advance(seq.matcher, token)
+        if done or token in seq.params.stop_token_ids or (
                 not seq.params.ignore_eos and token in self.eos_token_ids):
             self.update_text(seq)
             return FinishReason.STOP

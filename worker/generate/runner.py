@@ -23,6 +23,7 @@ import torch
 
 from worker.attention.paged import PagedContext, PagedMetadata, context_slots
 from worker.core.memory import is_out_of_memory
+from worker.generate import logits_process
 from worker.generate.inputs import BatchState, HostMeta, StepLayout, apply_updates, stage_step
 from worker.generate.sampling import SampledTokens, Sampler, SamplingRows
 from worker.generate.scheduler import GenSchedulerOutput
@@ -38,7 +39,8 @@ class GenRunner:
 
     def __init__(self, model: torch.nn.Module, cache: KVCache, blocks: BlockManager, device, *,
                  backend: str, max_num_batched_tokens: int, max_num_seqs: int,
-                 max_model_len: int):
+                 max_model_len: int, eos_token_ids: frozenset[int] = frozenset(),
+                 grammars=None):
         self.model, self.cache, self.blocks, self.device = model, cache, blocks, device
         self.base, self.head = model.base_model, model.get_output_embeddings()
         self.softcap = getattr(model.config, "final_logit_softcapping", None)
@@ -47,6 +49,8 @@ class GenRunner:
         self.sampler = Sampler(device.device, max_num_seqs)
         self.state = BatchState(max_num_seqs, max_model_len, blocks.block_size,
                                 cache.num_blocks - 1, SamplingRows(max_num_seqs))
+        self.state.sampling.eos_token_ids = np.array(sorted(eos_token_ids), np.int64)
+        self.grammars = grammars  # worker.generate.grammar.Grammars: structured rows' masks
         self.table = torch.from_numpy(self.state.tables).to(device.device, copy=True)
         # A step adds at most a block per sequence plus one per block_size tokens.
         self.max_updates = max_num_batched_tokens // blocks.block_size + max_num_seqs + 1
@@ -92,7 +96,14 @@ class GenRunner:
             if not is_out_of_memory(exc):
                 raise
             return None  # leaving the except block frees the traceback's tensors
-        sampled = self.sampler.sample_rows(logits, self.state.sampling, rows[picked])
+        sampling, own = self.state.sampling, rows[picked]
+        raw = None
+        if logits_process.any_processed(sampling, own):  # penalties, bias, min_tokens
+            raw, logits = logits, logits.clone()
+            lengths = np.fromiter((out.seqs[i].num_tokens for i in picked), np.int64, len(picked))
+            logits_process.apply(logits, sampling, own, self.state.tokens, lengths,
+                                 self.grammars)
+        sampled = self.sampler.sample_rows(logits, sampling, own, raw)
         return [out.seqs[i] for i in picked], sampled
 
     def forward(self, dev: torch.Tensor, meta: HostMeta, *, all_rows: bool = False,

@@ -29,8 +29,10 @@ import numpy as np
 import torch
 
 from worker.core.errors import InvalidRequestError
+from worker.generate.grammar import Structured
 
 MAX_LOGPROBS = 20
+MAX_LOGIT_BIAS = 300  # entries per request, as OpenAI allows
 MIN_TEMPERATURE = 1e-5  # below it a request is greedy: dividing by it would overflow
 
 
@@ -58,6 +60,15 @@ class SamplingParams:
     ignore_eos: bool = False  # do not stop at the model's EOS token(s)
     logprobs: int | None = None  # None = none; k = the sampled token's logprob and the top k
     skip_special_tokens: bool = True  # for .text only
+    # Logit processors (worker/generate/logits_process.py), applied before temperature and filters:
+    presence_penalty: float = 0.0  # minus this once for each token already generated; [-2, 2]
+    frequency_penalty: float = 0.0  # minus this times the count of each generated token; [-2, 2]
+    repetition_penalty: float = 1.0  # tokens of the prompt or output: logit / p if > 0, else
+    #   x p (HF's and vLLM's rule); 1 = off, > 0
+    logit_bias: tuple[tuple[int, float], ...] = ()  # (token id, bias added to its logit),
+    #   at most MAX_LOGIT_BIAS, each in [-100, 100] (OpenAI's limits); a dict is accepted
+    min_tokens: int = 0  # EOS and stop_token_ids are masked until this many are generated
+    structured: Structured | None = None  # the output follows this grammar (worker/generate/grammar.py)
 
     def __post_init__(self) -> None:
         _int_at_least("max_tokens", self.max_tokens, 1)
@@ -73,6 +84,18 @@ class SamplingParams:
                 raise InvalidSamplingParamsError("logprobs", f"<= {MAX_LOGPROBS}", self.logprobs)
         object.__setattr__(self, "stop", _strings("stop", self.stop))
         object.__setattr__(self, "stop_token_ids", _token_ids(self.stop_token_ids))
+        for name in ("presence_penalty", "frequency_penalty"):
+            _number(name, getattr(self, name), lambda v: -2 <= v <= 2, "in [-2, 2] (0 = off)")
+        _number("repetition_penalty", self.repetition_penalty, lambda v: v > 0,
+                "> 0 (1 = off)")
+        _int_at_least("min_tokens", self.min_tokens, 0)
+        if self.min_tokens > self.max_tokens:
+            raise InvalidSamplingParamsError("min_tokens", f"<= max_tokens ({self.max_tokens})",
+                                             self.min_tokens)
+        object.__setattr__(self, "logit_bias", _logit_bias(self.logit_bias))
+        if self.structured is not None and not isinstance(self.structured, Structured):
+            raise InvalidSamplingParamsError("structured", "a worker.generate.grammar.Structured",
+                                             self.structured)
         for name in ("ignore_eos", "skip_special_tokens"):
             if not isinstance(getattr(self, name), bool):
                 raise InvalidSamplingParamsError(name, "a bool", getattr(self, name))
@@ -80,6 +103,12 @@ class SamplingParams:
     @property
     def greedy(self) -> bool:
         return self.temperature < MIN_TEMPERATURE
+
+    @property
+    def penalized(self) -> bool:
+        """Whether a penalty reads the tokens so far (worker/generate/logits_process.py)."""
+        return bool(self.presence_penalty or self.frequency_penalty
+                    or self.repetition_penalty != 1)
 
 
 def _int_at_least(name: str, value, minimum: int, requirement: str | None = None) -> None:
@@ -112,6 +141,30 @@ def _token_ids(value) -> tuple[int, ...]:
     if not all(isinstance(t, int) and not isinstance(t, bool) and t >= 0 for t in items):
         raise InvalidSamplingParamsError("stop_token_ids", "a list of integers >= 0", value)
     return items
+
+
+def _logit_bias(value) -> tuple[tuple[int, float], ...]:
+    """``logit_bias`` as sorted (token id, bias) pairs; a dict maps ids (ints or their
+    strings, as JSON keys are) to biases."""
+    items = value.items() if isinstance(value, dict) else value
+    try:
+        pairs = [(k, v) for k, v in items]
+    except (TypeError, ValueError):
+        raise InvalidSamplingParamsError("logit_bias", "a dict of token id -> bias, or "
+                                         "(token id, bias) pairs", value) from None
+    if len(pairs) > MAX_LOGIT_BIAS:
+        raise InvalidSamplingParamsError("logit_bias", f"at most {MAX_LOGIT_BIAS} entries",
+                                         f"{len(pairs)} entries")
+    out = {}
+    for key, bias in pairs:
+        token = int(key) if isinstance(key, str) and key.isdigit() else key
+        if isinstance(token, bool) or not isinstance(token, int) or token < 0:
+            raise InvalidSamplingParamsError("logit_bias", "keyed by token ids (integers >= 0)",
+                                             key)
+        _number("logit_bias", bias, lambda b: -100 <= b <= 100,
+                f"biases in [-100, 100] (token {token})")
+        out[token] = float(bias)
+    return tuple(sorted(out.items()))
 
 
 def make_generator(params: SamplingParams, device: torch.device) -> torch.Generator | None:
@@ -151,17 +204,49 @@ class SamplingRows:
         self.logprobs = np.full(max_num_rows, -1, np.int64)  # [rows]; -1 = none, else top k
         self.seeded = np.zeros(max_num_rows, np.bool_)  # [rows]; has its own generator
         self.generators: list[torch.Generator | None] = [None] * max_num_rows  # [rows]
+        # Logit processors (worker/generate/logits_process.py); ``processed`` marks the rows that
+        # have any, so a step without them costs one numpy ``any``.
+        self.processed = np.zeros(max_num_rows, np.bool_)  # [rows]
+        self.penalized = np.zeros(max_num_rows, np.bool_)  # [rows]: reads its tokens
+        self.presence = np.zeros(max_num_rows, np.float32)  # [rows]
+        self.frequency = np.zeros(max_num_rows, np.float32)  # [rows]
+        self.repetition = np.ones(max_num_rows, np.float32)  # [rows]
+        self.prompt_len = np.zeros(max_num_rows, np.int64)  # [rows]
+        self.min_tokens = np.zeros(max_num_rows, np.int64)  # [rows]
+        self.suppress: list[np.ndarray | None] = [None] * max_num_rows  # [rows]: EOS and
+        #   stop ids masked below min_tokens
+        self.bias: list[tuple[np.ndarray, np.ndarray] | None] = [None] * max_num_rows
+        #   [rows]: (token ids int64, biases float32)
+        self.eos_token_ids = np.empty(0, np.int64)  # the model's, set by the engine
+        self.matchers: list = [None] * max_num_rows  # [rows]: a structured row's grammar
+        #   matcher (worker/generate/grammar.py), else None
 
     def set(self, row: int, params: SamplingParams,
-            generator: torch.Generator | None = None) -> None:
+            generator: torch.Generator | None = None, prompt_len: int = 0,
+            matcher=None) -> None:
         """Give ``row`` to a sequence: its parameters and its generator (``make_generator``'s
-        result; None = the device's shared generator). Greedy rows keep no generator."""
+        result; None = the device's shared generator). Greedy rows keep no generator.
+        ``prompt_len``: where its output starts (penalties and min_tokens read it);
+        ``matcher``: its grammar's state when the output is structured."""
         greedy = params.greedy
         self.temperature[row] = 0.0 if greedy else params.temperature
         self.top_k[row], self.top_p[row], self.min_p[row] = params.top_k, params.top_p, params.min_p
         self.logprobs[row] = -1 if params.logprobs is None else params.logprobs
         self.generators[row] = None if greedy else generator
         self.seeded[row] = self.generators[row] is not None
+        self.penalized[row] = params.penalized
+        self.presence[row], self.frequency[row] = (params.presence_penalty,
+                                                   params.frequency_penalty)
+        self.repetition[row] = params.repetition_penalty
+        self.prompt_len[row], self.min_tokens[row] = prompt_len, params.min_tokens
+        self.suppress[row] = (np.union1d(self.eos_token_ids, params.stop_token_ids)
+                              .astype(np.int64) if params.min_tokens else None)
+        self.bias[row] = (None if not params.logit_bias else
+                          (np.array([t for t, _ in params.logit_bias], np.int64),
+                           np.array([b for _, b in params.logit_bias], np.float32)))
+        self.matchers[row] = matcher
+        self.processed[row] = (params.penalized or params.min_tokens > 0
+                               or bool(params.logit_bias) or matcher is not None)
 
     def clear(self, row: int) -> None:
         """Free ``row`` (its sequence finished or was preempted); it reads as greedy."""
@@ -189,10 +274,11 @@ class Sampler:
             state.set(i, p, g)
         return self.sample_rows(logits, state, np.arange(len(params), dtype=np.int64))
 
-    def sample_rows(self, logits: torch.Tensor, state: SamplingRows,
-                    rows: np.ndarray) -> SampledTokens:
+    def sample_rows(self, logits: torch.Tensor, state: SamplingRows, rows: np.ndarray,
+                    raw: torch.Tensor | None = None) -> SampledTokens:
         """``logits`` [n, vocab] float32 on ``device``; logits row i is ``state`` row
-        ``rows[i]`` (``rows`` [n] int64). An all-greedy step draws no noise."""
+        ``rows[i]`` (``rows`` [n] int64). An all-greedy step draws no noise. ``raw``: the
+        logits before logit processors, which logprobs report (default ``logits``)."""
         rows = np.asarray(rows, dtype=np.int64)
         if logits.shape[0] != rows.size:
             raise ValueError(f"{logits.shape[0]} rows of logits for {rows.size} state rows")
@@ -201,7 +287,8 @@ class Sampler:
             tokens = logits.argmax(dim=-1)
         else:
             tokens = self._draw(logits, state, rows, drawing)
-        return _with_logprobs(logits, tokens, int(state.logprobs[rows].max(initial=-1)))
+        return _with_logprobs(logits if raw is None else raw, tokens,
+                              int(state.logprobs[rows].max(initial=-1)))
 
     def _draw(self, logits: torch.Tensor, state: SamplingRows, rows: np.ndarray,
               drawing: np.ndarray) -> torch.Tensor:

@@ -67,6 +67,8 @@ class Sequence:
     num_registered: int = 0  # leading blocks known to the prefix cache (taken or registered)
     num_cached_tokens: int | None = None  # prompt tokens found cached at first admission
     error: BaseException | None = None  # set when the engine died under the request
+    matcher: object | None = None  # its grammar's state (an llguidance LLMatcher) when
+    #   params.structured is set; it consumes each sampled token
     on_update: Callable[[Sequence], None] | None = None
     on_finish: Callable[[Sequence], None] | None = None
 
