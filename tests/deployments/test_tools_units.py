@@ -1,0 +1,71 @@
+"""Tool calls without Ray: the Hermes-format parser, the streaming splitter, and the
+constraint each ``tool_choice`` compiles to (checked by llguidance with the smoke
+decoder's tokenizer)."""
+
+from __future__ import annotations
+
+import json
+
+import pytest
+
+from deployments import tools
+
+ADD = {"name": "add", "parameters": {"type": "object", "required": ["a", "b"],
+                                     "properties": {"a": {"type": "integer"},
+                                                    "b": {"type": "integer"}}}}
+NOW = {"name": "now"}  # no parameters: arguments is an empty object
+BLOCK = '<tool_call>\n{"name": "add", "arguments": {"a": 1, "b": 2}}\n</tool_call>'
+
+
+def test_parse_finds_calls_and_keeps_the_rest_as_content():
+    content, calls = tools.parse(f"Sure.\n{BLOCK}\n{BLOCK}", {"add"})
+    assert content == "Sure."
+    assert [c["function"]["name"] for c in calls] == ["add", "add"]
+    assert json.loads(calls[0]["function"]["arguments"]) == {"a": 1, "b": 2}
+    assert calls[0]["id"].startswith("call_") and calls[0]["id"] != calls[1]["id"]
+    assert tools.parse(BLOCK, {"add"})[0] is None  # nothing but the call: no content
+
+
+@pytest.mark.parametrize("text", [
+    "no call here",
+    BLOCK.replace('"add"', '"sub"'),  # not one of the tools
+    "<tool_call>\n{not json}\n</tool_call>",
+    '<tool_call>\n{"name": "add", "arguments": [1, 2]}\n</tool_call>',
+])
+def test_anything_else_stays_content(text):
+    assert tools.parse(text, {"add"}) == (text, [])
+
+
+def test_stream_sends_content_and_holds_calls_across_chunk_boundaries():
+    stream = tools.ToolStream({"add"})
+    pieces = ["Let me add. <to", "ol_ca", "ll>\n{\"name\": \"add\", ", "\"arguments\": {}}\n</tool",
+              "_call>"]
+    sent = [stream.feed(p) for p in pieces]
+    assert sent == ["Let me add. ", "", "", "", ""]
+    rest, calls = stream.finish()
+    assert rest == "" and calls[0]["function"]["name"] == "add"
+    lookalike = tools.ToolStream({"add"})
+    assert [lookalike.feed(p) for p in ["a <t", "able> b"]] == ["a ", "<table> b"]
+    assert lookalike.finish() == ("", [])
+
+
+@pytest.fixture(scope="module")
+def grammars():
+    from transformers import AutoTokenizer
+
+    from worker.generate.grammar import Grammars
+    from worker.models.sources import resolve_model
+
+    tok = AutoTokenizer.from_pretrained(resolve_model("smoke:decoder"))
+    return Grammars(tok, len(tok), frozenset([tok.eos_token_id]))
+
+
+@pytest.mark.parametrize(("choice", "parallel"), [("required", True), ("required", False),
+                                                  ("add", True), ("now", False)])
+def test_constraints_compile(grammars, choice, parallel):
+    structured = tools.constraint([ADD, NOW], choice, parallel)
+    assert structured.kind == "lark" and tools.OPEN in structured.value
+    grammars.check(structured)
+    assert ('("\\n" call)*' in structured.value) == (parallel and choice == "required")
+    assert tools.constraint([ADD], "auto", True) is None
+    assert tools.constraint([ADD], "none", True) is None
