@@ -7,8 +7,8 @@ One in-process engine (the smoke decoder: it has the fast tokenizer llguidance n
 many tokens per request (``ignore_eos``, ``max_tokens`` = the constrained output's
 length), so both runs do the same model work and differ only by the constraint. Modes
 alternate for ``--repeats`` rounds; medians, of wall time and of the process's CPU
-seconds (every thread, llguidance's included; steadier on a shared machine). Mask time is what ``Grammars.fill`` and
-``apply_bitmask`` take per step (timed by wrapping them), next to the whole step.
+seconds (every thread, llguidance's included; steadier on a shared machine). Mask time is what ``Grammars.fill`` (llguidance computing
+the allowed tokens) and ``apply_bitmask`` (setting the others to -inf) take per step (timed by wrapping them), next to the whole step.
 
     python -m benchmarks.structured --out benchmarks/results/structured_cpu.json
 """
@@ -46,7 +46,7 @@ class MaskTimer:
     def __init__(self, engine):
         import worker.generate.logits_process as lp
 
-        self.seconds, self.calls = 0.0, 0
+        self.seconds, self.fill_seconds, self.calls = 0.0, 0.0, 0
         grammars = engine.generation.grammars
         fill, apply = grammars.fill, lp.apply_bitmask
 
@@ -55,7 +55,9 @@ class MaskTimer:
             try:
                 return fill(*args, **kwargs)
             finally:
-                self.seconds += time.perf_counter() - start
+                elapsed = time.perf_counter() - start
+                self.seconds += elapsed
+                self.fill_seconds += elapsed
                 self.calls += 1
 
         def timed_apply(*args, **kwargs):
@@ -97,12 +99,13 @@ def main(argv=None) -> dict:
         constrained = [SamplingParams(max_tokens=args.max_tokens, temperature=1.0,
                                       seed=1000 * r + i, structured=structured)
                        for i in range(args.batch)]
-        steps_before, mask_before = engine.stats.num_steps, timer.seconds
+        steps_before, mask_before, fill_before = (engine.stats.num_steps, timer.seconds,
+                                                  timer.fill_seconds)
         start, cpu = time.perf_counter(), time.process_time()
         outs = engine.generate(prompts, constrained)
         wall_c, cpu_c = time.perf_counter() - start, time.process_time() - cpu
         steps = engine.stats.num_steps - steps_before
-        mask_s = timer.seconds - mask_before
+        mask_s, fill_s = timer.seconds - mask_before, timer.fill_seconds - fill_before
         lengths = [len(o.token_ids) for o in outs]
         finished = sum(o.finish_reason.value == "stop" for o in outs)
         free = [SamplingParams(max_tokens=n, temperature=1.0, seed=1000 * r + i,
@@ -117,6 +120,7 @@ def main(argv=None) -> dict:
                        "constrained_cpu_s": cpu_c, "free_cpu_s": cpu_f,
                        "constrained_tok_s": tokens / wall_c, "free_tok_s": tokens / wall_f,
                        "mask_ms_per_step": 1e3 * mask_s / max(steps, 1),
+                       "fill_ms_per_step": 1e3 * fill_s / max(steps, 1),
                        "step_ms": 1e3 * wall_c / max(steps, 1)})
         print(f"[round {r}] {rounds[-1]}", file=sys.stderr, flush=True)
     engine.shutdown()

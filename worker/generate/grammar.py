@@ -5,9 +5,10 @@ schema, any JSON object, a regex, a choice of strings, or a Lark grammar). The e
 compiles it once per distinct constraint (``Grammars.compile``, cached) and gives the
 sequence its own matcher. Each step, for the rows that have one:
 
-1. after the forward is launched (on CUDA the host runs ahead of the device), every
-   constrained row's allowed tokens are computed on the host in one parallel call
-   (``LLExecutor``) into a bitmask [rows, ceil(vocab / 32)] int32;
+1. before the forward, every constrained row's allowed tokens start being computed on a
+   thread of their own (``fill_async``: one ``LLExecutor`` call for all rows, into a
+   bitmask [rows, ceil(vocab / 32)] int32), so the host computes them while the CPU or
+   the GPU runs the forward;
 2. the mask reaches the device in one copy and sets the disallowed logits to -inf
    (``apply_bitmask``: a shift and an and per 32 tokens, no Python loop over rows);
 3. once the token is sampled, the row's matcher consumes it (``advance``); a matcher
@@ -26,7 +27,9 @@ from __future__ import annotations
 
 import functools
 import json
+import os
 import threading
+from concurrent.futures import Future, ThreadPoolExecutor
 from dataclasses import dataclass
 
 import numpy as np
@@ -75,6 +78,7 @@ class Grammars:
         self._executor = None
         self._mask: torch.Tensor | None = None  # [rows, words] int32, host (pinned on CUDA)
         self._loading = threading.Lock()  # the ingress checks from several threads
+        self._thread: ThreadPoolExecutor | None = None  # computes masks during forwards
         self._compile = functools.lru_cache(maxsize=256)(self._compile_uncached)
 
     @property
@@ -113,7 +117,7 @@ class Grammars:
         eos = self.eos_token_ids[0] if self.eos_token_ids else None
         self._lltok = llguidance.hf.from_tokenizer(self.tokenizer, n_vocab=self.vocab_size,
                                                    eos_token=eos)
-        self._executor = llguidance.LLExecutor()
+        self._executor = llguidance.LLExecutor(num_threads=mask_threads())
         self._lib = llguidance
         return llguidance
 
@@ -142,6 +146,13 @@ class Grammars:
                                       setting=_SETTING)
         return grammar
 
+    def fill_async(self, matchers: list) -> Future:
+        """``fill`` on the grammar thread (one: a step's masks are done before the next
+        step's start, so they share one buffer)."""
+        if self._thread is None:
+            self._thread = ThreadPoolExecutor(1, thread_name_prefix="packserve-grammar")
+        return self._thread.submit(self.fill, matchers)
+
     def fill(self, matchers: list) -> torch.Tensor:
         """The allowed-token bitmask of each matcher -> [len(matchers), words] int32 on
         the host, in one parallel call."""
@@ -153,6 +164,13 @@ class Grammars:
         self._executor.unsafe_compute_mask_ptr([(m, i) for i, m in enumerate(matchers)],
                                                mask.data_ptr(), self.words * 4, n)
         return mask
+
+
+def mask_threads() -> int:
+    """Threads for the masks: half the cores, at most 16. Masks of a 64-row step take
+    tens of microseconds each; more threads than that mostly add hand-offs, and the
+    other half of the cores run torch (the forward on CPU, kernel launches on GPU)."""
+    return max(1, min(16, (os.cpu_count() or 2) // 2))
 
 
 _SHIFTS: dict[torch.device, torch.Tensor] = {}

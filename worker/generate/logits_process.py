@@ -16,13 +16,17 @@ min_tokens m           EOS and ``stop_token_ids`` at -inf while fewer than m are
 structured             every token its grammar does not allow at -inf (worker/generate/grammar.py)
 =====================  ====================================================================
 
-Counts come from the rows' token ids, which the runner keeps on the host
+Structured rows' masks are computed by llguidance on a thread of their own, started
+before the forward and awaited after it, so on CPU they overlap the forward's compute and
+on a GPU its kernels. Counts come from the rows' token ids, which the runner keeps on the host
 (``BatchState.tokens``): the penalized rows' tokens go to the device in one copy and one
 ``scatter_add_`` counts them. Logprobs still report the model's raw distribution: the
 runner samples from a processed copy.
 """
 
 from __future__ import annotations
+
+from concurrent.futures import Future
 
 import numpy as np
 import torch
@@ -35,17 +39,29 @@ def any_processed(state: SamplingRows, rows: np.ndarray) -> bool:
     return bool(state.processed[rows].any())
 
 
-def apply(logits: torch.Tensor, state: SamplingRows, rows: np.ndarray, tokens: np.ndarray,
-          lengths: np.ndarray, grammars: Grammars | None = None) -> None:
-    """Process ``logits`` [n, vocab] in place; logits row i is ``state`` row ``rows[i]``,
-    whose tokens so far (prompt and output) are ``tokens[rows[i], :lengths[i]]``.
-    ``grammars`` computes the structured rows' masks (worker/generate/grammar.py)."""
-    device = logits.device
+def start_masks(state: SamplingRows, rows: np.ndarray,
+                grammars: Grammars | None) -> tuple[list[int], Future] | None:
+    """Start computing the structured rows' masks on the grammar thread, before the
+    forward (their grammars' states are known once the last step's tokens were
+    consumed): (positions among ``rows``, the mask's future), or None without any."""
+    if grammars is None or not state.processed[rows].any():
+        return None
     structured = [i for i in np.flatnonzero(state.processed[rows]).tolist()
                   if state.matchers[rows[i]] is not None]
-    if structured:  # first: the host computes masks while the device may still run
-        mask = grammars.fill([state.matchers[rows[i]] for i in structured])
-        apply_bitmask(logits, torch.tensor(structured, device=device), mask)
+    if not structured:
+        return None
+    return structured, grammars.fill_async([state.matchers[rows[i]] for i in structured])
+
+
+def apply(logits: torch.Tensor, state: SamplingRows, rows: np.ndarray, tokens: np.ndarray,
+          lengths: np.ndarray, masks: tuple[list[int], Future] | None = None) -> None:
+    """Process ``logits`` [n, vocab] in place; logits row i is ``state`` row ``rows[i]``,
+    whose tokens so far (prompt and output) are ``tokens[rows[i], :lengths[i]]``.
+    ``masks``: what ``start_masks`` returned for these rows."""
+    device = logits.device
+    if masks is not None:
+        structured, future = masks
+        apply_bitmask(logits, torch.tensor(structured, device=device), future.result())
     at = np.flatnonzero(state.penalized[rows])  # [r] positions among the n
     if at.size:
         _penalize(logits, state, rows[at], at, tokens, lengths[at])

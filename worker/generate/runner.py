@@ -82,6 +82,8 @@ class GenRunner:
         bucket = self.graphs.bucket(out) if self.graphs is not None else 0
         meta = stage_step(self.host.numpy(), self.state, out.seqs, out.num_new_tokens, rows,
                           picked, pad_to=bucket, max_updates=self.max_updates)
+        sampling, own = self.state.sampling, rows[picked]
+        masks = logits_process.start_masks(sampling, own, self.grammars)  # during the forward
         try:
             if self.fault_hook is not None:
                 self.fault_hook(out.num_tokens, len(out.seqs))
@@ -96,13 +98,11 @@ class GenRunner:
             if not is_out_of_memory(exc):
                 raise
             return None  # leaving the except block frees the traceback's tensors
-        sampling, own = self.state.sampling, rows[picked]
         raw = None
-        if logits_process.any_processed(sampling, own):  # penalties, bias, min_tokens
+        if logits_process.any_processed(sampling, own):  # grammars, penalties, bias, ...
             raw, logits = logits, logits.clone()
             lengths = np.fromiter((out.seqs[i].num_tokens for i in picked), np.int64, len(picked))
-            logits_process.apply(logits, sampling, own, self.state.tokens, lengths,
-                                 self.grammars)
+            logits_process.apply(logits, sampling, own, self.state.tokens, lengths, masks)
         sampled = self.sampler.sample_rows(logits, sampling, own, raw)
         return [out.seqs[i] for i in picked], sampled
 
