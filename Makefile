@@ -6,7 +6,7 @@ PIP := $(PY) -m pip --disable-pip-version-check
 STAMP := $(VENV)/.installed
 PYTEST_ARGS ?=
 
-.PHONY: install serve prometheus test test-packing-pure bench bench-packer bench-forward bench-generate bench-decode bench-batch bench-serve bench-pooled clean
+.PHONY: install serve prometheus test test-packing-pure bench bench-packer bench-forward bench-generate bench-decode bench-batch bench-serve bench-pooled bench-structured clean
 
 install: $(STAMP)
 
@@ -61,7 +61,7 @@ test: install prometheus
 test-packing-pure: install
 	PACKSERVE_PURE_PYTHON=1 $(PY) -m pytest -q tests/packing
 
-bench: bench-packer bench-forward bench-generate bench-decode bench-batch bench-serve bench-pooled
+bench: bench-packer bench-forward bench-generate bench-decode bench-batch bench-serve bench-pooled bench-structured
 
 bench-packer: install
 	$(PY) -m benchmarks.packer --out benchmarks/results/packer.json
@@ -106,6 +106,11 @@ bench-pooled: install
 	$(PIP) install -q "sentence-transformers>=3"
 	$(PY) -m benchmarks.pooled --num-texts 2000 --num-docs 800 --repeats 2 \
 		--out benchmarks/results/pooled_cpu.json
+
+# Structured outputs: batch 64 with and without a JSON-schema constraint (benchmarks/structured.py).
+bench-structured: install
+	OMP_NUM_THREADS=2 $(PY) -m benchmarks.structured --repeats 5 \
+		--out benchmarks/results/structured_cpu.json
 
 clean:
 	rm -rf build *.egg-info packing_cy/_ffd.c packing_cy/*.so

@@ -6,10 +6,7 @@ A tiny random BERT classifier with the word-level tokenizer of the batch tests."
 from __future__ import annotations
 
 import json
-import os
 import shutil
-import signal
-import subprocess
 import sys
 from pathlib import Path
 
@@ -25,7 +22,7 @@ from tests.deployments.test_batch import (
     token_ids,
     write_jsonl,
 )
-from tests.deployments.test_batch_resume import REPO, _env, _reap_session, _wait_for_shards
+from tests.deployments.test_batch_resume import kill_then_rerun
 from tests.worker._gen_helpers import add_word_tokenizer
 
 
@@ -87,30 +84,5 @@ def test_sigkill_the_driver_then_rerun(classifier_dir, tmp_path):
                "--task", "classify", "--input", str(inp), "--output", str(out),
                "--shard-size", str(shard), "--device", "cpu", "--num-actors", "1",
                "--no-progress", "--summary-json", str(summary)]
-    first = subprocess.Popen(command, cwd=REPO, env=_env(), start_new_session=True,
-                             stdout=subprocess.DEVNULL, stderr=subprocess.PIPE)
-    try:
-        done_at_kill = _wait_for_shards(out.with_name("cls.jsonl.parts") / "manifest.jsonl",
-                                        first, 3, timeout_s=240)
-    finally:
-        if first.poll() is None:
-            os.killpg(first.pid, signal.SIGKILL)
-        stderr = first.communicate()[1].decode(errors="replace")
-        killed_late = _reap_session(first.pid)
-    assert first.returncode == -signal.SIGKILL, stderr[-3000:]
-    assert 3 <= done_at_kill < num_docs // shard and not out.exists()
-    assert not killed_late, f"processes of the killed job outlived it: {killed_late}"
-
-    second = subprocess.Popen(command, cwd=REPO, env=_env(), start_new_session=True,
-                              stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True)
-    try:
-        stderr = second.communicate(timeout=300)[1]
-    finally:
-        if second.poll() is None:
-            os.killpg(second.pid, signal.SIGKILL)
-            second.communicate()
-        _reap_session(second.pid)
-    assert second.returncode == 0, stderr[-3000:]
-    s = json.loads(summary.read_text())
-    assert s["num_shards_resumed"] >= done_at_kill and s["num_shards"] == num_docs // shard
+    kill_then_rerun(command, out, summary, num_docs // shard)
     check_rows(read_output(out), docs, *expected(classifier_dir, docs))

@@ -84,15 +84,15 @@ def _wait_for_shards(manifest: Path, proc: subprocess.Popen, num: int, timeout_s
     return manifest.read_bytes().count(b"\n") if manifest.exists() else 0
 
 
-def test_sigkill_the_driver_then_rerun(model_dir, tmp_path):
-    docs = make_docs(NUM_DOCS, seed=7)
-    inp = write_jsonl(tmp_path / "docs.jsonl", docs)
-    out, summary = tmp_path / "emb.jsonl", tmp_path / "summary.json"
-    command = _command(model_dir, inp, out, summary)
+def kill_then_rerun(command: list[str], out: Path, summary: Path,
+                    num_shards: int) -> tuple[int, dict]:
+    """Run ``command``, SIGKILL its whole session once 3 shards are done, check that
+    nothing of it outlives the kill and that no output was published, run it again to
+    the end; -> (shards done at the kill, the second run's summary)."""
     first = subprocess.Popen(command, cwd=REPO, env=_env(), start_new_session=True,
                              stdout=subprocess.DEVNULL, stderr=subprocess.PIPE)
     try:
-        done_at_kill = _wait_for_shards(out.with_name("emb.jsonl.parts") / "manifest.jsonl",
+        done_at_kill = _wait_for_shards(out.with_name(out.name + ".parts") / "manifest.jsonl",
                                         first, 3, timeout_s=240)
     finally:
         if first.poll() is None:
@@ -100,7 +100,7 @@ def test_sigkill_the_driver_then_rerun(model_dir, tmp_path):
         stderr = first.communicate()[1].decode(errors="replace")
         killed_late = _reap_session(first.pid)
     assert first.returncode == -signal.SIGKILL, stderr[-3000:]
-    assert 3 <= done_at_kill < NUM_DOCS // SHARD and not out.exists()
+    assert 3 <= done_at_kill < num_shards and not out.exists()
     assert not killed_late, f"processes of the killed job outlived it: {killed_late}"
 
     second = subprocess.Popen(command, cwd=REPO, env=_env(), start_new_session=True,
@@ -114,7 +114,16 @@ def test_sigkill_the_driver_then_rerun(model_dir, tmp_path):
         _reap_session(second.pid)
     assert second.returncode == 0, stderr[-3000:]
     s = json.loads(summary.read_text())
-    assert s["num_shards_resumed"] >= done_at_kill and s["num_shards"] == NUM_DOCS // SHARD
+    assert s["num_shards_resumed"] >= done_at_kill and s["num_shards"] == num_shards
+    return done_at_kill, s
+
+
+def test_sigkill_the_driver_then_rerun(model_dir, tmp_path):
+    docs = make_docs(NUM_DOCS, seed=7)
+    inp = write_jsonl(tmp_path / "docs.jsonl", docs)
+    out, summary = tmp_path / "emb.jsonl", tmp_path / "summary.json"
+    command = _command(model_dir, inp, out, summary)
+    done_at_kill, s = kill_then_rerun(command, out, summary, NUM_DOCS // SHARD)
     assert s["run_docs"] + s["num_shards_resumed"] * SHARD == NUM_DOCS
 
     got = read_output(out)

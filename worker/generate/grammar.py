@@ -2,15 +2,16 @@
 
 A request's ``SamplingParams.structured`` names a constraint (``Structured``: a JSON
 schema, any JSON object, a regex, a choice of strings, or a Lark grammar). The engine
-compiles it once per distinct constraint (``Grammars.compile``, cached) and gives the
-sequence its own matcher. Each step, for the rows that have one:
+compiles it once per distinct constraint (cached) and gives the sequence its own matcher
+(``Grammars.matcher``). Each step, for the rows that have one:
 
 1. before the forward, every constrained row's allowed tokens start being computed on a
    thread of their own (``fill_async``: one ``LLExecutor`` call for all rows, into a
    bitmask [rows, ceil(vocab / 32)] int32), so the host computes them while the CPU or
    the GPU runs the forward;
-2. the mask reaches the device in one copy and sets the disallowed logits to -inf
-   (``apply_bitmask``: a shift and an and per 32 tokens, no Python loop over rows);
+2. after the forward, the mask sets the disallowed logits to -inf (``apply_bitmask``:
+   unpacked by numpy on CPU; on a GPU copied packed and unpacked there by a shift and an
+   and per 32 tokens; no Python loop over rows);
 3. once the token is sampled, the row's matcher consumes it (``advance``); a matcher
    that reaches the end of its grammar finishes the sequence with "stop".
 
