@@ -67,7 +67,7 @@ class OpenAIService:
         self.pool = TokenizerPool(args.http.tokenizer_threads)
         self.streams = StreamReceiver() if args.http.stream_transport == "channel" else None
         self._infos: dict[str, ModelInfo] = {}
-        self._tokenizers: dict[str, ModelTokenizer] = {}
+        self._tokenizers: dict[str, ModelTokenizer | APIError] = {}  # or why it has none
         self._grammars: dict[str, Grammars] = {}  # structured-output checks, per model
         self._loading = asyncio.Lock()
 
@@ -143,15 +143,26 @@ class OpenAIService:
         return info
 
     async def tokenizer(self, name: str) -> ModelTokenizer:
+        """The model's tokenizer, loaded once; a model without one (a checkpoint saved
+        without its tokenizer files) is a 400 for every request that needs text, with
+        the loader's reason, and is not retried per request."""
         tok = self._tokenizers.get(name)
         if tok is None:
             async with self._loading:  # one load at a time: transformers' lazy imports race
                 tok = self._tokenizers.get(name)
                 if tok is None:
                     m = self.args.model(name)
-                    tok = await asyncio.to_thread(ModelTokenizer, m.model,
-                                                  m.engine.trust_remote_code or False)
+                    try:
+                        tok = await asyncio.to_thread(ModelTokenizer, m.model,
+                                                      m.engine.trust_remote_code or False)
+                    except (OSError, ValueError, TypeError) as exc:
+                        tok = bad_request(
+                            f"{name!r} has no tokenizer the server can load "
+                            f"({type(exc).__name__}: {exc}); this request needs one to turn "
+                            "text into tokens", param="model")
                     self._tokenizers[name] = tok
+        if isinstance(tok, APIError):
+            raise tok
         return tok
 
     def state(self) -> dict:
