@@ -18,6 +18,7 @@ a real checkpoint and no fp32 copy of 7B parameters is ever made on the host.
 
 from __future__ import annotations
 
+import collections
 import contextlib
 import json
 import os
@@ -179,6 +180,26 @@ def bar_chart(path: str | Path, bars: dict, title: str, ylabel: str) -> None:
     Path(path).parent.mkdir(parents=True, exist_ok=True)
     fig.savefig(path, dpi=120)
     plt.close(fig)
+
+
+class CallTimer:
+    """Seconds spent inside wrapped calls, per key: a benchmark's view of one part of the
+    engine (``obj.f = timer.wrap(obj.f, "key")``; ``timer.seconds["key"]``)."""
+
+    def __init__(self):
+        self.seconds: dict[str, float] = collections.defaultdict(float)
+
+    def wrap(self, fn, key: str):
+        def timed(*args, **kwargs):
+            start = time.perf_counter()
+            try:
+                return fn(*args, **kwargs)
+            finally:
+                self.seconds[key] += time.perf_counter() - start
+        return timed
+
+    def total(self) -> float:
+        return sum(self.seconds.values())
 
 
 def write_json(path: str | Path, payload: dict) -> None:

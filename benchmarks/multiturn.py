@@ -168,24 +168,14 @@ def engine_sender(engine):
     return send
 
 
-class CacheWork:
-    """Seconds spent in the prefix cache's own work (hashing blocks, looking prompts up,
-    registering blocks), timed by wrapping those three calls of one engine."""
-
-    def __init__(self, engine):
-        gen, self.seconds = engine.generation, 0.0
-        for obj, name in ((gen.scheduler, "_hashes"), (gen.blocks, "take_prefix"),
-                          (gen.blocks, "register")):
-            setattr(obj, name, self._timed(getattr(obj, name)))
-
-    def _timed(self, fn):
-        def timed(*args, **kwargs):
-            start = time.perf_counter()
-            try:
-                return fn(*args, **kwargs)
-            finally:
-                self.seconds += time.perf_counter() - start
-        return timed
+def cache_work_timer(engine) -> _common.CallTimer:
+    """Times the prefix cache's own work (hashing blocks, looking prompts up, registering
+    blocks) by wrapping those three calls of one engine."""
+    gen, timer = engine.generation, _common.CallTimer()
+    for obj, name in ((gen.scheduler, "_hashes"), (gen.blocks, "take_prefix"),
+                      (gen.blocks, "register")):
+        setattr(obj, name, timer.wrap(getattr(obj, name), name))
+    return timer
 
 
 def run_inprocess(args) -> dict:
@@ -201,7 +191,7 @@ def run_inprocess(args) -> dict:
         num_kv_blocks=args.num_kv_blocks, enable_prefix_caching=caching))
         for caching in (True, False)}
     vocab = engines[True].spec.vocab_size
-    cache_work = CacheWork(engines[True])
+    cache_work = cache_work_timer(engines[True])
     runs: dict[str, list[dict]] = {}
     for rep in range(args.repeats):  # per round: every configuration once
         seed = args.seed + 1000 * rep
@@ -211,11 +201,11 @@ def run_inprocess(args) -> dict:
                 name = ("unique_" if fresh else "") + ("cache_on" if caching else "cache_off")
                 send = engine_sender(engine)
                 asyncio.run(run_conversations(convs[:1], send, vocab, seed + 99, fresh=True))
-                before, work = engine.stats.num_tokens, cache_work.seconds
+                before, work = engine.stats.num_tokens, cache_work.total()
                 results, wall, cpu = timed_run(convs, send, vocab, seed, fresh)
                 run = summarize(results, wall, cpu) | {
                     "computed_tokens": engine.stats.num_tokens - before,
-                    "cache_work_s": cache_work.seconds - work if caching else 0.0}
+                    "cache_work_s": cache_work.total() - work if caching else 0.0}
                 runs.setdefault(name, []).append(run)
                 print(f"[inprocess {name} round {rep}] {run}", file=sys.stderr, flush=True)
     for engine in engines.values():

@@ -40,34 +40,15 @@ SCHEMA = {  # long enough outputs to reach steady decode, bounded so they finish
 }
 
 
-class MaskTimer:
-    """Wraps the engine's mask calls: seconds spent in them, and the steps they ran in."""
+def mask_timer(engine) -> _common.CallTimer:
+    """Times the engine's mask calls: ``fill`` (llguidance computing the allowed tokens)
+    and ``apply`` (setting the others to -inf)."""
+    import worker.generate.logits_process as lp
 
-    def __init__(self, engine):
-        import worker.generate.logits_process as lp
-
-        self.seconds, self.fill_seconds, self.calls = 0.0, 0.0, 0
-        grammars = engine.generation.grammars
-        fill, apply = grammars.fill, lp.apply_bitmask
-
-        def timed_fill(*args, **kwargs):
-            start = time.perf_counter()
-            try:
-                return fill(*args, **kwargs)
-            finally:
-                elapsed = time.perf_counter() - start
-                self.seconds += elapsed
-                self.fill_seconds += elapsed
-                self.calls += 1
-
-        def timed_apply(*args, **kwargs):
-            start = time.perf_counter()
-            try:
-                return apply(*args, **kwargs)
-            finally:
-                self.seconds += time.perf_counter() - start
-
-        grammars.fill, lp.apply_bitmask = timed_fill, timed_apply
+    grammars, timer = engine.generation.grammars, _common.CallTimer()
+    grammars.fill = timer.wrap(grammars.fill, "fill")
+    lp.apply_bitmask = timer.wrap(lp.apply_bitmask, "apply")
+    return timer
 
 
 def main(argv=None) -> dict:
@@ -92,20 +73,20 @@ def main(argv=None) -> dict:
     engine = Engine(EngineConfig(model=args.model, device=args.device, max_model_len=512,
                                  max_num_running_seqs=args.batch,
                                  num_kv_blocks=args.batch * 512 // 16 + 8))
-    timer = MaskTimer(engine)
+    timer = mask_timer(engine)
     structured = Structured.json(SCHEMA)
     rounds = []
     for r in range(args.repeats):  # per round: constrained, then the same tokens free
         constrained = [SamplingParams(max_tokens=args.max_tokens, temperature=1.0,
                                       seed=1000 * r + i, structured=structured)
                        for i in range(args.batch)]
-        steps_before, mask_before, fill_before = (engine.stats.num_steps, timer.seconds,
-                                                  timer.fill_seconds)
+        steps_before, mask_before, fill_before = (engine.stats.num_steps, timer.total(),
+                                                  timer.seconds["fill"])
         start, cpu = time.perf_counter(), time.process_time()
         outs = engine.generate(prompts, constrained)
         wall_c, cpu_c = time.perf_counter() - start, time.process_time() - cpu
         steps = engine.stats.num_steps - steps_before
-        mask_s, fill_s = timer.seconds - mask_before, timer.fill_seconds - fill_before
+        mask_s, fill_s = timer.total() - mask_before, timer.seconds["fill"] - fill_before
         lengths = [len(o.token_ids) for o in outs]
         finished = sum(o.finish_reason.value == "stop" for o in outs)
         free = [SamplingParams(max_tokens=n, temperature=1.0, seed=1000 * r + i,
