@@ -7,21 +7,22 @@ ops over the rows that use it, never a loop over rows on the device:
 =====================  ====================================================================
 processor              rule (per row, in this order)
 =====================  ====================================================================
+structured             every token its grammar does not allow at -inf (grammar.py)
 repetition_penalty p   every token seen in the prompt or the output: logit / p if it is
                        > 0, else logit x p (HF's ``RepetitionPenaltyLogitsProcessor``, vLLM)
 frequency_penalty f,   each token the output holds c times: logit - f x c - pr x [c > 0]
 presence_penalty pr    (OpenAI's definition; the prompt does not count)
 logit_bias             logit + bias, for each (token id, bias) given
 min_tokens m           EOS and ``stop_token_ids`` at -inf while fewer than m are generated
-structured             every token its grammar does not allow at -inf (worker/generate/grammar.py)
 =====================  ====================================================================
 
-Structured rows' masks are computed by llguidance on a thread of their own, started
-before the forward and awaited after it, so on CPU they overlap the forward's compute and
-on a GPU its kernels. Counts come from the rows' token ids, which the runner keeps on the host
-(``BatchState.tokens``): the penalized rows' tokens go to the device in one copy and one
-``scatter_add_`` counts them. Logprobs still report the model's raw distribution: the
-runner samples from a processed copy.
+A -inf stays -inf through every later rule, so the order only matters among the finite
+rules. Structured rows' masks are computed by llguidance on a thread of their own,
+started before the forward and awaited after it, so the host computes them while the
+device (or, on CPU, torch's threads) runs the forward. Counts come from the rows' token
+ids, which the runner keeps on the host (``BatchState.tokens``): the penalized rows'
+tokens go to the device in one copy and one ``scatter_add_`` counts them. Logprobs still
+report the model's raw distribution: the runner samples from a processed copy.
 """
 
 from __future__ import annotations
