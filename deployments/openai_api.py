@@ -243,11 +243,11 @@ class OpenAIService:
                                   [{"type": "function", "function": f} for f in functions])
         max_tokens = chat_max_tokens(info, len(ids), body.token_limit())
         check_logit_bias(info, body.logit_bias)
-        tool_choice = body.tool_choice_name()
-        structured = (tools.constraint(functions, tool_choice, body.parallel_tool_calls)
+        mode, named = body.tool_mode()
+        structured = (tools.constraint(functions, mode, body.parallel_tool_calls, named)
                       if functions else None) or body.structured()
         await self._check_structured(body.model, tok, structured)
-        names = {f["name"] for f in functions} if tool_choice != "none" else set()
+        names = {f["name"] for f in functions} if mode != "none" else set()
         k = (body.top_logprobs or 0) if body.logprobs else None
         leases = await self._reserve(body.model, len(ids) + max_tokens, body.n)
         try:

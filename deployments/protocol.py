@@ -399,11 +399,16 @@ class ChatCompletionRequest(_Sampling):
         return self
 
     def tool_choice_name(self) -> str:
-        """"none", "auto", "required" or the named function (tools default to auto)."""
+        """"none", "auto", "required", or the named function's name (tools default to
+        auto); ``tool_mode`` tells a function named "auto" from the mode."""
+        return self.tool_mode()[1] or self.tool_mode()[0]
+
+    def tool_mode(self) -> tuple[str, str | None]:
+        """("none" | "auto" | "required", None), or ("named", the function's name)."""
         choice = self.tool_choice
         if isinstance(choice, NamedToolChoice):
-            return choice.function.name
-        return choice or ("auto" if self.tools else "none")
+            return "named", choice.function.name
+        return choice or ("auto" if self.tools else "none"), None
 
     @model_validator(mode="after")
     def _top_logprobs_need_logprobs(self):

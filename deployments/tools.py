@@ -36,18 +36,19 @@ _BLOCK = re.compile(r"<tool_call>\s*(.*?)\s*</tool_call>", re.S)
 _NO_WHITESPACE = {"whitespace_flexible": False}  # llguidance: compact JSON only
 
 
-def constraint(tools: list[dict], choice, parallel: bool) -> Structured | None:
-    """The output constraint for ``tool_choice`` (None for ``none`` and ``auto``).
-    ``tools``: OpenAI function definitions; ``choice``: "none", "auto", "required" or
-    the name of one function."""
-    if choice in ("none", "auto"):
+def constraint(tools: list[dict], mode: str, parallel: bool,
+               named: str | None = None) -> Structured | None:
+    """The output constraint for a ``tool_choice`` (None for ``none`` and ``auto``).
+    ``tools``: OpenAI function definitions; ``mode``: "none", "auto", "required" or
+    "named" (then ``named`` is the function)."""
+    if mode in ("none", "auto"):
         return None
-    chosen = [t for t in tools if choice == "required" or t["name"] == choice]
+    chosen = [t for t in tools if mode == "required" or t["name"] == named]
     call = {"anyOf": [_call_schema(t) for t in chosen]} if len(chosen) > 1 \
         else _call_schema(chosen[0])
     call["x-guidance"] = _NO_WHITESPACE
     block = f'"{OPEN}\\n" %json {json.dumps(call)} "\\n{CLOSE}"'
-    many = parallel and choice == "required"
+    many = parallel and mode == "required"
     more = ' ("\\n" call)*' if many else ""
     grammar = f"start: call{more}\ncall: {block}\n"
     return Structured("lark", grammar)

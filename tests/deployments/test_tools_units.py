@@ -60,12 +60,17 @@ def grammars():
     return Grammars(tok, len(tok), frozenset([tok.eos_token_id]))
 
 
-@pytest.mark.parametrize(("choice", "parallel"), [("required", True), ("required", False),
-                                                  ("add", True), ("now", False)])
-def test_constraints_compile(grammars, choice, parallel):
-    structured = tools.constraint([ADD, NOW], choice, parallel)
+@pytest.mark.parametrize(("mode", "named", "parallel"), [
+    ("required", None, True), ("required", None, False), ("named", "add", True),
+    ("named", "now", False)])
+def test_constraints_compile(grammars, mode, named, parallel):
+    structured = tools.constraint([ADD, NOW], mode, parallel, named)
     assert structured.kind == "lark" and tools.OPEN in structured.value
     grammars.check(structured)
-    assert ('("\\n" call)*' in structured.value) == (parallel and choice == "required")
+    assert ('("\\n" call)*' in structured.value) == (parallel and mode == "required")
+    if named is not None:  # only the named function's schema is in the grammar
+        other = "now" if named == "add" else "add"
+        assert f'"const": "{named}"' in structured.value
+        assert f'"const": "{other}"' not in structured.value
     assert tools.constraint([ADD], "auto", True) is None
     assert tools.constraint([ADD], "none", True) is None
