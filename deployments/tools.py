@@ -29,7 +29,7 @@ import re
 import secrets
 from dataclasses import dataclass, field
 
-from worker.generate.grammar import Structured
+from worker.generate.grammar import Structured, closed
 
 OPEN, CLOSE = "<tool_call>", "</tool_call>"
 _BLOCK = re.compile(r"<tool_call>\s*(.*?)\s*</tool_call>", re.S)
@@ -55,7 +55,7 @@ def constraint(tools: list[dict], mode: str, parallel: bool,
 
 
 def _call_schema(tool: dict) -> dict:
-    parameters = tool.get("parameters") or {"type": "object", "properties": {}}
+    parameters = closed(tool.get("parameters") or {"type": "object", "properties": {}})
     return {"type": "object",
             "properties": {"name": {"const": tool["name"]}, "arguments": parameters},
             "required": ["name", "arguments"], "additionalProperties": False}

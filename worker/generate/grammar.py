@@ -57,14 +57,45 @@ class Structured:
 
     @classmethod
     def json(cls, schema: dict | None) -> Structured:
-        """A JSON schema (dict), or any JSON object when None."""
+        """A JSON schema (dict), or any JSON object when None. Objects that do not say
+        otherwise get no properties beyond those listed (``closed``)."""
         if schema is None:
             return cls("json_object")
-        return cls("json_schema", json.dumps(schema, sort_keys=True))
+        return cls("json_schema", json.dumps(closed(schema), sort_keys=True))
 
     @classmethod
     def choice(cls, options: list[str]) -> Structured:
         return cls("choice", json.dumps(list(options)))
+
+
+_SUBSCHEMAS = ("items", "additionalItems", "contains", "not", "if", "then", "else")
+_SUBSCHEMA_LISTS = ("anyOf", "oneOf", "allOf", "prefixItems")
+_SUBSCHEMA_MAPS = ("properties", "patternProperties", "$defs", "definitions")
+
+
+def closed(schema):
+    """``schema`` with ``additionalProperties: false`` on every object schema that lists
+    ``properties`` and says nothing about more: what OpenAI's strict structured outputs
+    require and xgrammar's default strict mode assumes. Unconstrained extra keys would let
+    a model (a random one always does) run on to ``max_tokens`` inside an object the
+    client never asked for. A schema that sets ``additionalProperties`` keeps it."""
+    if isinstance(schema, list):
+        return [closed(s) for s in schema]
+    if not isinstance(schema, dict):
+        return schema
+    out = dict(schema)
+    if "properties" in out and "additionalProperties" not in out:
+        out["additionalProperties"] = False
+    for key in _SUBSCHEMAS:
+        if isinstance(out.get(key), (dict, list)):
+            out[key] = closed(out[key])
+    for key in _SUBSCHEMA_LISTS:
+        if isinstance(out.get(key), list):
+            out[key] = [closed(s) for s in out[key]]
+    for key in _SUBSCHEMA_MAPS:
+        if isinstance(out.get(key), dict):
+            out[key] = {k: closed(v) for k, v in out[key].items()}
+    return out
 
 
 class Grammars:
