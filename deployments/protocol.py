@@ -33,7 +33,12 @@ from pydantic import (
 from pydantic_core import PydanticCustomError
 
 from worker.generate.grammar import Structured
-from worker.generate.sampling import MAX_LOGIT_BIAS, MAX_LOGPROBS, SamplingParams
+from worker.generate.sampling import (
+    MAX_LOGPROBS,
+    InvalidSamplingParamsError,
+    SamplingParams,
+    parse_logit_bias,
+)
 
 MAX_SEED = 2**63 - 1  # the sampler seeds a torch.Generator: a signed 64-bit value
 MAX_N = 16  # choices per request (each runs as its own sequence and lease)
@@ -234,17 +239,12 @@ class _Sampling(_Body):
     @field_validator("logit_bias")
     @classmethod
     def _logit_bias(cls, value):
-        if not value:
-            return value
-        if len(value) > MAX_LOGIT_BIAS:
-            raise ValueError(f"logit_bias has {len(value)} entries, more than the limit of "
-                             f"{MAX_LOGIT_BIAS}")
-        for key, bias in value.items():
-            if not key.isdigit():
-                raise ValueError(f"logit_bias keys are token ids (integer strings); got "
-                                 f"{short(key)}")
-            if not -100 <= bias <= 100:
-                raise ValueError(f"logit_bias[{key!r}] is {bias}, outside [-100, 100]")
+        """The engine's own check (count, key form, range), before any work."""
+        if value:
+            try:
+                parse_logit_bias(value)
+            except InvalidSamplingParamsError as exc:
+                raise ValueError(str(exc).removeprefix("SamplingParams.")) from None
         return value
 
     @model_validator(mode="after")

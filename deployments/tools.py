@@ -27,7 +27,7 @@ from __future__ import annotations
 import json
 import re
 import secrets
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 
 from worker.generate.grammar import Structured, closed
 
@@ -94,7 +94,6 @@ class ToolStream:
     text: str = ""  # everything so far
     sent: int = 0  # characters of ``text`` sent as content
     holding: bool = False  # a tool-call block has started: the rest is held
-    calls: list[dict] = field(default_factory=list)
 
     def feed(self, delta: str) -> str:
         """Content that can be sent now."""
@@ -117,7 +116,6 @@ class ToolStream:
         rest, self.sent = self.text[self.sent:], len(self.text)
         if not calls:
             return rest, []
-        self.calls = calls
         return _BLOCK.sub("", rest).strip(), calls
 
 

@@ -92,7 +92,7 @@ class SamplingParams:
         if self.min_tokens > self.max_tokens:
             raise InvalidSamplingParamsError("min_tokens", f"<= max_tokens ({self.max_tokens})",
                                              self.min_tokens)
-        object.__setattr__(self, "logit_bias", _logit_bias(self.logit_bias))
+        object.__setattr__(self, "logit_bias", parse_logit_bias(self.logit_bias))
         if self.structured is not None and not isinstance(self.structured, Structured):
             raise InvalidSamplingParamsError("structured", "a worker.generate.grammar.Structured",
                                              self.structured)
@@ -143,9 +143,9 @@ def _token_ids(value) -> tuple[int, ...]:
     return items
 
 
-def _logit_bias(value) -> tuple[tuple[int, float], ...]:
+def parse_logit_bias(value) -> tuple[tuple[int, float], ...]:
     """``logit_bias`` as sorted (token id, bias) pairs; a dict maps ids (ints or their
-    strings, as JSON keys are) to biases."""
+    strings, as JSON keys are) to biases. The HTTP edge checks bodies with it too."""
     items = value.items() if isinstance(value, dict) else value
     try:
         pairs = [(k, v) for k, v in items]
