@@ -6,7 +6,7 @@ PIP := $(PY) -m pip --disable-pip-version-check
 STAMP := $(VENV)/.installed
 PYTEST_ARGS ?=
 
-.PHONY: install serve prometheus test test-packing-pure bench bench-packer bench-forward bench-generate bench-decode bench-batch bench-serve bench-pooled bench-structured clean
+.PHONY: install serve prometheus test test-packing-pure bench bench-packer bench-forward bench-generate bench-decode bench-batch bench-serve bench-pooled bench-structured bench-moe clean
 
 install: $(STAMP)
 
@@ -61,7 +61,7 @@ test: install prometheus
 test-packing-pure: install
 	PACKSERVE_PURE_PYTHON=1 $(PY) -m pytest -q tests/packing
 
-bench: bench-packer bench-forward bench-generate bench-decode bench-batch bench-serve bench-pooled bench-structured
+bench: bench-packer bench-forward bench-generate bench-decode bench-batch bench-serve bench-pooled bench-structured bench-moe
 
 bench-packer: install
 	$(PY) -m benchmarks.packer --out benchmarks/results/packer.json
@@ -111,6 +111,12 @@ bench-pooled: install
 bench-structured: install
 	OMP_NUM_THREADS=2 $(PY) -m benchmarks.structured --repeats 5 \
 		--out benchmarks/results/structured_cpu.json
+
+# MoE layer: transformers' per-expert loop vs grouped_mm experts on a Mixtral block at 1/8 of
+# each dimension (benchmarks/moe.py); one thread, as the VM's second core is shared.
+bench-moe: install
+	$(PY) -m benchmarks.moe --device cpu --threads 1 --repeats 15 \
+		--out benchmarks/results/moe_cpu.json
 
 clean:
 	rm -rf build *.egg-info packing_cy/_ffd.c packing_cy/*.so

@@ -15,6 +15,8 @@
 #   junit_gpu.xml           junit of the GPU tests
 #   decode.json             benchmarks/decode.py: ms per decode step vs the bandwidth floor,
 #                           triton+graphs / triton eager / gather, 1.5B and 7B shapes
+#   moe.json                benchmarks/moe.py: one Mixtral-8x7B-shaped MoE block, per-expert
+#                           loop vs grouped_mm at 1..2,048 tokens, and the start-up check
 #   generate_steady.json    benchmarks/generate.py, 1,024 Azure requests, ours only (1.5B shape)
 #   generate_128.json       the 128-request Azure run, ours, with its lower bound
 #   forward.json, .png      packed vs padded prefill, Qwen2.5-7B shape (budget 65,536)
@@ -135,20 +137,26 @@ DECODE_SHAPES=qwen2.5-1.5b,qwen2.5-7b; [ "$DRY_RUN" = 1 ] && DECODE_SHAPES=tiny
 run_step decode 150 $PY -m benchmarks.decode --device $DEVICE --shapes $DECODE_SHAPES \
   ${DECODE_ARGS[@]+"${DECODE_ARGS[@]}"} --out "$OUT/decode.json"
 
-# 4. Generation under steady load: 1,024 Azure requests (contexts clipped to 4k), ours.
+# 4. The MoE layer: transformers' per-expert loop vs grouped_mm experts, one Mixtral-8x7B
+#    block in bf16 (2.6 GiB), well under the 45 s cap; the dry run times a tiny CPU block.
+MOE_ARGS=(); [ "$DRY_RUN" = 1 ] && MOE_ARGS=(--shape tiny --tokens 1,16 --repeats 2 --threads 1)
+run_step moe 45 $PY -m benchmarks.moe --device $DEVICE ${MOE_ARGS[@]+"${MOE_ARGS[@]}"} \
+  --out "$OUT/moe.json"
+
+# 5. Generation under steady load: 1,024 Azure requests (contexts clipped to 4k), ours.
 run_step generate_steady 110 $PY -m benchmarks.generate --shape $GEN_SHAPE --device $DEVICE \
   --num-requests $STEADY --systems ours --out "$OUT/generate_steady.json"
 
-# 5. The 128-request run, ours, with its lower bound (batch-1 steps + prefill).
+# 6. The 128-request run, ours, with its lower bound (batch-1 steps + prefill).
 run_step generate_128 70 $PY -m benchmarks.generate --shape $GEN_SHAPE --device $DEVICE \
   --num-requests $SHORT --systems ours --lower-bound --out "$OUT/generate_128.json"
 
-# 6. Packed vs padded prefill, Qwen2.5-7B shape (the headline of the forward path).
+# 7. Packed vs padded prefill, Qwen2.5-7B shape (the headline of the forward path).
 run_step forward 110 $PY benchmarks/forward.py --shape $PREFILL_SHAPE --device $DEVICE --dtype $DTYPE \
   --workload azure --batch-size 32 --num-seqs "$NUM_SEQS" --repeats 1 "${BUDGET[@]}" \
   --out "$OUT/forward.json" --plot "$OUT/forward.png"
 
-# 7. The 128-request run's baselines (HF static batches of 32, generate_batch), if time is left.
+# 8. The 128-request run's baselines (HF static batches of 32, generate_batch), if time is left.
 run_step generate_baselines 400 $PY -m benchmarks.generate --shape $GEN_SHAPE --device $DEVICE \
   --num-requests $SHORT --systems hf_static,generate_batch --batch-sizes 32 \
   --out "$OUT/generate_baselines.json"

@@ -74,10 +74,24 @@ def forward(out: Path) -> list[str]:
     return lines
 
 
+def moe(out: Path) -> list[str]:
+    result = _load(out, "moe.json")
+    if not result:
+        return []
+    check = result["check"]
+    lines = [f"moe {result['shape']} {result['dtype']}: start-up check "
+             f"{check['layers_on_grouped_mm']}/{check['of_layers']} layers on grouped_mm, "
+             f"fused kernel {check['fused_kernel']}"]
+    for c in result.get("configs", []):
+        lines.append(f"  T={c['tokens']}: loop {c['loop_ms']:.3f} ms, grouped {c['grouped_ms']:.3f}"
+                     f" ms, {c['speedup']:.2f}x, rel err {c['rel_error']:.1e}")
+    return lines
+
+
 def main(argv=None) -> None:
     out = Path((argv or sys.argv[1:])[0])
     print("=== summary")
-    for part in (tests, decode, generate, forward):
+    for part in (tests, decode, moe, generate, forward):
         for line in part(out):
             print(line)
 

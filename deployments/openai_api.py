@@ -89,7 +89,8 @@ class OpenAIService:
                     "tasks": info.tasks,
                     "max_model_len": info.max_model_len, "capacity_tokens": info.capacity_tokens,
                     "token_budget": info.token_budget, "dimensions": info.hidden_size,
-                    "smoke_test": info.smoke_test}
+                    "smoke_test": info.smoke_test, "family": info.model_type,
+                    "proven": not info.unproven, "unproven": list(info.unproven)}
                 if info.labels is not None:
                     entry["packserve"]["labels"] = list(info.labels.labels)
                 if info.smoke_test:

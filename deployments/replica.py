@@ -200,7 +200,8 @@ class EngineReplica:
             max_model_len=cfg.max_model_len, vocab_size=engine.spec.vocab_size,
             hidden_size=engine.spec.hidden_size, capacity_tokens=int(capacity),
             token_budget=cfg.max_num_batched_tokens, smoke_test=is_smoke_test(self.args.model),
-            device=cfg.device, attention_backend=cfg.attention_backend, labels=engine.labels)
+            device=cfg.device, attention_backend=cfg.attention_backend, labels=engine.labels,
+            model_type=engine.spec.model_type, unproven=engine.spec.unproven)
 
     async def _report_forever(self) -> None:
         """Every ``heartbeat_s``: the budget gauges, and the report to admission (if on)."""

@@ -69,6 +69,8 @@ class ModelInfo:
     device: str
     attention_backend: str
     labels: LabelSpec | None = None  # a sequence classifier (cross-encoder: one label)
+    model_type: str = ""  # transformers' model_type (the family)
+    unproven: tuple[str, ...] = ()  # outside the family matrix (allow_untested_model)
 
     @property
     def is_classifier(self) -> bool:

@@ -48,12 +48,31 @@ def _bert():
     return BertModel(BertConfig(**cfg, hidden_dropout_prob=0.0, attention_probs_dropout_prob=0.0))
 
 
-BUILDERS = {"llama": _llama, "qwen2": _qwen2, "mistral": _mistral, "bert": _bert}
+# MoE decoders: 4 experts, top-2 (tests/worker/models/test_moe.py)
+_MOE = dict(_COMMON, num_key_value_heads=2, num_experts_per_tok=2)
+
+
+def _mixtral():  # router: softmax over all experts, top-2, renormalised
+    from transformers import MixtralConfig, MixtralForCausalLM
+
+    return MixtralForCausalLM(MixtralConfig(**_MOE, num_local_experts=4))
+
+
+def _qwen3_moe():  # router: softmax, top-2, renormalised only with norm_topk_prob
+    from transformers import Qwen3MoeConfig, Qwen3MoeForCausalLM
+
+    return Qwen3MoeForCausalLM(Qwen3MoeConfig(**_MOE, num_experts=4, moe_intermediate_size=32,
+                                              norm_topk_prob=True, head_dim=16))
+
+
+BUILDERS = {"llama": _llama, "qwen2": _qwen2, "mistral": _mistral, "bert": _bert,
+            "mixtral": _mixtral, "qwen3_moe": _qwen3_moe}
 DECODERS = ("llama", "qwen2", "mistral")
+MOE_DECODERS = ("mixtral", "qwen3_moe")
 
 
 def make_tiny_checkpoint(kind: str, directory: Path, seed: int = 0) -> Path:
-    """Build a random ``kind`` model (llama, qwen2, mistral, bert) and save it to ``directory``."""
+    """Build a random ``kind`` model (a key of ``BUILDERS``) and save it to ``directory``."""
     import torch
 
     torch.manual_seed(seed)

@@ -30,6 +30,7 @@ def _parse(argv: list[str] | None) -> argparse.Namespace:
     p.add_argument("--normalize", action="store_true")
     p.add_argument("--text", action="store_true", help="stdin lines are text, not token ids")
     p.add_argument("--trust-remote-code", action="store_true")
+    p.add_argument("--allow-untested-model", action="store_true")
     return p.parse_args(argv)
 
 
@@ -40,7 +41,7 @@ def main(argv: list[str] | None = None) -> int:
         model=args.model, device=args.device, dtype=args.dtype,
         attention_backend=args.attention_backend,
         max_num_batched_tokens=args.max_num_batched_tokens, max_model_len=args.max_model_len,
-        trust_remote_code=args.trust_remote_code,
+        trust_remote_code=args.trust_remote_code, allow_untested_model=args.allow_untested_model,
     )
     lines = [line.rstrip("\n") for line in sys.stdin if line.strip()]
     if args.text:

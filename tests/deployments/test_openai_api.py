@@ -73,6 +73,9 @@ def test_models_lists_both_and_labels_the_smoke_model(client):
     assert smoke["smoke_test"] is True and "random weights" in models[GEN].model_extra["description"]
     assert models[EMBED].model_extra["packserve"]["smoke_test"] is False
     assert models[EMBED].model_extra["packserve"]["dimensions"] == 384
+    # the family each model is, and that the family matrix proves it (docs/models.md)
+    assert (smoke["family"], smoke["proven"], smoke["unproven"]) == ("qwen2", True, [])
+    assert models[EMBED].model_extra["packserve"]["family"] == "bert"
 
 
 def test_embeddings_equal_the_engine(client, direct):

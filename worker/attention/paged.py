@@ -22,9 +22,13 @@ Backends (``select_paged_backend``; why, measured, in docs/decisions.md):
 for tests only, when asked for by name.
 
 The function ``worker.attention.packed.register`` puts into transformers dispatches on the
-``packserve_paged`` forward kwarg: present -> ``PagedContext.attend`` (this module);
-absent -> the packed (cache-free) backend the model was loaded with, so one model
-serves both paths.
+forward's attention context (``worker.attention.context``): a ``PagedContext`` ->
+``PagedContext.attend`` (this module); otherwise the packed (cache-free) backend the model
+was loaded with, so one model serves both paths.
+
+Gemma 2's ``softcap`` (scores capped as ``softcap * tanh(s / softcap)``) is computed by
+``triton``, ``flash_attn`` and ``reference``; the others are not candidates for such a
+model (``SOFTCAP_BACKENDS``).
 """
 
 from __future__ import annotations
@@ -39,6 +43,8 @@ import torch.nn.functional as F
 
 from worker.attention.packed import (
     flash_attn_available,
+    refuse_softcap,
+    softcapped_attention,
     torch_varlen_available,
     varlen_kwargs,
     varlen_params,
@@ -50,6 +56,7 @@ logger = logging.getLogger(__name__)
 
 PAGED_BACKENDS = ("triton", "flash_attn", "torch_paged", "gather", "reference")
 PAGED_KERNEL_BLOCK_MULTIPLE = 256  # FA2's paged kernels refuse other page sizes
+SOFTCAP_BACKENDS = frozenset({"triton", "flash_attn", "reference"})
 
 
 @dataclasses.dataclass(frozen=True)
@@ -75,14 +82,14 @@ class PagedMetadata:
 
 @dataclasses.dataclass(frozen=True)
 class PagedContext:
-    """What the model's forward carries to every attention layer (``packserve_paged=``)."""
+    """What every attention layer of a generation step reads (``attention_context``)."""
 
     cache: KVCache
     meta: PagedMetadata
     backend: str  # one of PAGED_BACKENDS
 
     def attend(self, module, query, key, value, attention_mask, scaling=None,
-               sliding_window=None, **_):
+               sliding_window=None, softcap=None, **_):
         """One layer: transformers layout in ([1, H, T, D]), ([1, T, Hq, D], None) out."""
         if attention_mask is not None:
             raise ValueError("paged attention received a dense attention_mask; the model "
@@ -92,7 +99,7 @@ class PagedContext:
         q, k, v = query[0].transpose(0, 1), key[0].transpose(0, 1), value[0].transpose(0, 1)
         self.cache.write(layer, k, v, self.meta.slot_mapping)
         out = _BACKENDS[self.backend](q, self.cache.key(layer), self.cache.value(layer),
-                                      self.meta, scaling, sliding_window)
+                                      self.meta, scaling, sliding_window, softcap)
         return out.unsqueeze(0), None
 
 
@@ -134,9 +141,11 @@ def build_metadata(tables: list[list[int]], num_cached, num_new, block_size: int
     return dataclasses.replace(meta, context_slots=slots_k)
 
 
-# ---- backends: (q [T, Hq, D], k_cache, v_cache [N, bs, Hkv, D], meta, scale, window) ----
+# ---- backends: (q [T, Hq, D], k_cache, v_cache [N, bs, Hkv, D], meta, scale, window,
+#      softcap) -> [T, Hq, D] ---------------------------------------------------------------
 
-def reference_paged(q, k_cache, v_cache, meta: PagedMetadata, scale, window) -> torch.Tensor:
+def reference_paged(q, k_cache, v_cache, meta: PagedMetadata, scale, window,
+                    softcap=None) -> torch.Tensor:
     """Decodes in one padded SDPA; each prefill chunk gathers its blocks for its own SDPA
     with a bottom-right causal mask."""
     out = torch.empty_like(q)
@@ -144,21 +153,34 @@ def reference_paged(q, k_cache, v_cache, meta: PagedMetadata, scale, window) -> 
     q_lens = np.diff(cu)
     decodes = np.flatnonzero(q_lens == 1)
     if decodes.size:
-        _reference_decodes(q, k_cache, v_cache, meta, scale, window, decodes, out)
+        _reference_decodes(q, k_cache, v_cache, meta, scale, window, softcap, decodes, out)
     for i in np.flatnonzero(q_lens > 1):  # per prefill chunk, every layer: the CPU path
         start, end, k_len = int(cu[i]), int(cu[i + 1]), int(lens[i])
         blocks = meta.block_tables[i, : -(-k_len // bs)].long()
         k = k_cache[blocks].flatten(0, 1)[:k_len].transpose(0, 1)
         v = v_cache[blocks].flatten(0, 1)[:k_len].transpose(0, 1)
         mask = bottom_right_mask(end - start, k_len, window, q.device)
-        o = F.scaled_dot_product_attention(
-            q[start:end].transpose(0, 1), k, v, attn_mask=mask, scale=scale,
-            is_causal=mask is None and end - start == k_len, enable_gqa=True)
+        causal = mask is None and end - start == k_len
+        if softcap and causal:
+            mask = bottom_right_mask(end - start, k_len, window, q.device, always=True)
+        o = _attention(q[start:end].transpose(0, 1), k, v, mask, scale, softcap, causal)
         out[start:end] = o.transpose(0, 1)
     return out
 
 
-def _reference_decodes(q, k_cache, v_cache, meta, scale, window, decodes, out) -> None:
+def _attention(q, k, v, mask, scale, softcap, causal=False) -> torch.Tensor:
+    """SDPA over ``[..., H, L, D]`` (K/V with fewer heads: GQA), or capped scores."""
+    if not softcap:
+        return F.scaled_dot_product_attention(q, k, v, attn_mask=mask, scale=scale,
+                                              is_causal=causal, enable_gqa=True)
+    rep = q.shape[-3] // k.shape[-3]
+    if rep > 1:
+        k, v = k.repeat_interleave(rep, dim=-3), v.repeat_interleave(rep, dim=-3)
+    return softcapped_attention(q, k, v, mask, scale, softcap)
+
+
+def _reference_decodes(q, k_cache, v_cache, meta, scale, window, softcap, decodes,
+                       out) -> None:
     """Every one-token query at once: contexts gathered into [n, max_k] padded rows."""
     device, bs = q.device, meta.block_size
     idx = torch.from_numpy(decodes).to(device)
@@ -173,14 +195,15 @@ def _reference_decodes(q, k_cache, v_cache, meta, scale, window, decodes, out) -
     if window:
         valid &= pos[None, :] > k_lens[:, None] - 1 - window
     rows = torch.from_numpy(meta.host_cu_seqlens_q[decodes]).to(device)
-    o = F.scaled_dot_product_attention(q[rows][:, :, None], k, v, attn_mask=valid[:, None, None],
-                                       scale=scale, enable_gqa=True)
+    o = _attention(q[rows][:, :, None], k, v, valid[:, None, None], scale, softcap)
     out[rows] = o[:, :, 0]
 
 
-def bottom_right_mask(q_len: int, k_len: int, window, device) -> torch.Tensor | None:
-    """[q_len, k_len] bool (True = attend); None when plain SDPA does the same."""
-    if (q_len == 1 or q_len == k_len) and (not window or k_len <= window):
+def bottom_right_mask(q_len: int, k_len: int, window, device,
+                      always: bool = False) -> torch.Tensor | None:
+    """[q_len, k_len] bool (True = attend); None when plain SDPA does the same (unless
+    ``always``)."""
+    if not always and (q_len == 1 or q_len == k_len) and (not window or k_len <= window):
         return None  # a decode sees everything; a full prefill is top-left == bottom-right
     qpos = torch.arange(k_len - q_len, k_len, device=device)[:, None]
     kpos = torch.arange(k_len, device=device)[None, :]
@@ -190,10 +213,13 @@ def bottom_right_mask(q_len: int, k_len: int, window, device) -> torch.Tensor | 
     return mask
 
 
-def gather_paged(q, k_cache, v_cache, meta: PagedMetadata, scale, window) -> torch.Tensor:
+def gather_paged(q, k_cache, v_cache, meta: PagedMetadata, scale, window,
+                 softcap=None) -> torch.Tensor:
     """Copy every sequence's context into a contiguous scratch, then ``varlen_attn``
     (FlashAttention-2 in torch; causal aligned bottom-right like flash-attn >= 2.1)."""
     from torch.nn.attention.varlen import varlen_attn
+
+    refuse_softcap("gather", softcap)
 
     if meta.context_slots is None:
         raise ValueError("the gather backend needs PagedMetadata.context_slots")
@@ -207,9 +233,12 @@ def gather_paged(q, k_cache, v_cache, meta: PagedMetadata, scale, window) -> tor
                        meta.max_seqlen_k, **extra)
 
 
-def torch_paged(q, k_cache, v_cache, meta: PagedMetadata, scale, window) -> torch.Tensor:
+def torch_paged(q, k_cache, v_cache, meta: PagedMetadata, scale, window,
+                softcap=None) -> torch.Tensor:
     """``varlen_attn`` reading the page pool through ``block_table`` (torch >= 2.12)."""
     from torch.nn.attention.varlen import varlen_attn
+
+    refuse_softcap("torch_paged", softcap)
 
     # torch >= 2.12 (block_table) also has enable_gqa, so no K/V repeat is ever asked for.
     q, extra, _ = varlen_kwargs(q, k_cache.shape[-2], scale, window, causal=True)
@@ -218,21 +247,24 @@ def torch_paged(q, k_cache, v_cache, meta: PagedMetadata, scale, window) -> torc
                        block_table=meta.block_tables, **extra)
 
 
-def flash_attn_paged(q, k_cache, v_cache, meta: PagedMetadata, scale, window) -> torch.Tensor:
+def flash_attn_paged(q, k_cache, v_cache, meta: PagedMetadata, scale, window,
+                     softcap=None) -> torch.Tensor:
     """flash-attn's varlen kernel over the page pool (``block_table``; GQA native)."""
     from flash_attn import flash_attn_varlen_func
 
     return flash_attn_varlen_func(
         q, k_cache, v_cache, meta.cu_seqlens_q, meta.cu_seqlens_k, meta.max_seqlen_q,
         meta.max_seqlen_k, softmax_scale=scale, causal=True,
-        window_size=varlen_window(window, True), block_table=meta.block_tables)
+        window_size=varlen_window(window, True), block_table=meta.block_tables,
+        softcap=softcap or 0.0)
 
 
-def triton_paged(q, k_cache, v_cache, meta: PagedMetadata, scale, window) -> torch.Tensor:
+def triton_paged(q, k_cache, v_cache, meta: PagedMetadata, scale, window,
+                 softcap=None) -> torch.Tensor:
     """Our Triton kernel (``worker.attention.triton_paged``), imported on first use."""
     from worker.attention.triton_paged import triton_paged as kernel
 
-    return kernel(q, k_cache, v_cache, meta, scale, window)
+    return kernel(q, k_cache, v_cache, meta, scale, window, softcap=softcap)
 
 
 _BACKENDS = {"triton": triton_paged, "flash_attn": flash_attn_paged, "torch_paged": torch_paged,
@@ -245,10 +277,15 @@ def torch_paged_available() -> bool:
     return torch_varlen_available() and "block_table" in varlen_params()
 
 
-def paged_backend_candidates(device_type: str, dtype: torch.dtype, block_size: int) -> list[str]:
-    """The backends that can run here, fastest first (see the module table)."""
+def paged_backend_candidates(device_type: str, dtype: torch.dtype, block_size: int,
+                             softcap: bool = False) -> list[str]:
+    """The backends that can run here, fastest first (see the module table); with
+    ``softcap`` only those that cap scores."""
     if device_type != "cuda" or dtype not in (torch.float16, torch.bfloat16):
         return ["reference"]
+    if softcap:
+        names = paged_backend_candidates(device_type, dtype, block_size)
+        return [n for n in names if n in SOFTCAP_BACKENDS]
     from worker.attention.triton_paged import triton_available
 
     names = ["triton"] if triton_available() else []
@@ -261,11 +298,15 @@ def paged_backend_candidates(device_type: str, dtype: torch.dtype, block_size: i
 
 
 def check_paged_backend(requested: str, device_type: str, dtype: torch.dtype,
-                        block_size: int) -> None:
+                        block_size: int, softcap: bool = False) -> None:
     """Raise ``ConfigError`` (naming ``paged_attention_backend``) unless ``requested``
-    can run here."""
+    can run here (and caps scores, for a model with ``softcap``)."""
     from worker.core.config import ConfigError
 
+    if softcap and requested not in ("auto", *SOFTCAP_BACKENDS):
+        raise ConfigError("paged_attention_backend", f"{requested!r} cannot cap attention "
+                          "scores, which this model does (attn_logit_softcapping); use "
+                          f"{', '.join(sorted(SOFTCAP_BACKENDS))} or 'auto'")
     if requested == "auto" or requested in paged_backend_candidates(device_type, dtype,
                                                                     block_size):
         return
@@ -283,13 +324,14 @@ def check_paged_backend(requested: str, device_type: str, dtype: torch.dtype,
 
 
 def select_paged_backend(device_type: str, dtype: torch.dtype, block_size: int,
-                         requested: str = "auto", self_check=None) -> str:
+                         requested: str = "auto", self_check=None,
+                         softcap: bool = False) -> str:
     """``requested`` (checked) or the fastest backend that runs here. ``self_check(name)``
     returns None when the named kernel works on this device, else why not; a kernel that
     fails it is skipped with a warning, so a kernel that does not compile never stops the
     engine from starting (``triton`` is the one checked)."""
-    check_paged_backend(requested, device_type, dtype, block_size)
-    names = paged_backend_candidates(device_type, dtype, block_size)
+    check_paged_backend(requested, device_type, dtype, block_size, softcap)
+    names = paged_backend_candidates(device_type, dtype, block_size, softcap)
     if requested != "auto":
         names = [requested] + [n for n in names if n != requested]
     for name in names:

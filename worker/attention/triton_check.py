@@ -16,7 +16,7 @@ _TOLERANCE = {torch.float32: 2e-3, torch.float16: 1e-2, torch.bfloat16: 2e-2}
 
 
 def self_check(device, dtype, *, num_heads, num_kv_heads, head_dim, block_size,
-               window=None) -> str | None:
+               window=None, softcap=None) -> str | None:
     """Run the kernel once on a small random mixed step (decodes, a chunk after a prefix,
     a forced split-KV run, a decode-only step) and compare with ``reference_paged``.
 
@@ -25,12 +25,12 @@ def self_check(device, dtype, *, num_heads, num_kv_heads, head_dim, block_size,
     """
     try:
         return _self_check(torch.device(device), dtype, num_heads, num_kv_heads, head_dim,
-                           block_size, window)
+                           block_size, window, softcap)
     except Exception as exc:  # noqa: BLE001 - any failure means "do not use this backend"
         return repr(exc)
 
 
-def _self_check(device, dtype, hq, hkv, d, bs, window) -> str | None:
+def _self_check(device, dtype, hq, hkv, d, bs, window, softcap) -> str | None:
     gen = torch.Generator().manual_seed(0)
     cached, new = [0, bs - 1, bs, 2 * bs + 3, 37], [1, 1, 1, 1, 40]
     sizes = [-(-(c + n) // bs) for c, n in zip(cached, new)]
@@ -43,13 +43,15 @@ def _self_check(device, dtype, hq, hkv, d, bs, window) -> str | None:
     for pick, splits in runs:
         meta = build_metadata(tables[pick], cached[pick], new[pick], bs, device)
         q = torch.randn(sum(new[pick]), hq, d, generator=gen).to(device, dtype)
-        got = triton_paged(q, k, v, meta, scale, window, num_splits=splits).float()
-        want = reference_paged(q.float(), k.float(), v.float(), meta, scale, window)
+        got = triton_paged(q, k, v, meta, scale, window, num_splits=splits,
+                           softcap=softcap).float()
+        want = reference_paged(q.float(), k.float(), v.float(), meta, scale, window, softcap)
         tol = _TOLERANCE.get(dtype, 2e-2)
         excess = ((got - want).abs() - tol * (1 + want.abs())).max().item()
         if not excess <= 0:  # also catches NaN
             diff = (got - want).abs().max().item()
             return (f"triton_paged differs from reference_paged by {diff:.3g} (tolerance "
                     f"{tol} abs+rel; {dtype}, Hq={hq}, Hkv={hkv}, D={d}, block_size={bs}, "
-                    f"window={window}, num_splits={splits}, seqs={len(new[pick])})")
+                    f"window={window}, softcap={softcap}, num_splits={splits}, "
+                    f"seqs={len(new[pick])})")
     return None

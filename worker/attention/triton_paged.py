@@ -68,13 +68,13 @@ def _find_seq(cu_q_ptr, g, num_seqs, BLOCK_Q: tl.constexpr):
 @triton.jit
 def _attn_kernel(
     out_ptr, part_acc_ptr, part_ml_ptr, q_ptr, k_ptr, v_ptr, bt_ptr, cu_q_ptr, seqlens_k_ptr,
-    scale_log2, num_seqs, stride_qt, stride_qh, stride_qd,
+    scale_log2, softcap_in, softcap_out, num_seqs, stride_qt, stride_qh, stride_qd,
     stride_kb, stride_ks, stride_kh, stride_kd, stride_vb, stride_vs, stride_vh, stride_vd,
     stride_bt,
     HQ: tl.constexpr, QPK: tl.constexpr, HEAD_DIM: tl.constexpr, D_PAD: tl.constexpr,
     BLOCK_M: tl.constexpr, BLOCK_Q: tl.constexpr, TILE: tl.constexpr, PAGE: tl.constexpr,
     WINDOW: tl.constexpr, NUM_SPLITS: tl.constexpr, DECODE_ONLY: tl.constexpr,
-    UPCAST: tl.constexpr, DOT_PRECISION: tl.constexpr,
+    SOFTCAP: tl.constexpr, UPCAST: tl.constexpr, DOT_PRECISION: tl.constexpr,
 ):
     kvh = tl.program_id(1)
     split = tl.program_id(2)
@@ -133,7 +133,11 @@ def _attn_kernel(
         if UPCAST:
             k = k.to(tl.float32)
             v = v.to(tl.float32)
-        s = tl.dot(q, k, input_precision=DOT_PRECISION) * scale_log2
+        s = tl.dot(q, k, input_precision=DOT_PRECISION)
+        if SOFTCAP:  # c * tanh(s * scale / c) in log2 units; tanh(x) = 1 - 2 / (e^2x + 1)
+            s = softcap_out * (1.0 - 2.0 / (tl.exp(s * softcap_in) + 1.0))
+        else:
+            s = s * scale_log2
         see = (key[None, :] <= qpos[:, None]) & row_ok[:, None]
         if WINDOW > 0:
             see = see & (key[None, :] > qpos[:, None] - WINDOW)
@@ -223,10 +227,12 @@ def kernel_config(num_heads: int, num_kv_heads: int, head_dim: int, decode_only:
     return block_m, block_m // qpk, tile, d_pad
 
 
-def triton_paged(q, k_cache, v_cache, meta, scale, window, *, num_splits=None) -> torch.Tensor:
+def triton_paged(q, k_cache, v_cache, meta, scale, window, *, num_splits=None,
+                 softcap=None) -> torch.Tensor:
     """``reference_paged``'s call and result: q [T, Hq, D], caches [N, bs, Hkv, D] -> [T, Hq, D].
 
-    Reads no device value on the host (CUDA-graph safe); ``num_splits`` forces split-KV.
+    Reads no device value on the host (CUDA-graph safe); ``num_splits`` forces split-KV;
+    ``softcap`` caps scores as ``softcap * tanh(s / softcap)`` (Gemma 2).
     """
     num_tokens, hq, d = q.shape
     page, hkv = k_cache.shape[1], k_cache.shape[2]
@@ -244,6 +250,7 @@ def triton_paged(q, k_cache, v_cache, meta, scale, window, *, num_splits=None) -
         num_splits = choose_num_splits(num_seqs * hkv, decode_only, _num_sms(q.device),
                                        window, tile)
     scale = d ** -0.5 if scale is None else float(scale)
+    cap = float(softcap or 1.0)  # 1.0: unused without SOFTCAP
     if num_splits > 1:
         part_acc = torch.empty(num_tokens, hq, num_splits, d_pad, dtype=torch.float32,
                                device=q.device)
@@ -254,11 +261,12 @@ def triton_paged(q, k_cache, v_cache, meta, scale, window, *, num_splits=None) -
     upcast = q.device.type == "cpu" or _interpreting()  # interpreter bf16 dot is wrong
     _attn_kernel[(grid0, hkv, num_splits)](
         out, part_acc, part_ml, q, k_cache, v_cache, meta.block_tables, meta.cu_seqlens_q,
-        meta.seqlens_k, scale * LOG2E, num_seqs, *q.stride(), *k_cache.stride(),
+        meta.seqlens_k, scale * LOG2E, 2.0 * scale / cap, cap * LOG2E, num_seqs,
+        *q.stride(), *k_cache.stride(),
         *v_cache.stride(), meta.block_tables.stride(0),
         HQ=hq, QPK=hq // hkv, HEAD_DIM=d, D_PAD=d_pad, BLOCK_M=block_m, BLOCK_Q=block_q,
         TILE=tile, PAGE=page, WINDOW=int(window or 0), NUM_SPLITS=num_splits,
-        DECODE_ONLY=decode_only, UPCAST=upcast,
+        DECODE_ONLY=decode_only, SOFTCAP=bool(softcap), UPCAST=upcast,
         DOT_PRECISION="ieee" if upcast or q.dtype == torch.float32 else None, num_warps=4)
     if num_splits > 1:
         _combine_kernel[(num_tokens, hq)](out, part_acc, part_ml, HQ=hq, HEAD_DIM=d,

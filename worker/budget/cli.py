@@ -46,6 +46,8 @@ def _parse(argv) -> argparse.Namespace:
     p.add_argument("--reserve-kv", action="store_true", default=None,
                    help="add KV bytes per token (generation)")
     p.add_argument("--max-budget-tokens", type=int, default=None)
+    p.add_argument("--allow-untested-model", action="store_true",
+                   help="probe a family the family matrix has not proven (docs/models.md)")
     p.add_argument("--json", help="also write the report's fields to this file")
     return p.parse_args(argv)
 
@@ -107,7 +109,8 @@ def cuda_report(args, model: str, device: str) -> BudgetReport:
     from worker.budget.limits import probe_settings
     from worker.core.engine import Engine
 
-    config = EngineConfig(model=model, device=device, dtype=args.dtype, align=args.align)
+    config = EngineConfig(model=model, device=device, dtype=args.dtype, align=args.align,
+                          allow_untested_model=args.allow_untested_model)
     if all(getattr(args, flag) is None for flag in _PROBE_FLAGS):
         with Engine(config) as engine:  # the engine's own start-up probe
             return engine.budget_report
@@ -128,6 +131,11 @@ def main(argv=None) -> int:
 
     device = args.device or ("cuda" if torch.cuda.is_available() else "cpu")
     model = resolve_model(args, device)
+    from transformers import AutoConfig
+
+    from worker.models.families import describe
+
+    print(describe(AutoConfig.from_pretrained(model)))
     if device == "cpu":
         report = cpu_report(args, model)
     else:

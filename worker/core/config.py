@@ -44,6 +44,8 @@ class EngineConfig:
     align: int = 16  # lengths round up to a multiple of this when packing
     max_model_len: int | None = None  # longest sequence accepted
     trust_remote_code: bool = False
+    allow_untested_model: bool = False  # load a family (or rotary type, remote code) the
+    #   family matrix has not proven (worker/models/families.py); one WARNING, unchecked
     # Generation (continuous batching over a paged KV cache; see worker/generate/generation.py):
     kv_block_size: int | None = None  # tokens per KV block; None: 256 when
     #   paged_attention_backend names flash_attn or torch_paged (they need a multiple of
@@ -78,9 +80,9 @@ class EngineConfig:
                 )
         if self.max_model_len is not None:
             check_int("max_model_len", self.max_model_len, 1)
-        if not isinstance(self.trust_remote_code, bool):
-            raise ConfigError("trust_remote_code",
-                              f"must be a bool, got {self.trust_remote_code!r}")
+        for name in ("trust_remote_code", "allow_untested_model"):
+            if not isinstance(getattr(self, name), bool):
+                raise ConfigError(name, f"must be a bool, got {getattr(self, name)!r}")
         check_int("max_num_running_seqs", self.max_num_running_seqs, 1)
         check_int("max_prefill_chunk", self.max_prefill_chunk, 0)
         check_choice("paged_attention_backend", self.paged_attention_backend,

@@ -18,6 +18,7 @@ from dataclasses import dataclass
 import numpy as np
 import torch
 
+from worker.attention.packed import attention_softcap
 from worker.attention.paged import (
     PAGED_KERNEL_BLOCK_MULTIPLE,
     check_paged_backend,
@@ -143,7 +144,8 @@ class Generation:
         spec = KVCacheSpec.from_model_config(model.config, dtype, settings.kv_block_size)
         self.backend = select_paged_backend(
             device.device.type, dtype, settings.kv_block_size, settings.paged_attention_backend,
-            functools.partial(_self_check, model.config, spec, device.device))
+            functools.partial(_self_check, model.config, spec, device.device),
+            softcap=attention_softcap(model.config) is not None)
         buckets = graph_buckets(settings.max_num_running_seqs)
         graphs = (settings.cuda_graphs and device.device.type == "cuda"
                   and self.backend in GRAPH_BACKENDS)
@@ -350,7 +352,8 @@ def _self_check(model_config, spec: KVCacheSpec, device, name: str) -> str | Non
         window = None
     return self_check(device, spec.dtype, num_heads=model_config.num_attention_heads,
                       num_kv_heads=spec.num_kv_heads, head_dim=spec.head_dim,
-                      block_size=spec.block_size, window=window)
+                      block_size=spec.block_size, window=window,
+                      softcap=attention_softcap(model_config))
 
 
 def _token_list(token_ids, vocab_size: int) -> list[int]:

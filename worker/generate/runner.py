@@ -21,6 +21,7 @@ from collections.abc import Callable
 import numpy as np
 import torch
 
+from worker.attention.context import attention_context
 from worker.attention.paged import PagedContext, PagedMetadata, context_slots
 from worker.core.memory import is_out_of_memory
 from worker.generate import logits_process
@@ -30,6 +31,7 @@ from worker.generate.scheduler import GenSchedulerOutput
 from worker.generate.sequence import Sequence
 from worker.kv.block_manager import BlockManager
 from worker.kv.cache import KVCache
+from worker.models.lm_head import lm_head
 
 
 class GenRunner:
@@ -42,9 +44,8 @@ class GenRunner:
                  max_model_len: int, eos_token_ids: frozenset[int] = frozenset(),
                  grammars=None):
         self.model, self.cache, self.blocks, self.device = model, cache, blocks, device
-        self.base, self.head = model.base_model, model.get_output_embeddings()
-        self.softcap = getattr(model.config, "final_logit_softcapping", None)
-        self.vocab_size = self.head.weight.shape[0]
+        self.base, self.head = model.base_model, lm_head(model)
+        self.vocab_size = self.head.vocab_size
         self.backend, self.max_model_len = backend, max_model_len
         self.sampler = Sampler(device.device, max_num_seqs)
         self.state = BatchState(max_num_seqs, max_model_len, blocks.block_size,
@@ -127,19 +128,13 @@ class GenRunner:
             paged = dataclasses.replace(paged, context_slots=context_slots(
                 paged.block_tables, paged.seqlens_k, paged.cu_seqlens_k,
                 int(meta.seqlens_k.sum()), paged.block_size))
-        ctx = PagedContext(self.cache, paged, self.backend)
-        hidden = self.base(input_ids=dev[:t].view(1, -1), position_ids=dev[t: 2 * t].view(1, -1),
-                           use_cache=False, packserve_paged=ctx).last_hidden_state[0]
+        with attention_context(PagedContext(self.cache, paged, self.backend)):
+            hidden = self.base(input_ids=dev[:t].view(1, -1),
+                               position_ids=dev[t: 2 * t].view(1, -1),
+                               use_cache=False).last_hidden_state[0]
         if not all_rows:
             hidden = hidden.index_select(0, dev[3 * t: 3 * t + s])
-        logits = self.head(hidden)
-        if out is None:
-            out = logits.float()
-        else:
-            out.copy_(logits)
-        if self.softcap:
-            out.div_(self.softcap).tanh_().mul_(self.softcap)
-        return out
+        return self.head(hidden, out)
 
     def _rows(self, out: GenSchedulerOutput) -> tuple[np.ndarray, list[int]]:
         """Each scheduled sequence's row (synced), and which sequences sample, in step

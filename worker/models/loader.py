@@ -7,6 +7,11 @@ serves ``score``; ``embed`` runs only the base model), encoders (BERT family) wi
 runs only the base model). The attention implementation is our registered varlen
 backend, so transformers never builds a dense mask.
 
+Before anything loads, a family (or rotary type, or remote code) the family matrix has
+not proven is refused by name (``worker.models.families``) unless the config allows
+untested models; once loaded, one tiny packed forward proves that every attention layer
+and the LM head run the way the runners drive them (``worker.models.proof``).
+
 RoBERTa-family encoders number positions from ``padding_idx + 1`` (their embeddings do
 it when no ``position_ids`` are given); the packed forward passes positions that restart
 at 0 per sequence, so the spec carries that offset and the runner adds it.
@@ -29,14 +34,16 @@ from transformers.models.auto.modeling_auto import (
     MODEL_FOR_MASKED_LM_MAPPING_NAMES,
 )
 
-from worker.attention.packed import register, select_backend
+from worker.attention.packed import attention_softcap, register, select_backend
 from worker.core.config import ConfigError, EngineConfig
+from worker.models.families import check_proven
 from worker.models.labels import LabelSpec
+from worker.models.moe import install_grouped_experts
+from worker.models.proof import prove_model
 from worker.models.sources import resolve_model
 
 logger = logging.getLogger(__name__)
 
-TESTED_MODEL_TYPES = frozenset({"llama", "qwen2", "mistral", "bert", "roberta", "xlm-roberta"})
 # positions start at padding_idx + 1 (transformers' create_position_ids_from_input_ids)
 OFFSET_POSITION_TYPES = frozenset({"roberta", "xlm-roberta", "camembert", "xlm-roberta-xl"})
 _DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
@@ -57,6 +64,8 @@ class ModelSpec:
     type_vocab_size: int = 0  # token types the model embeds; 0 without token types
     position_offset: int = 0  # added to the packed positions (RoBERTa: padding_idx + 1)
     labels: LabelSpec | None = None  # a *ForSequenceClassification checkpoint: classify
+    unproven: tuple[str, ...] = ()  # what the family matrix has not proven (loaded only
+    #   with allow_untested_model; worker/models/families.py)
 
     @property
     def is_classifier(self) -> bool:
@@ -99,12 +108,12 @@ def load_model(config: EngineConfig, device: torch.device) -> tuple[torch.nn.Mod
     remote = config.trust_remote_code
     path = resolve_model(config.model)  # packaged:, smoke: specs -> a local directory
     hf_config = AutoConfig.from_pretrained(path, trust_remote_code=remote)
+    unproven = check_proven(hf_config, allow_untested=config.allow_untested_model,
+                            trust_remote_code=remote, model=config.model)
     decoder = is_decoder(hf_config)
     dtype = resolve_dtype(config.dtype, hf_config, device.type)
-    backend = select_backend(config.attention_backend, device.type, dtype)
-    if hf_config.model_type not in TESTED_MODEL_TYPES:
-        logger.warning("model type %r is untested with packed forwards (tested: %s)",
-                       hf_config.model_type, ", ".join(sorted(TESTED_MODEL_TYPES)))
+    backend = select_backend(config.attention_backend, device.type, dtype,
+                             softcap=attention_softcap(hf_config) is not None)
     classifier = is_classifier(hf_config)
     if classifier:
         auto_cls = AutoModelForSequenceClassification
@@ -115,6 +124,7 @@ def load_model(config: EngineConfig, device: torch.device) -> tuple[torch.nn.Mod
         attn_implementation=register(backend),
     )
     model.to(device).eval()
+    install_grouped_experts(model)  # MoE layers: grouped_mm if it passes its start-up check
     base = model.base_model
     embeddings = getattr(base, "embeddings", None)
     takes_types = hasattr(embeddings, "token_type_embeddings")
@@ -132,7 +142,9 @@ def load_model(config: EngineConfig, device: torch.device) -> tuple[torch.nn.Mod
         position_offset=position_offset(hf_config),
         labels=(LabelSpec.from_config(hf_config, "last" if decoder else "cls")
                 if classifier else None),
+        unproven=tuple(unproven),
     )
+    prove_model(model, spec, device)
     logger.info("loaded %s (%s%s, %s, %s attention) on %s", config.model, spec.model_type,
                 f" classifier of {spec.labels.num_labels} labels" if classifier else "",
                 dtype, backend, device)

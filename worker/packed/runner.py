@@ -19,11 +19,13 @@ from dataclasses import dataclass, field
 import numpy as np
 import torch
 
+from worker.attention.context import PackedSegments, attention_context
 from worker.attention.cpu import SegmentGroups
 from worker.core.memory import is_out_of_memory
 from worker.core.observe import StepTimer
 from worker.core.request import OutputMode
 from worker.models.heads import ClassificationHead, classification_head
+from worker.models.lm_head import lm_head
 from worker.models.loader import ModelSpec
 from worker.packed.scheduler import StepBatch
 from worker.packed.staging import StagedBin, Staging
@@ -61,11 +63,10 @@ class ModelRunner:
                  *, logits_chunk_bytes: int = 256 << 20):
         self.model, self.spec, self.staging, self.device = model, spec, staging, device
         self.base = model.base_model
-        self.head = model.get_output_embeddings() if spec.is_decoder else None
+        self.head = lm_head(model) if spec.is_decoder else None
         self.classifier: ClassificationHead | None = (
             classification_head(model, spec.model_type, spec.is_decoder)
             if spec.is_classifier else None)
-        self.softcap = getattr(model.config, "final_logit_softcapping", None)
         self.logits_chunk_rows = max(1, logits_chunk_bytes // (4 * spec.vocab_size))
         # The reference backend's grouped mode (worker/attention/cpu.py); off: one SDPA
         # call per sequence, the definition it is tested against.
@@ -145,21 +146,20 @@ class ModelRunner:
 
     def forward(self, staged: StagedBin) -> torch.Tensor:
         """The base model over the packed bin -> last hidden states [T, hidden]."""
-        cu, longest = staged.cu_seqlens, staged.max_seqlen
         positions = staged.position_ids
         if self.spec.position_offset:  # RoBERTa numbers positions from padding_idx + 1
             positions = positions + self.spec.position_offset
-        kwargs = dict(
-            input_ids=staged.input_ids, position_ids=positions,
-            use_cache=False,  # a cache makes a packed forward silently wrong
-            cu_seq_lens_q=cu, cu_seq_lens_k=cu, max_length_q=longest, max_length_k=longest,
-        )
+        kwargs = dict(input_ids=staged.input_ids, position_ids=positions,
+                      use_cache=False)  # a cache makes a packed forward silently wrong
         if staged.token_type_ids is not None:
             kwargs["token_type_ids"] = staged.token_type_ids
+        groups = None
         if self.group_attention:  # CPU: similar-length sequences share SDPA calls
-            kwargs["packserve_groups"] = SegmentGroups(staged.host_cu_seqlens,
-                                                       staged.input_ids.device, self.spec.dtype)
-        return self.base(**kwargs).last_hidden_state[0]
+            groups = SegmentGroups(staged.host_cu_seqlens, staged.input_ids.device,
+                                   self.spec.dtype)
+        segments = PackedSegments(staged.cu_seqlens, staged.max_seqlen, groups)
+        with attention_context(segments):
+            return self.base(**kwargs).last_hidden_state[0]
 
     def _pool(self, mode: OutputMode, hidden: torch.Tensor, staged: StagedBin) -> torch.Tensor:
         if mode is OutputMode.CLASSIFY:
@@ -178,9 +178,7 @@ class ModelRunner:
         step = self.logits_chunk_rows
         for start in range(0, end - 1, step):  # bounded [chunk, vocab] logits
             stop = min(start + step, end - 1)
-            logits = self.head(hidden[start:stop]).float()
-            if self.softcap:
-                logits = torch.tanh(logits / self.softcap) * self.softcap
+            logits = self.head(hidden[start:stop])
             picked = logits.gather(1, targets[start:stop, None])[:, 0]
             out[start:stop] = picked - torch.logsumexp(logits, dim=-1)
         return out

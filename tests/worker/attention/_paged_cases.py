@@ -15,8 +15,9 @@ from worker.kv.cache import KVCache, KVCacheSpec
 HEADS, HEAD_DIM = 4, 8
 
 
-def dense_truth(q, k, v, scale, window):
-    """[L, Hq, D] output of one whole sequence: causal (and windowed) softmax in float64."""
+def dense_truth(q, k, v, scale, window, softcap=None):
+    """[L, Hq, D] output of one whole sequence: causal (and windowed) softmax in float64,
+    scores capped as ``softcap * tanh(s / softcap)`` when given."""
     q, k, v = q.double().cpu(), k.double().cpu(), v.double().cpu()
     rep = q.shape[1] // k.shape[1]
     k, v = k.repeat_interleave(rep, 1), v.repeat_interleave(rep, 1)
@@ -25,6 +26,8 @@ def dense_truth(q, k, v, scale, window):
     if window:
         allowed &= i[None, :] > i[:, None] - window
     scores = torch.einsum("qhd,khd->hqk", q, k) * scale
+    if softcap:
+        scores = torch.tanh(scores / softcap) * softcap
     scores = scores.masked_fill(~allowed, float("-inf"))
     return torch.einsum("hqk,khd->qhd", scores.softmax(-1), v)
 
@@ -69,7 +72,8 @@ def _chunk_sizes(rng, live, seqs, done):
     return sizes
 
 
-def run_chunked(seqs, rng, window, scale, *, block_size, num_blocks=64, backend="reference"):
+def run_chunked(seqs, rng, window, scale, *, block_size, num_blocks=64, backend="reference",
+                softcap=None):
     """Feed every sequence through ``PagedContext.attend`` in random chunks (several
     sequences per step, scattered blocks); returns each sequence's outputs [L, Hq, D]."""
     q0, k0 = seqs[0][0], seqs[0][1]
@@ -92,7 +96,7 @@ def run_chunked(seqs, rng, window, scale, *, block_size, num_blocks=64, backend=
         assert meta.slot_mapping.tolist() == want.tolist()
         pick = [slice(done[i], done[i] + c) for i, c in zip(live, counts)]
         q, k, v = (torch.cat([seqs[i][j][p] for i, p in zip(live, pick)]) for j in range(3))
-        out, weights = _attend(cache, meta, backend, module, q, k, v, scale, window)
+        out, weights = _attend(cache, meta, backend, module, q, k, v, scale, window, softcap)
         assert weights is None and out.shape == (1, q.shape[0], q.shape[1], q.shape[2])
         cu = meta.host_cu_seqlens_q
         for n, (i, p) in enumerate(zip(live, pick)):
@@ -102,17 +106,17 @@ def run_chunked(seqs, rng, window, scale, *, block_size, num_blocks=64, backend=
     return outs
 
 
-def _attend(cache, meta, backend, module, q, k, v, scale, window):
+def _attend(cache, meta, backend, module, q, k, v, scale, window, softcap=None):
     """``PagedContext.attend`` for a registered backend; for ``"triton"`` before
     worker.attention.paged registers it, the same write-then-attend on the kernel."""
     qt, kt, vt = (x.transpose(0, 1)[None] for x in (q, k, v))
     if backend in pa._BACKENDS:
         return pa.PagedContext(cache, meta, backend).attend(
-            module, qt, kt, vt, None, scaling=scale, sliding_window=window)
+            module, qt, kt, vt, None, scaling=scale, sliding_window=window, softcap=softcap)
     from worker.attention.triton_paged import triton_paged
 
     assert backend == "triton", backend
     cache.write(module.layer_idx, k, v, meta.slot_mapping)
     out = triton_paged(qt[0].transpose(0, 1), cache.key(module.layer_idx),
-                       cache.value(module.layer_idx), meta, scale, window)
+                       cache.value(module.layer_idx), meta, scale, window, softcap=softcap)
     return out.unsqueeze(0), None

@@ -49,9 +49,11 @@ def test_context_slots_cover_each_context_in_order():
     assert (meta.max_seqlen_q, meta.max_seqlen_k) == (8, 12)
 
 
-def test_registered_attention_dispatches_on_the_paged_kwarg():
-    """One registered function serves both paths: a forward carrying ``packserve_paged``
-    goes to that context, any other runs the packed backend."""
+def test_registered_attention_dispatches_on_the_forward_context():
+    """One registered function serves both paths: a forward inside a paged context goes
+    to that context, a packed one gets its segments from ``PackedSegments``, a direct
+    call keeps its kwargs; every layer call under a context is counted."""
+    from worker.attention.context import PackedSegments, attention_context
     from worker.attention.packed import _dispatch
 
     packed_calls, paged_calls = [], []
@@ -66,9 +68,34 @@ def test_registered_attention_dispatches_on_the_paged_kwarg():
             return "paged", None
 
     assert _dispatch(packed, None, 1, 2, 3, None, scaling=0.5) == ("packed", None)
-    assert _dispatch(packed, None, 1, 2, 3, None, scaling=0.25,
-                     packserve_paged=FakeContext()) == ("paged", None)
-    assert packed_calls == [{"scaling": 0.5}] and paged_calls == [{"scaling": 0.25}]
+    with attention_context(FakeContext()) as active:
+        assert _dispatch(packed, None, 1, 2, 3, None, scaling=0.25) == ("paged", None)
+        assert _dispatch(packed, None, 1, 2, 3, None, scaling=0.25) == ("paged", None)
+    assert active.num_calls == 2
+    cu = torch.tensor([0, 3, 5], dtype=torch.int32)
+    with attention_context(PackedSegments(cu, 3)) as active:
+        _dispatch(packed, None, 1, 2, 3, None, scaling=0.125)
+    assert active.num_calls == 1
+    assert packed_calls[0] == {"scaling": 0.5}
+    assert paged_calls == [{"scaling": 0.25}] * 2
+    assert packed_calls[1]["cu_seq_lens_q"] is cu and packed_calls[1]["max_length_q"] == 3
+    assert packed_calls[1]["scaling"] == 0.125
+
+
+def test_attention_refuses_keywords_it_does_not_implement():
+    """A model asking its attention for something no backend computes (attention sinks,
+    dropout in training) is refused, never silently ignored."""
+    from worker.attention.packed import UnsupportedAttention, _dispatch
+
+    def packed(*args, **kwargs):
+        return "packed", None
+
+    with pytest.raises(UnsupportedAttention, match="'s_aux'"):
+        _dispatch(packed, None, 1, 2, 3, None, s_aux=torch.zeros(4))
+    with pytest.raises(UnsupportedAttention, match="dropout 0.1"):
+        _dispatch(packed, None, 1, 2, 3, None, dropout=0.1)
+    assert _dispatch(packed, None, 1, 2, 3, None, dropout=0.0, softcap=30.0,
+                     position_ids=None) == ("packed", None)
 
 
 def test_cpu_selects_the_reference():

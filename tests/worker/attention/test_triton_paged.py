@@ -52,6 +52,23 @@ def test_random_chunkings_match_dense_attention(heads, kv_heads, head_dim, block
                                    atol=2e-5, rtol=2e-5)
 
 
+@pytest.mark.parametrize("backend", ["triton", "reference"])
+@pytest.mark.parametrize("window", [None, 9])
+def test_softcapped_chunkings_match_dense_attention(backend, window):
+    """Gemma 2's cap (scores as c * tanh(s / c)), small enough to bite, on both the
+    kernel and its twin, against the float64 truth; without the cap the truth differs."""
+    rng = np.random.default_rng(7)
+    seqs = random_sequences([5, 40, 17], 2, rng, head_dim=64, heads=4)
+    outs = run_chunked(seqs, rng, window, 1.0, block_size=16, num_blocks=16,
+                       backend=backend, softcap=1.5)
+    for (q, k, v), got in zip(seqs, outs):
+        want = dense_truth(q, k, v, 1.0, window, softcap=1.5)
+        torch.testing.assert_close(got.double(), want, atol=2e-5, rtol=2e-5)
+    q, k, v = seqs[1]
+    capped = dense_truth(q, k, v, 1.0, window, softcap=1.5)
+    assert (dense_truth(q, k, v, 1.0, window) - capped).abs().max() > 0.05
+
+
 @pytest.mark.parametrize("heads,kv_heads,head_dim,block_size,window", [
     (4, 4, 64, 16, None), (8, 2, 64, 32, None), (7, 1, 80, 16, None), (4, 1, 64, 32, 20),
     (8, 2, 80, 16, 7)])

@@ -335,6 +335,20 @@ def test_cli_on_cpu_says_the_budget_comes_from_configuration(tiny_model, capsys)
     out = capsys.readouterr().out
     assert "budget comes from configuration" in out
     assert "budget source: config" in out and "budget: 4096 tokens" in out
+    assert out.startswith("family: llama (proven:")  # the family matrix proves it
+
+
+def test_cli_says_when_a_family_is_not_proven(tmp_path, capsys):
+    from transformers import FalconConfig
+
+    from worker.budget.cli import main
+
+    FalconConfig(hidden_size=64, num_hidden_layers=2, num_attention_heads=4,
+                 vocab_size=512).save_pretrained(tmp_path)
+    assert main(["--model", str(tmp_path), "--device", "cpu"]) == 0
+    out = capsys.readouterr().out
+    assert out.startswith("family: falcon NOT PROVEN (model family 'falcon')")
+    assert "allow_untested_model" in out and "gemma2" in out
 
 
 def test_cli_probe_flags_run_the_probe_over_the_engine(tiny_model, monkeypatch):
@@ -348,7 +362,7 @@ def test_cli_probe_flags_run_the_probe_over_the_engine(tiny_model, monkeypatch):
     monkeypatch.setattr(worker.budget.probe, "TorchCudaMemory", lambda index: _FlatMemory())
     monkeypatch.setattr(worker.budget.nvml, "default_reader", lambda: FakeNvmlReader(8 * GIB, GIB))
     args = argparse.Namespace(dtype="auto", align=16, cap=0.5, margin_gib=0.25, override=None,
-                              reserve_kv=None, max_budget_tokens=256)
+                              reserve_kv=None, max_budget_tokens=256, allow_untested_model=False)
     report = cuda_report(args, str(tiny_model("llama")), "cpu")
     assert report.source == "measured"
     assert report.utilization_cap == 0.5 and report.margin_bytes == GIB // 4
