@@ -20,6 +20,7 @@
 #   generate_steady.json    benchmarks/generate.py, 1,024 Azure requests, ours only (1.5B shape)
 #   generate_128.json       the 128-request Azure run, ours, with its lower bound
 #   forward.json, .png      packed vs padded prefill, Qwen2.5-7B shape (budget 65,536)
+#   family_matrix.log      the family matrix on the GPU, junit_family.xml its junit
 #   generate_baselines.json the 128-request run's HF baselines, if time is left
 #
 # Optional: a folder .gpu_pydeps/ at the repository root (`pip install --target .gpu_pydeps
@@ -124,7 +125,7 @@ if [ "$DRY_RUN" = 1 ]; then
   TESTS="tests/worker/generate/test_decode_graphs.py tests/worker/attention/test_paged_selection.py"
   MARK=()
 else
-  TESTS="tests/worker"
+  TESTS="tests/worker --ignore=tests/worker/models/test_gpu_family_matrix.py"
   MARK=(-m gpu)
 fi
 run_step gpu_tests 110 bash -c "$PY -m pytest ${MARK[*]} $TESTS -q -rs -x -p no:cacheprovider \
@@ -156,7 +157,16 @@ run_step forward 110 $PY benchmarks/forward.py --shape $PREFILL_SHAPE --device $
   --workload azure --batch-size 32 --num-seqs "$NUM_SEQS" --repeats 1 "${BUDGET[@]}" \
   --out "$OUT/forward.json" --plot "$OUT/forward.png"
 
-# 8. The 128-request run's baselines (HF static batches of 32, generate_batch), if time is left.
+# 8. The family matrix on the GPU: every decoder family on each paged backend that runs
+#    there, bf16, tokens checked against HF fp32 (tests/worker/models/test_gpu_family_matrix.py).
+#    A dry run collects it only (it needs CUDA).
+FAMILY_ARGS=(-m gpu); [ "$DRY_RUN" = 1 ] && FAMILY_ARGS=(--collect-only)
+run_step family_matrix 90 bash -c "$PY -m pytest ${FAMILY_ARGS[*]} \
+  tests/worker/models/test_gpu_family_matrix.py -q -rs -p no:cacheprovider \
+  --junitxml='$OUT/junit_family.xml' >'$OUT/family_matrix.log' 2>&1; rc=\$?; \
+  tail -8 '$OUT/family_matrix.log'; exit \$rc"
+
+# 9. The 128-request run's baselines (HF static batches of 32, generate_batch), if time is left.
 run_step generate_baselines 400 $PY -m benchmarks.generate --shape $GEN_SHAPE --device $DEVICE \
   --num-requests $SHORT --systems hf_static,generate_batch --batch-sizes 32 \
   --out "$OUT/generate_baselines.json"

@@ -18,7 +18,7 @@ import torch
 from transformers import AutoModel, AutoModelForCausalLM
 
 from tests.factories import token_lists
-from tests.family_factories import family_names, make_family_checkpoint
+from tests.family_factories import family_names
 from tests.worker._gen_helpers import hf_greedy
 from tests.worker._hf_reference import hidden_states, next_token_logprobs
 from worker import EngineConfig, SamplingParams
@@ -31,26 +31,6 @@ PROMPTS = token_lists([1, 40, 70], seed=21)
 MAX_NEW = 12
 GEN = dict(max_num_batched_tokens=64, max_num_running_seqs=8, max_prefill_chunk=16)
 TOL = 1e-4
-
-
-@pytest.fixture(scope="module")
-def checkpoint(tmp_path_factory):
-    """``checkpoint(name) -> Path``; decoders saved without EOS so every request makes
-    MAX_NEW tokens in HF and here alike."""
-    cache = {}
-
-    def get(name: str):
-        if name not in cache:
-            path = make_family_checkpoint(name, tmp_path_factory.mktemp(name))
-            gen = path / "generation_config.json"
-            if gen.exists():
-                config = json.loads(gen.read_text())
-                config.pop("eos_token_id", None)
-                gen.write_text(json.dumps(config))
-            cache[name] = path
-        return cache[name]
-
-    return get
 
 
 @pytest.fixture(scope="module")
