@@ -10,7 +10,8 @@ Stop rules, checked after every generated token in this order:
 
 Text is decoded from all output tokens (O(output) per token, a per-request loop that
 runs every step) only while a request has stop strings or is streamed; otherwise once,
-at the end.
+at the end. Stop strings are matched only where the text grew (``worker.generate.stops``),
+so their number does not slow the step.
 """
 
 from __future__ import annotations
@@ -20,6 +21,7 @@ from dataclasses import dataclass
 from worker.generate import grammar
 from worker.generate.sampling import SampledTokens
 from worker.generate.sequence import FinishReason, Sequence, TokenLogprobs
+from worker.generate.stops import StopStrings
 
 
 @dataclass(frozen=True)
@@ -84,10 +86,10 @@ class OutputProcessor:
         return True
 
     def _cut_at_stop(self, seq: Sequence) -> bool:
-        hits = [i for i in (seq.text.find(s) for s in seq.params.stop) if i >= 0]
-        if not hits:
+        hit = stop_strings(seq).find(seq.text)
+        if hit is None:
             return False
-        seq.text = seq.text[: min(hits)]
+        seq.text = seq.text[:hit]
         return True
 
     def output(self, seq: Sequence) -> GenerationOutput:
@@ -111,7 +113,7 @@ class DeltaTracker:
     def delta(self) -> GenerationDelta:
         seq = self.seq
         new_ids = seq.output_ids[self.num_sent_tokens:]
-        text = seq.text if seq.finished else _settled(seq.text, seq.params.stop)
+        text = seq.text if seq.finished else stop_strings(seq).settled(seq.text)
         new_text = text.removeprefix(self.sent_text)
         logprobs = None
         if seq.params.logprobs is not None:
@@ -123,11 +125,8 @@ class DeltaTracker:
                                seq.num_cached_tokens or 0)
 
 
-def _settled(text: str, stops: tuple[str, ...]) -> str:
-    """The part of an unfinished text that can be sent: without an incomplete UTF-8
-    character at the end, and without a tail that may still grow into a stop string."""
-    text = text.rstrip("\ufffd")
-    for k in range(max((len(s) for s in stops), default=1) - 1, 0, -1):
-        if any(s.startswith(text[-k:]) for s in stops) and len(text) >= k:
-            return text[:-k]
-    return text
+def stop_strings(seq: Sequence) -> StopStrings:
+    """``seq``'s stop-string matcher, made on first use."""
+    if seq.stops is None:
+        seq.stops = StopStrings(seq.params.stop)
+    return seq.stops

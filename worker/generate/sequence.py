@@ -69,6 +69,8 @@ class Sequence:
     error: BaseException | None = None  # set when the engine died under the request
     matcher: object | None = None  # its grammar's state (an llguidance LLMatcher) when
     #   params.structured is set; it consumes each sampled token
+    stops: object | None = None  # its stop strings' matcher (worker.generate.stops), made
+    #   on first use
     on_update: Callable[[Sequence], None] | None = None
     on_finish: Callable[[Sequence], None] | None = None
 
