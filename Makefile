@@ -100,12 +100,16 @@ bench-serve: install
 	$(SERVE_LOAD) --mode ceiling --rates 2,0 --stream-transport serve_handle \
 		--out benchmarks/results/serve_ceiling_handle_cpu.json
 
-# Embeddings vs sentence-transformers encode(), classification vs HF padded batches
-# (benchmarks/pooled.py); sentence-transformers is the baseline's, installed here only.
+# Embeddings vs sentence-transformers encode(), classification and decoder scoring vs HF
+# padded batches (benchmarks/pooled.py); sentence-transformers is the baseline's,
+# installed here only. The decoder case (about 7 minutes on 2 cores) also times the CPU
+# attention rule before issue 24 and one SDPA call per sequence.
 bench-pooled: install
 	$(PIP) install -q "sentence-transformers>=3"
 	$(PY) -m benchmarks.pooled --num-texts 2000 --num-docs 800 --repeats 2 \
 		--out benchmarks/results/pooled_cpu.json
+	$(PY) -m benchmarks.pooled --tasks decoder --num-seqs 256 --repeats 2 \
+		--out benchmarks/results/pooled_decoder_cpu.json
 
 # Structured outputs: batch 64 with and without a JSON-schema constraint (benchmarks/structured.py).
 bench-structured: install

@@ -6,6 +6,7 @@ Model shapes are random-weight checkpoints built from a config (no download):
 |--------------|--------|--------|--------|------------|--------------|---------|---------|
 | ``tiny``     | Llama  | 64     | 2      | 4 / 2      | 176          | 32,000  | 16,384  |
 | ``small``    | Llama  | 256    | 4      | 8 / 2      | 704          | 32,000  | 16,384  |
+| ``small-8k`` | Llama  | 256    | 4      | 8 / 2      | 704          | 8,192   | 16,384  |
 | ``qwen2.5-7b``| Qwen2 | 3,584  | 28     | 28 / 4     | 18,944       | 152,064 | 32,768  |
 | ``qwen2.5-1.5b``| Qwen2 | 1,536 | 28     | 12 / 2     | 8,960        | 151,936 | 32,768  |
 
@@ -44,6 +45,11 @@ SHAPES = {
         "model_type": "llama", "hidden_size": 256, "intermediate_size": 704,
         "num_hidden_layers": 4, "num_attention_heads": 8, "num_key_value_heads": 2,
         "vocab_size": 32000, "max_position_embeddings": 16384,
+    },
+    "small-8k": {  # pooled.py's decoder scoring: a head that does not drown the attention
+        "model_type": "llama", "hidden_size": 256, "intermediate_size": 704,
+        "num_hidden_layers": 4, "num_attention_heads": 8, "num_key_value_heads": 2,
+        "vocab_size": 8192, "max_position_embeddings": 16384,
     },
     "qwen2.5-7b": {
         "model_type": "qwen2", "hidden_size": 3584, "intermediate_size": 18944,

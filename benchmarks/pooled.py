@@ -1,6 +1,7 @@
 """The forward-only tasks against what their users run today, in one process, same
-model, same texts, same threads, modes interleaved (A B C A B C ...) so that load from
-other jobs on a shared machine falls on every mode alike.
+model, same texts, same threads, modes interleaved (A B C C B A ...) so that load from
+other jobs on a shared machine, and whatever one mode leaves behind for the next, falls on
+every mode alike.
 
 ``embed``: the real all-MiniLM-L6-v2 against sentence-transformers ``encode()`` (it
 tokenizes, sorts the texts by length, pads batches of 32, mean-pools and normalizes).
@@ -14,6 +15,19 @@ against Hugging Face padded batches of 32 in input order, what a
 ``BertForSequenceClassification``, softmax. packserve: tokenize + ``Engine.classify`` +
 softmax.
 
+``decoder``: scoring (``Engine.score``: the log-prob of every token given the ones
+before it) with the ``small-8k`` benchmark shape (Llama: hidden 256, 4 layers, 8 / 2
+heads, vocab 8,192, so that the LM head, the same work in every mode, does not drown the
+attention; random weights saved with ``save_pretrained``, loaded by the engine) over
+``--num-seqs`` random token sequences with the last Azure context lengths clipped to
+8..2048 (no tokenizer: the ids are the input), against Hugging Face padded batches of 32
+in input order (the base model over the padded batch, then the LM head and log-softmax on
+each sequence's real rows, as a careful scoring loop does; padding the head too would
+only inflate the baseline). packserve runs three ways: the CPU attention
+rule that ships (``worker.attention.cpu.RULE``), the grouping before issue 24
+(``LEGACY_RULE``: causal groups at every length under an explicit mask) and one SDPA call
+per sequence.
+
 Texts are words of the model's vocabulary (one token each), so each text has exactly the
 length drawn: the last ``--num-texts`` context lengths of the Azure conversation trace
 (held out from the first part, which other benchmarks use), scaled by 1/8 (embed; clipped
@@ -23,11 +37,14 @@ with other jobs the CPU seconds move less.
 
     python -m benchmarks.pooled --num-texts 2000 --num-docs 800 --repeats 2 \
         --out benchmarks/results/pooled_cpu.json
+    python -m benchmarks.pooled --tasks decoder --num-seqs 256 --repeats 2 \
+        --out benchmarks/results/pooled_decoder_cpu.json
 """
 
 from __future__ import annotations
 
 import argparse
+import dataclasses
 import json
 import os
 import statistics
@@ -46,9 +63,10 @@ from benchmarks.workloads import azure_context_lengths
 
 def parse_args(argv=None) -> argparse.Namespace:
     p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-    p.add_argument("--tasks", default="embed,classify")
+    p.add_argument("--tasks", default="embed,classify", help="any of embed,classify,decoder")
     p.add_argument("--num-texts", type=int, default=2000, help="embed")
     p.add_argument("--num-docs", type=int, default=800, help="classify")
+    p.add_argument("--num-seqs", type=int, default=256, help="decoder")
     p.add_argument("--repeats", type=int, default=2, help="timed passes per mode")
     p.add_argument("--threads", type=int, default=os.cpu_count())
     p.add_argument("--budget", type=int, default=8192, help="packserve's max_num_batched_tokens")
@@ -73,13 +91,14 @@ def timed(fn) -> tuple[float, float, object]:
 
 
 def interleave(modes: dict, repeats: int) -> tuple[dict, dict]:
-    """``repeats`` rounds of every mode in turn (models loaded and warmed up before);
-    the outputs of the first round are kept for the comparison."""
+    """``repeats`` rounds of every mode in turn, every other round in reverse order (no mode
+    always follows the same one; models loaded and warmed up before); the outputs of the
+    first round are kept for the comparison."""
     outputs = {}
     runs = {name: {"wall_s": [], "cpu_s": []} for name in modes}
-    for _ in range(repeats):
-        for name, fn in modes.items():
-            wall, cpu, out = timed(fn)
+    for round_ in range(repeats):
+        for name in list(modes)[::-1 if round_ % 2 else 1]:
+            wall, cpu, out = timed(modes[name])
             outputs.setdefault(name, out)
             runs[name]["wall_s"].append(round(wall, 3))
             runs[name]["cpu_s"].append(round(cpu, 3))
@@ -171,6 +190,69 @@ def bench_classify(args, engine_cls, config_cls) -> dict:
             "runs": runs, **ratios(runs, "hf_padded_batches")}
 
 
+def bench_decoder(args, engine_cls, config_cls) -> dict:
+    import torch
+    from transformers import AutoModelForCausalLM
+
+    from worker.attention import cpu
+
+    path = str(_common.ensure_checkpoint("small-8k", "float32", "cpu"))
+    model = AutoModelForCausalLM.from_pretrained(
+        path, attn_implementation="sdpa", dtype=torch.float32).eval()
+    lengths = np.clip(azure_context_lengths()[-args.num_seqs:], 8, 2048)
+    rng = np.random.default_rng(args.seed + 2)
+    seqs = [rng.integers(0, model.config.vocab_size, int(n)).tolist() for n in lengths]
+    engine = engine_cls(config_cls(model=path, max_num_batched_tokens=args.budget))
+    shipped = cpu.RULE
+
+    def packserve(rule, grouped: bool = True):
+        def run():  # the rule is read where each bin's groups are planned
+            engine.runner.group_attention, cpu.RULE = grouped, rule
+            try:
+                return np.concatenate(engine.score(seqs))
+            finally:
+                engine.runner.group_attention, cpu.RULE = True, shipped
+        return run
+
+    def hf_padded():
+        out = []
+        with torch.inference_mode():
+            for i in range(0, len(seqs), args.batch_size):
+                batch = seqs[i:i + args.batch_size]
+                ids = torch.zeros(len(batch), max(map(len, batch)), dtype=torch.long)
+                mask = torch.zeros_like(ids)
+                for row, seq in enumerate(batch):
+                    ids[row, :len(seq)], mask[row, :len(seq)] = torch.tensor(seq), 1
+                hidden = model.model(input_ids=ids, attention_mask=mask).last_hidden_state
+                for row, seq in enumerate(batch):  # the head on real rows only
+                    logp = torch.log_softmax(model.lm_head(hidden[row, :len(seq) - 1]), -1)
+                    out.append(logp.gather(1, ids[row, 1:len(seq), None])[:, 0].numpy())
+        return np.concatenate(out)
+
+    engine.score(seqs)  # warm-up: a first pass meets every bin's GEMM shapes once
+    with torch.inference_mode():
+        model(input_ids=torch.ones(2, 8, dtype=torch.long))
+    modes = {"packserve": packserve(shipped),
+             "packserve_legacy_grouping": packserve(cpu.LEGACY_RULE),
+             "packserve_per_sequence_attention": packserve(shipped, grouped=False),
+             "hf_padded_batches": hf_padded}
+    runs, outputs = interleave(modes, args.repeats)
+    ref = outputs["hf_padded_batches"]
+    per_seq = runs["packserve_per_sequence_attention"]
+    padded = sum(int(lengths[i:i + args.batch_size].max()) * len(lengths[i:i + args.batch_size])
+                 for i in range(0, len(lengths), args.batch_size))
+    return {"model": "small-8k Llama shape (hidden 256, 4 layers, 8/2 heads, vocab 8,192), "
+                     "random weights", "attention_rule": dataclasses.asdict(shipped),
+            "num_seqs": len(seqs), "num_tokens": int(lengths.sum()),
+            "mean_tokens": float(lengths.mean()), "max_tokens": int(lengths.max()),
+            "hf_padded_tokens": padded,
+            "max_abs_diff_logprob": {k: float(np.abs(v - ref).max()) for k, v in outputs.items()},
+            "runs": runs, **ratios(runs, "hf_padded_batches"),
+            "wall_vs_per_sequence_attention": {
+                k: round(r["median_wall_s"] / per_seq["median_wall_s"], 3)
+                for k, r in runs.items()}}
+
+
 def sorted_padded_tokens(lengths: np.ndarray, batch_size: int) -> int:
     """Tokens sentence-transformers computes: batches of the length-sorted texts."""
     s = np.sort(lengths)[::-1]
@@ -200,7 +282,8 @@ def main(argv=None) -> int:
               "load_average_before": load_average()}
     for task in args.tasks.split(","):
         print(f"{task}:", flush=True)
-        bench = {"embed": bench_embed, "classify": bench_classify}[task]
+        bench = {"embed": bench_embed, "classify": bench_classify,
+                 "decoder": bench_decoder}[task]
         result[task] = bench(args, Engine, EngineConfig)
         print(f"  speedup {result[task]['speedup_wall']}x wall, "
               f"{result[task]['speedup_cpu']}x CPU", flush=True)

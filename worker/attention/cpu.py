@@ -7,14 +7,26 @@ call per sequence per layer (tens of thousands per job), each a parallel region 
 fixed cost (thread wake-up, scratch buffers) dwarfs the work for sequences of ~100
 tokens, and one strided copy per sequence to write its output. Here the runner plans,
 once per bin, groups of consecutive sequences of similar lengths; each group runs as one
-SDPA call over a ``[group, heads, longest, dim]`` batch with a key-padding mask (and the
-causal / sliding-window mask for decoders), and its output is written back in one copy.
+SDPA call over a ``[group, heads, longest, dim]`` batch, and its output is written back
+in one copy. Encoders mask the padded keys (``key_pad``). Causal groups need no mask:
+pads sit after each sequence's real tokens, where no real query looks, so the group runs
+SDPA's ``is_causal`` kernel like a lone sequence; a sliding window that binds inside the
+group still gets an explicit ``[g, 1, L, L]`` mask.
 
 The padding is attention-only and bounded: a group grows while its padded size stays
 within ``MAX_WASTE`` of its real tokens (FFD lays a bin's sequences out longest first,
 so neighbours are close in length). Linear layers, norms and MLPs, most of the compute,
 still run on real tokens only. Padded query rows see valid keys (never an all-masked
 row) and are dropped.
+
+Grouping pays only where a call's fixed cost outweighs the padded work. For causal
+attention a sequence longer than ``MAX_CAUSAL_LEN`` runs alone, the per-sequence
+definition's own call: on the 2-vCPU VM with little else running (docs/decisions.md),
+grouping longer causal sequences cost 13-27% more attention time than one call each
+(18% on Azure-length decoder bins), and groups of at most 128 tokens cost no more.
+Only a loaded machine, where every call waits for a time slice, would win it back; the
+rule is chosen never to lose to the definition. Encoders group at every length, as
+before.
 
 | ``SegmentGroup``  | shape          | what                                                   |
 |-------------------|----------------|--------------------------------------------------------|
@@ -33,6 +45,21 @@ import torch.nn.functional as F
 
 MAX_WASTE = 0.25  # a group's padded tokens <= (1 + MAX_WASTE) x its real tokens
 MAX_GROUP = 64  # sequences per group (bounds the [g, longest, longest] score tiles)
+MAX_CAUSAL_LEN = 128  # causal sequences longer than this run alone with is_causal
+
+
+@dataclass(frozen=True)
+class GroupingRule:
+    """Which sequences a causal plan groups and how its groups are masked. ``RULE`` is
+    what runs; ``LEGACY_RULE`` (no length limit, explicit causal masks: the rule before
+    issue 24) is kept so benchmarks/pooled.py can time both in one process."""
+
+    max_causal_len: int | None = MAX_CAUSAL_LEN  # None: causal sequences group at any length
+    causal_mask: bool = False  # True: causal groups get an explicit [g, 1, L, L] mask
+
+
+RULE = GroupingRule()
+LEGACY_RULE = GroupingRule(max_causal_len=None, causal_mask=True)
 
 
 @dataclass
@@ -46,9 +73,15 @@ class SegmentGroup:
     key_pad: torch.Tensor | None  # [g, 1, 1, L] float: 0 for real keys, -inf for pads
     _masks: dict = field(default_factory=dict)  # (causal, window) -> additive mask
 
-    def mask(self, causal: bool, window) -> torch.Tensor:
+    def mask(self, causal: bool, window, causal_mask: bool = False) -> torch.Tensor | None:
         """Additive float mask (SDPA on CPU turns a bool mask into one on every call):
-        ``[g, 1, 1, L]`` for plain encoders, ``[g, 1, L, L]`` with causality or a window."""
+        ``None`` for causal attention (run with ``is_causal``; pads come after every real
+        key) unless ``causal_mask``, ``[g, 1, 1, L]`` for plain encoders, ``[g, 1, L, L]``
+        with a window that binds (or ``causal_mask``)."""
+        if window and self.longest <= window:
+            window = None  # no query of the group reaches past the window
+        if causal and not window and not causal_mask:
+            return None
         if not causal and not window:
             return self.key_pad
         key = (causal, window or 0)
@@ -66,12 +99,19 @@ class SegmentGroup:
 
 
 class SegmentGroups:
-    """The groups of one packed bin, planned on the host from its ``cu_seqlens``."""
+    """The groups of one packed bin, planned on the host from its ``cu_seqlens``.
+    ``causal``: whether the model's attention is causal (a planning choice only: the
+    groups give the right answer either way)."""
 
     def __init__(self, host_cu_seqlens: np.ndarray, device: torch.device,
-                 dtype: torch.dtype = torch.float32):
+                 dtype: torch.dtype = torch.float32, *, causal: bool = False,
+                 rule: GroupingRule | None = None):
+        rule = rule or RULE  # read at call time: the benchmark swaps ``RULE``
         cu = np.asarray(host_cu_seqlens, np.int64)
-        self.groups = [self._group(cu, i, j, device, dtype) for i, j in _cuts(np.diff(cu))]
+        max_len = rule.max_causal_len if causal else None
+        self.causal_mask = rule.causal_mask
+        self.groups = [self._group(cu, i, j, device, dtype)
+                       for i, j in _cuts(np.diff(cu), max_len)]
 
     @staticmethod
     def _group(cu: np.ndarray, i: int, j: int, device, dtype) -> SegmentGroup:
@@ -89,14 +129,16 @@ class SegmentGroups:
                             torch.from_numpy(key_pad).to(device=device, dtype=dtype))
 
 
-def _cuts(lengths: np.ndarray) -> list[tuple[int, int]]:
-    """[(first, one past last)] sequence ranges; greedy over consecutive sequences."""
+def _cuts(lengths: np.ndarray, max_len: int | None = None) -> list[tuple[int, int]]:
+    """[(first, one past last)] sequence ranges; greedy over consecutive sequences. A
+    sequence longer than ``max_len`` (None: no limit) is a range of its own."""
     out, i, n = [], 0, len(lengths)
+    limit = max_len if max_len is not None else np.inf
     while i < n:  # per sequence of the bin, once per bin
         j, longest, real = i + 1, int(lengths[i]), int(lengths[i])
         while j < n and j - i < MAX_GROUP:
             grown = max(longest, int(lengths[j]))
-            if grown * (j + 1 - i) > (1 + MAX_WASTE) * (real + int(lengths[j])):
+            if grown > limit or grown * (j + 1 - i) > (1 + MAX_WASTE) * (real + int(lengths[j])):
                 break
             longest, real, j = grown, real + int(lengths[j]), j + 1
         out.append((i, j))
@@ -123,8 +165,9 @@ def grouped_attention(groups: SegmentGroups, query, key, value, *, scaling, caus
             continue
         q, k, v = (torch.index_select(t, 0, g.rows).view(g.num_seqs, g.longest, -1, dim)
                    .transpose(1, 2) for t in flat)  # [g, H, L, D]
-        o = F.scaled_dot_product_attention(q, k, v, attn_mask=g.mask(causal, sliding_window),
-                                           scale=scaling)
+        mask = g.mask(causal, sliding_window, groups.causal_mask)
+        o = F.scaled_dot_product_attention(q, k, v, attn_mask=mask,
+                                           is_causal=causal and mask is None, scale=scaling)
         o = o.transpose(1, 2).reshape(g.num_seqs * g.longest, num_heads, dim)
         torch.index_select(o, 0, g.valid_rows, out=out[0, s:e])
     return out

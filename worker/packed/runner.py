@@ -156,7 +156,7 @@ class ModelRunner:
         groups = None
         if self.group_attention:  # CPU: similar-length sequences share SDPA calls
             groups = SegmentGroups(staged.host_cu_seqlens, staged.input_ids.device,
-                                   self.spec.dtype)
+                                   self.spec.dtype, causal=self.spec.is_decoder)
         segments = PackedSegments(staged.cu_seqlens, staged.max_seqlen, groups)
         with attention_context(segments):
             return self.base(**kwargs).last_hidden_state[0]
