@@ -18,6 +18,7 @@ result); tests/worker/attention/test_triton_paged.py holds it to that twin under
 | K^T, V tiles  | [D_PAD, TILE], [TILE, D_PAD]: keys j * TILE .. of the sequence; key k in  |
 |               | block block_tables[s, k // block_size], row k % block_size                |
 | tile range    | causal: to the block's last query; with a window from its first - w + 1   |
+| scores        | q.k * scale, in log2 units; SOFTCAP: c * tanh(q.k * scale / c) (Gemma 2)  |
 | q             | [T, Hq, D], any strides                                                   |
 | out           | [T, Hq, D] contiguous, q's dtype                                          |
 | k/v cache     | [num_blocks, block_size, Hkv, D], any strides (a layer view of KVCache)   |
