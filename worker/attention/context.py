@@ -3,7 +3,7 @@ read by the registered attention function in every layer.
 
 Why not forward kwargs: transformers threads ``**kwargs`` from the model's forward down
 to the attention function in most families, not in all. StableLM's decoder layer calls
-its attention without them (transformers 5.17-5.25), so a ``cu_seq_lens_q`` or a paged
+its attention without them (seen in transformers 5.25), so a ``cu_seq_lens_q`` or a paged
 context passed as a kwarg never arrived: the attention ran over the whole step as one
 causal sequence, and generation returned wrong tokens from the second one on while
 single-sequence scores still agreed. A context variable reaches every layer whatever the
