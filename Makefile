@@ -6,7 +6,7 @@ PIP := $(PY) -m pip --disable-pip-version-check
 STAMP := $(VENV)/.installed
 PYTEST_ARGS ?=
 
-.PHONY: install serve prometheus test test-packing-pure bench bench-packer bench-forward bench-generate bench-decode bench-batch bench-serve bench-pooled bench-structured bench-moe clean
+.PHONY: install serve prometheus test test-packing-pure bench bench-packer bench-forward bench-generate bench-decode bench-batch bench-serve bench-pooled bench-structured bench-moe bench-admission clean
 
 install: $(STAMP)
 
@@ -61,7 +61,7 @@ test: install prometheus
 test-packing-pure: install
 	PACKSERVE_PURE_PYTHON=1 $(PY) -m pytest -q tests/packing
 
-bench: bench-packer bench-forward bench-generate bench-decode bench-batch bench-serve bench-pooled bench-structured bench-moe
+bench: bench-packer bench-forward bench-generate bench-decode bench-batch bench-serve bench-pooled bench-structured bench-moe bench-admission
 
 bench-packer: install
 	$(PY) -m benchmarks.packer --out benchmarks/results/packer.json
@@ -121,6 +121,12 @@ bench-structured: install
 bench-moe: install
 	$(PY) -m benchmarks.moe --device cpu --threads 1 --repeats 15 \
 		--out benchmarks/results/moe_cpu.json
+
+# Admission: chats without max_tokens at 1x, 2x, 5x the replica's capacity, leases of
+# prompt + max_tokens (the rule before) against leases that follow use, over Serve
+# (benchmarks/admission.py; about 5 minutes on 2 cores).
+bench-admission: install
+	RAY_AUTH_MODE=disabled $(PY) -m benchmarks.admission --out benchmarks/results/admission_cpu.json
 
 clean:
 	rm -rf build *.egg-info packing_cy/_ffd.c packing_cy/*.so

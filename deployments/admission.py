@@ -1,11 +1,13 @@
 """The global admission controller: one Serve replica holding the cluster's ledger.
 
 Every ingress replica asks it for a lease before routing a request, and releases the
-lease when the request ends; every engine replica reports its measured capacity (and
-the leases it is serving) each ``heartbeat_s``. A reaper expires silent replicas and
+lease when the request ends; every engine replica reports its measured capacity, the
+leases it is serving with what each holds now (generations grow: ``LeaseRule``), its
+pace and its KV pressure each ``heartbeat_s``. A reaper expires silent replicas and
 ingresses and reclaims their leases (see ``deployments/ledger.py``). When the pool is
-full, ``reserve`` either answers at once (a 429 with Retry-After from the drain rate) or,
-with ``max_wait_s > 0``, queues the caller FIFO until room frees or the wait runs out.
+full, ``reserve`` either answers at once (a 429 with Retry-After: when enough leases
+should have ended) or, with ``max_wait_s > 0``, queues the caller FIFO until room frees
+or the wait runs out.
 
 Why not Ray's own tools: ``max_queued_requests`` bounds requests per caller, not tokens
 cluster-wide; ``CapacityQueue`` counts requests against static per-replica limits.
@@ -22,7 +24,7 @@ from collections import deque
 from ray import serve
 
 from deployments.config import AdmissionArgs
-from deployments.ledger import AdmissionLedger, Decision, Verdict
+from deployments.ledger import AdmissionLedger, Ask, Decision, Verdict
 from deployments.metrics import AdmissionMetrics
 
 logger = logging.getLogger("ray.serve")
@@ -40,44 +42,47 @@ class AdmissionController:
             capacity_fraction=a.capacity_fraction, retry_after_min_s=a.retry_after_min_s,
             retry_after_max_s=a.retry_after_max_s, drain_window_s=a.drain_window_s,
             replica_timeout_s=a.replica_timeout_s, holder_timeout_s=a.holder_timeout_s)
-        self._waiters: dict[str, deque] = {}  # model -> FIFO of (future, tokens, holder, clamp)
+        self._waiters: dict[str, deque] = {}  # model -> FIFO of (future, holder, Ask)
         self._reaper: asyncio.Task | None = None
         self.metrics = _admission_metrics()  # None: record nothing
         self._zeroed: set[str] = set()  # models whose counters are exported at 0
 
-    async def reserve(self, model: str, tokens: int, holder: str, clamp: bool = False
-                      ) -> Decision:
-        """A lease for ``tokens`` of ``model``, or the reason there is none."""
+    async def reserve(self, model: str, ask: Ask, holder: str) -> Decision:
+        """A lease for ``ask`` of ``model``, or the reason there is none."""
         self._start_reaper()
         queue = self._waiters.setdefault(model, deque())
         decision = (Decision(Verdict.CAPACITY) if queue  # FIFO: nobody jumps the waiters
-                    else self.ledger.reserve(model, tokens, holder, time.monotonic(), clamp=clamp))
+                    else self._reserve(model, ask, holder, time.monotonic()))
         if decision.verdict is Verdict.CAPACITY and self.args.max_wait_s > 0:
-            decision = await self._wait(queue, model, tokens, holder, clamp)
+            decision = await self._wait(queue, model, ask, holder)
         self._record(model, decision)
         return decision
 
     async def exchange(self, ops: list[tuple], holder: str
                        ) -> tuple[list[Decision | None], dict[str, tuple]]:
         """An ingress's queued operations, in order (deployments/leases.py):
-        ``("reserve", model, tokens, clamp)`` -> its ``Decision``; ``("grant", model,
-        tokens, lease_id)`` books a lease the ingress granted itself; ``("release",
-        lease_id)``. Returns the decisions (None for the others) and every touched
+        ``("reserve", model, ask)`` -> its ``Decision``; ``("grant", model, ask,
+        lease_id)`` books a lease the ingress granted itself; ``("refused", model)``
+        counts a 429 it answered itself; ``("release", lease_id)``. Returns the decisions (None for the others) and every touched
         pool's ``view``. Never waits: ingresses use ``reserve`` when ``max_wait_s > 0``."""
         self._start_reaper()
         now, decisions, models, released = time.monotonic(), [], set(), set()
         for op in ops:
             decision = None
             if op[0] == "reserve":
-                _, model, tokens, clamp = op
+                _, model, ask = op
                 decision = (Decision(Verdict.CAPACITY) if self._waiters.get(model)
-                            else self.ledger.reserve(model, tokens, holder, now, clamp=clamp))
+                            else self._reserve(model, ask, holder, now))
                 if decision.verdict is Verdict.CAPACITY and decision.retry_after_s is None:
-                    decision = self._refusal(model, tokens)
+                    decision = self._refusal(model, ask.tokens)
                 self._record(model, decision, pool=False)
+            elif op[0] == "refused":  # an ingress refused it without asking: count it
+                model = op[1]
+                self._record(model, Decision(Verdict.CAPACITY), pool=False)
             elif op[0] == "grant":
-                _, model, tokens, lease_id = op
-                self.ledger.grant(model, lease_id, tokens, holder, now)
+                _, model, ask, lease_id = op
+                self.ledger.grant(model, lease_id, ask.tokens, holder, now,
+                                  ceiling=ask.ceiling, max_output=ask.max_output)
                 self._record(model, Decision(Verdict.ADMITTED, lease_id), pool=False)
             else:
                 lease = self.ledger.leases.get(op[1])
@@ -91,7 +96,7 @@ class AdmissionController:
             self._admit_waiters(model)
         for model in models:
             self._record_pool(model)
-        return decisions, {m: self.ledger.view(m) for m in models}
+        return decisions, {m: self.ledger.view(m, now) for m in models}
 
     async def release(self, lease_ids: list[str]) -> int:
         """End leases (idempotent); returns how many were still live."""
@@ -104,9 +109,12 @@ class AdmissionController:
         return released
 
     async def replica_report(self, model: str, replica: str, capacity_tokens: int,
-                             lease_ids: list[str], load: dict | None = None) -> None:
+                             leases: dict[str, tuple[int, int]], load: dict | None = None
+                             ) -> None:
+        """A replica is alive: its capacity, and per lease it serves (tokens held by the
+        lease rule, tokens generated) — the leases grow here."""
         self._start_reaper()
-        self.ledger.replica_report(model, replica, capacity_tokens, lease_ids, time.monotonic(),
+        self.ledger.replica_report(model, replica, capacity_tokens, leases, time.monotonic(),
                                    load)
         if model not in self._zeroed and self.metrics is not None:
             self._zeroed.add(model)
@@ -120,7 +128,8 @@ class AdmissionController:
     async def holder_report(self, holder: str) -> dict[str, tuple]:
         """An ingress is alive; returns every pool's ``view`` (its grants need them)."""
         self.ledger.holder_report(holder, time.monotonic())
-        return {model: self.ledger.view(model) for model in self.ledger.pools}
+        now = time.monotonic()
+        return {model: self.ledger.view(model, now) for model in self.ledger.pools}
 
     async def snapshot(self) -> dict[str, dict]:
         """Per model: reserved, capacity, largest replica, replicas, leases, waiters."""
@@ -134,10 +143,13 @@ class AdmissionController:
 
     # ---- internals ------------------------------------------------------------------
 
-    async def _wait(self, queue: deque, model: str, tokens: int, holder: str, clamp: bool
-                    ) -> Decision:
+    def _reserve(self, model: str, ask: Ask, holder: str, now: float) -> Decision:
+        return self.ledger.reserve(model, ask.tokens, holder, now, clamp=ask.clamp,
+                                   ceiling=ask.ceiling, max_output=ask.max_output)
+
+    async def _wait(self, queue: deque, model: str, ask: Ask, holder: str) -> Decision:
         future = asyncio.get_running_loop().create_future()
-        entry = (future, tokens, holder, clamp)
+        entry = (future, holder, ask)
         queue.append(entry)
         try:
             return await asyncio.wait_for(asyncio.shield(future), self.args.max_wait_s)
@@ -150,7 +162,7 @@ class AdmissionController:
             if future.done() and not future.cancelled():  # admitted as the clock ran out
                 return future.result()
             future.cancel()
-            refusal = self._refusal(model, tokens)
+            refusal = self._refusal(model, ask.tokens)
             return Decision(Verdict.TIMEOUT, retry_after_s=refusal.retry_after_s,
                             capacity=refusal.capacity, largest=refusal.largest)
         finally:
@@ -161,18 +173,18 @@ class AdmissionController:
         queue = self._waiters.get(model)
         now = time.monotonic()
         while queue:
-            future, tokens, holder, clamp = queue[0]
+            future, holder, ask = queue[0]
             if future.done():
                 queue.popleft()
                 continue
-            decision = self.ledger.reserve(model, tokens, holder, now, clamp=clamp)
+            decision = self._reserve(model, ask, holder, now)
             if decision.verdict is Verdict.CAPACITY:
                 return
             queue.popleft()
             future.set_result(decision)
 
     def _refusal(self, model: str, tokens: int) -> Decision:
-        _, capacity, largest, _ = self.ledger.view(model)
+        _, capacity, largest, _, _ = self.ledger.view(model)
         return Decision(Verdict.CAPACITY,
                         retry_after_s=self.ledger.retry_after(model, tokens, time.monotonic()),
                         capacity=capacity, largest=largest)

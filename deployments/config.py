@@ -17,6 +17,7 @@ from typing import Literal
 
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, create_model, model_validator
 
+from deployments.ledger import LeaseRule
 from worker.core.config import ConfigError, EngineConfig
 
 API_KEY_ENV = "PACKSERVE_API_KEY"
@@ -114,6 +115,16 @@ class AdmissionArgs(_Strict):
     heartbeat_s: float = Field(1.0, gt=0)  # replicas and ingresses report this often
     replica_timeout_s: float = Field(5.0, gt=0)  # silent this long: capacity and leases gone
     holder_timeout_s: float = Field(15.0, gt=0)  # an ingress silent this long: leases reclaimed
+    # A generation's lease: prompt + first_output_tokens, then one block ahead of its use,
+    # up to prompt + max_tokens (deployments/ledger.py LeaseRule; docs/decisions.md).
+    # lease_rule "ceiling" leases prompt + max_tokens from the start (the rule before).
+    lease_rule: Literal["use", "ceiling"] = "use"
+    first_output_tokens: int = Field(256, ge=1)
+    lease_block_tokens: int = Field(64, ge=1)
+
+    def make_lease_rule(self) -> LeaseRule:
+        return LeaseRule(self.first_output_tokens, self.lease_block_tokens,
+                         follow_use=self.lease_rule == "use")
 
 
 class HTTPArgs(_Strict):

@@ -255,7 +255,9 @@ class OpenAIIngress:
         holder = serve.get_replica_context().replica_id.unique_id
         client = AdmissionClient(admission, holder, self.args.admission.heartbeat_s,
                                  enabled=self.args.admission.enabled,
-                                 batch=self.args.admission.max_wait_s == 0)
+                                 batch=self.args.admission.max_wait_s == 0,
+                                 retry_after_s=(self.args.admission.retry_after_min_s,
+                                                self.args.admission.retry_after_max_s))
         metrics = _ingress_metrics()
         set_recorder(metrics)
         self.service = OpenAIService(self.args, models, client, metrics)

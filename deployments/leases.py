@@ -18,8 +18,12 @@ leaves at once. And far from capacity a request costs no round trip at all:
 | reserved + granted since + tokens <= LOCAL_SHARE x capacity / holders | granted here; the grant is booked by the next exchange |
 | else                                                      | an exchange decides         |
 
-A release follows its grant in the same queue, so the controller never sees one before
-the other. With ``max_wait_s > 0`` the controller queues callers, so each reservation is
+Near capacity the same view refuses without asking: when the pool as last seen (at
+most ``heartbeat_s`` ago; every exchange refreshes it) is short of room for a request,
+the 429 is answered at once, with the Retry-After the controller's schedule in the view
+names (``AdmissionLedger.view``), and counted by the next exchange. So a flood of
+refusals costs the controller nothing and the client no round trip. A release follows
+its grant in the same queue, so the controller never sees one before the other. With ``max_wait_s > 0`` the controller queues callers, so each reservation is
 a call of its own and nothing is granted locally.
 """
 
@@ -29,11 +33,12 @@ import asyncio
 import contextvars
 import itertools
 import logging
+import math
 import time
 from dataclasses import dataclass
 
 from deployments.errors import APIError, bad_request, overloaded, unavailable
-from deployments.ledger import Decision, Verdict
+from deployments.ledger import Ask, Decision, Verdict
 
 logger = logging.getLogger("ray.serve")
 
@@ -48,6 +53,7 @@ class PoolView:
     capacity: int
     largest: int
     num_holders: int
+    ends: tuple  # ((tokens freed, seconds from ``at``), ...): when room frees, as estimated
     at: float  # time.monotonic() when received
 
 
@@ -71,8 +77,9 @@ class AdmissionClient:
     """Talks to the admission controller on behalf of one ingress replica (the holder)."""
 
     def __init__(self, handle, holder: str, heartbeat_s: float, enabled: bool = True,
-                 batch: bool = True):
+                 batch: bool = True, retry_after_s: tuple[int, int] = (1, 30)):
         self.handle, self.holder, self.heartbeat_s = handle, holder, heartbeat_s
+        self.retry_after_s = retry_after_s  # (min, max), as the controller clamps them
         self.enabled = enabled and handle is not None
         self.batch = batch  # False when the controller may queue a reservation (max_wait_s)
         self.views: dict[str, PoolView] = {}
@@ -85,23 +92,29 @@ class AdmissionClient:
         self._loop: asyncio.AbstractEventLoop | None = None
         self._heartbeat: asyncio.Task | None = None
 
-    async def reserve(self, model: str, tokens: int, *, clamp: bool = False,
+    async def reserve(self, model: str, ask: Ask | int, *, clamp: bool = False,
                       what: str = "this request") -> Lease:
-        """A lease for ``tokens``, or raise the ``APIError`` the client should see."""
+        """A lease for ``ask`` (a generation's, from ``LeaseRule.ask``; or a fixed
+        number of tokens), or raise the ``APIError`` the client should see."""
+        if not isinstance(ask, Ask):
+            ask = Ask(ask, clamp=clamp)
         if not self.enabled:
-            return Lease(self, None, tokens)
+            return Lease(self, None, ask.tokens)
         self._start()
         if not self.batch:
-            decision = await self.handle.reserve.remote(model, tokens, self.holder, clamp)
-        elif (lease := self._grant_here(model, tokens)) is not None:
+            decision = await self.handle.reserve.remote(model, ask, self.holder)
+        elif (lease := self._grant_here(model, ask)) is not None:
             return lease
+        elif (refused := self._refuse_here(model, ask)) is not None:
+            self._send(("refused", model), None)
+            raise refusal(refused, model, ask, what)
         else:
             future = self._loop.create_future()
-            self._send(("reserve", model, tokens, clamp), future)
+            self._send(("reserve", model, ask), future)
             decision = await future
         if decision.verdict is Verdict.ADMITTED:
-            return Lease(self, decision.lease_id, tokens)
-        raise refusal(decision, model, tokens, what)
+            return Lease(self, decision.lease_id, ask.tokens)
+        raise refusal(decision, model, ask, what)
 
     async def reserve_waiting(self, model: str, tokens: int, timeout_s: float) -> Lease:
         """``reserve``, retrying while the pool is full (after each Retry-After, capped at
@@ -134,19 +147,37 @@ class AdmissionClient:
 
     # ---- internals ------------------------------------------------------------------
 
-    def _grant_here(self, model: str, tokens: int) -> Lease | None:
+    def _grant_here(self, model: str, ask: Ask) -> Lease | None:
         """A lease granted without asking, when the pool is far from full (table above)."""
         view = self.views.get(model)
         if view is None or time.monotonic() - view.at > 2 * self.heartbeat_s:
             return None
-        granted = self._granted.get(model, 0)
+        tokens, granted = ask.tokens, self._granted.get(model, 0)
         share = LOCAL_SHARE * view.capacity / max(1, view.num_holders)
-        if tokens > view.largest or view.reserved + granted + tokens > share:
+        if max(tokens, ask.ceiling) > view.largest or view.reserved + granted + tokens > share:
             return None
         lease_id = f"{self.holder}:local-{next(self._ids)}"
         self._granted[model] = granted + tokens
-        self._send(("grant", model, tokens, lease_id), None)
+        self._send(("grant", model, ask, lease_id), None)
         return Lease(self, lease_id, tokens)
+
+    def _refuse_here(self, model: str, ask: Ask) -> Decision | None:
+        """A refusal without asking, when the pool as last seen has no room (the module
+        docstring); None: the controller decides."""
+        view = self.views.get(model)
+        age = time.monotonic() - view.at if view is not None else math.inf
+        if age > self.heartbeat_s or not view.ends or max(ask.tokens, ask.ceiling) > view.largest:
+            return None
+        deficit = view.reserved + self._granted.get(model, 0) + ask.tokens - view.capacity
+        if deficit <= 0:
+            return None
+        lo, hi = self.retry_after_s
+        seconds = next((s for freed, s in view.ends if freed >= deficit), None)
+        if seconds is None:
+            return None  # not even every lease ending makes room: the controller decides
+        retry = max(lo, min(hi, math.ceil(seconds - age)))
+        return Decision(Verdict.CAPACITY, retry_after_s=retry, capacity=view.capacity,
+                        largest=view.largest)
 
     def _send(self, op: tuple, future: asyncio.Future | None) -> None:
         self._ops.append(op)
@@ -171,7 +202,7 @@ class AdmissionClient:
                     decisions, views = [None] * len(ops), {}
                 for op, future, decision in zip(ops, futures, decisions):
                     if op[0] == "grant":
-                        self._granted[op[1]] -= op[2]  # booked now: in the views' reserved
+                        self._granted[op[1]] -= op[2].tokens  # booked: in the views' reserved
                     elif future is not None and not future.done():
                         future.set_result(decision)
                     elif decision is not None and decision.verdict is Verdict.ADMITTED:
@@ -182,8 +213,8 @@ class AdmissionClient:
 
     def _update_views(self, views: dict) -> None:
         now = time.monotonic()
-        for model, (reserved, capacity, largest, holders) in views.items():
-            self.views[model] = PoolView(reserved, capacity, largest, holders, now)
+        for model, (reserved, capacity, largest, holders, ends) in views.items():
+            self.views[model] = PoolView(reserved, capacity, largest, holders, ends, now)
 
     async def _release_alone(self, lease_id: str) -> None:
         try:
@@ -216,16 +247,16 @@ def _detached(loop: asyncio.AbstractEventLoop, coro) -> asyncio.Task:
     return loop.create_task(coro, context=contextvars.Context())
 
 
-def refusal(decision: Decision, model: str, tokens: int, what: str) -> APIError:
+def refusal(decision: Decision, model: str, ask: Ask, what: str) -> APIError:
     v = decision.verdict
     if v is Verdict.TOO_LARGE:
         return bad_request(
-            f"{what} needs {tokens} tokens, more than one replica of {model!r} can hold "
-            f"({decision.largest} tokens: its measured capacity, see GET /v1/models); "
-            "shorten the prompt or lower max_tokens")
+            f"{what} needs up to {max(ask.tokens, ask.ceiling)} tokens, more than one replica "
+            f"of {model!r} can hold ({decision.largest} tokens: its measured capacity, see GET "
+            "/v1/models); shorten the prompt or lower max_tokens")
     if v is Verdict.NO_REPLICAS:
         return unavailable(f"no replica of {model!r} is ready yet", decision.retry_after_s)
     return overloaded(
-        f"{model!r} is at capacity: {what} needs {tokens} tokens and the replicas' "
-        f"{decision.capacity} tokens are reserved ({v.value}); retry after "
+        f"{model!r} is at capacity: {what} needs {ask.tokens} tokens to start and the "
+        f"replicas' {decision.capacity} tokens are in use ({v.value}); retry after "
         f"{decision.retry_after_s} s", decision.retry_after_s or 1)

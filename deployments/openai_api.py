@@ -62,6 +62,7 @@ LARGE_RESPONSE_BYTES = 8 << 20  # after building a body this large, give the hea
 class OpenAIService:
     def __init__(self, args: AppArgs, models: dict, admission: AdmissionClient, metrics=None):
         self.args, self.handles, self.admission = args, models, admission
+        self.lease_rule = args.admission.make_lease_rule()
         self.metrics = metrics  # IngressMetrics, or None
         self.limits = args.http
         self.pool = TokenizerPool(args.http.tokenizer_threads)
@@ -185,7 +186,7 @@ class OpenAIService:
         check_length(info, len(ids), max_tokens, "prompt", max_tokens_sent=sent)
         check_logit_bias(info, body.logit_bias)
         await self._check_structured(body.model, tok, body.structured())
-        leases = await self._reserve(body.model, len(ids) + max_tokens, body.n)
+        leases = await self._reserve(body.model, len(ids), max_tokens, body.n)
         env = Envelope("cmpl", "text_completion", body.model)
         lp = CompletionLogprobs(tok) if body.logprobs is not None else None
         try:
@@ -203,7 +204,7 @@ class OpenAIService:
                 if body.stream:
                     return streaming.single(choices, env, n if body.include_usage else None)
                 return env.body(choices=choices, usage=n)
-            works = [GenerateWork(lease.lease_id, len(ids) + max_tokens, ids,
+            works = [GenerateWork(lease.lease_id, lease.tokens, ids,
                                   body.sampling_params(max_tokens, body.logprobs, i))
                      for i, lease in enumerate(leases)]
         except BaseException:
@@ -250,9 +251,9 @@ class OpenAIService:
         await self._check_structured(body.model, tok, structured)
         names = {f["name"] for f in functions} if mode != "none" else set()
         k = (body.top_logprobs or 0) if body.logprobs else None
-        leases = await self._reserve(body.model, len(ids) + max_tokens, body.n)
+        leases = await self._reserve(body.model, len(ids), max_tokens, body.n)
         try:
-            works = [GenerateWork(lease.lease_id, len(ids) + max_tokens, ids, dataclasses.replace(
+            works = [GenerateWork(lease.lease_id, lease.tokens, ids, dataclasses.replace(
                          body.sampling_params(max_tokens, k, i), structured=structured))
                      for i, lease in enumerate(leases)]
         except BaseException:
@@ -407,12 +408,15 @@ class OpenAIService:
         except InvalidRequestError as exc:
             raise bad_request(str(exc), param=exc.setting) from None
 
-    async def _reserve(self, model: str, num_tokens: int, n: int) -> list[Lease]:
-        """One lease per choice (each choice runs as its own sequence); all or none."""
+    async def _reserve(self, model: str, num_prompt: int, max_tokens: int, n: int
+                       ) -> list[Lease]:
+        """One lease per choice (each choice runs as its own sequence), by the lease
+        rule: the prompt and a first allotment, grown as it generates; all or none."""
+        ask = self.lease_rule.ask(num_prompt, max_tokens)
         leases = []
         try:
             for _ in range(n):  # per choice
-                leases.append(await self.admission.reserve(model, num_tokens))
+                leases.append(await self.admission.reserve(model, ask))
         except BaseException:
             _release(leases)
             raise

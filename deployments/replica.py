@@ -3,7 +3,9 @@
 Start-up loads the model and runs the Phase-0 budget probe (inside ``Engine``); a
 decoder with a tokenizer also sizes and allocates its KV cache now, so the capacity it
 reports is measured, not assumed. Then, every ``heartbeat_s``, the replica tells the
-admission controller its capacity and the leases it is serving; every
+admission controller its capacity, the leases it is serving and what each holds by the
+lease rule (a generation's grows with the tokens it generated: ``LeaseRule``), its pace
+(seconds per decode step) and whether it is under KV pressure (``ReplicaPace``); every
 ``stats_period_s`` Serve asks ``record_routing_stats`` for the router. A dead engine loop
 fails the health check, so Serve replaces the replica and the controller, no longer
 hearing from it, reclaims its leases.
@@ -20,12 +22,15 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import logging
+import math
+import time
 from collections.abc import AsyncIterator
 
 import numpy as np
 from ray import serve
 
 from deployments.config import AdmissionArgs, ModelArgs
+from deployments.ledger import LeaseRule
 from deployments.metrics import ReplicaMetrics
 from deployments.process import rss_bytes, trim_memory
 from deployments.streams import StreamSender, StreamSink, entry_of
@@ -40,6 +45,8 @@ from deployments.work import (
 )
 from worker import Engine
 from worker.core.errors import InvalidRequestError
+from worker.core.generate_api import Progress
+from worker.core.observe import StepKind, StepRecord
 from worker.generate.output import GenerationDelta, GenerationOutput
 from worker.models.sources import is_smoke_test
 
@@ -58,9 +65,10 @@ class EngineReplica:
         self.engine = await asyncio.to_thread(Engine, self.args.engine_config())
         self.info = await asyncio.to_thread(self._model_info)
         self._admission = admission
-        self._active: dict[int, Work] = {}  # id(work) -> work, while serving it
-        self._used_tokens = 0
+        self._rule = self.admission_args.make_lease_rule()
+        self._active: dict[int, _Serving] = {}  # id(work) -> its service, while serving it
         self._num_served = 0
+        self.pace = ReplicaPace()
         self._streams = StreamSender()
         self.replica_id = serve.get_replica_context().replica_id.unique_id
         self._heartbeat = asyncio.get_running_loop().create_task(self._report_forever())
@@ -68,8 +76,11 @@ class EngineReplica:
         logger.info("replica %s of %s ready: %s", self.replica_id, self.args.name, self.info)
 
     def on_ready(self) -> None:
-        """Wire the engine's step observer to this replica's metrics (none if they cannot
-        be built: the replica serves without them). Runs before the first heartbeat."""
+        """Wire the engine's step observers: the pace admission reads, and this replica's
+        metrics (none if they cannot be built: the replica serves without them). Runs
+        before the first heartbeat."""
+        if self.info.can_generate:
+            self.engine.add_step_observer(self.pace.observe)
         try:
             kinds = ("forward", "generate") if self.info.can_generate else ("forward",)
             self.metrics = ReplicaMetrics(self.args.name, self.replica_id, kinds)
@@ -84,8 +95,9 @@ class EngineReplica:
     # Client errors come back as a ``Refusal`` value (see deployments/work.py).
 
     async def generate(self, work: GenerateWork) -> GenerationOutput | Refusal:
-        with self._serving(work), _refusing() as refused:
-            outputs = await self.engine.generate_async([work.prompt_token_ids], work.params)
+        with self._serving(work) as progress, _refusing() as refused:
+            outputs = await self.engine.generate_async([work.prompt_token_ids], work.params,
+                                                       progress)
             return outputs[0]
         return refused.value
 
@@ -94,10 +106,11 @@ class EngineReplica:
         per engine step, merged further while the ingress lags: deployments/streams.py);
         returns the number of tokens once the last one is on the wire. Cancelling the
         call aborts the request."""
-        with self._serving(work), _refusing() as refused:
+        with self._serving(work) as progress, _refusing() as refused:
             channel = await self._streams.channel(sink)
             num_tokens = 0
-            async for delta in self.engine.generate_stream(work.prompt_token_ids, work.params):
+            async for delta in self.engine.generate_stream(work.prompt_token_ids, work.params,
+                                                           progress):
                 if channel.closed:  # the ingress is gone: stop generating (aborts it)
                     raise ConnectionError(f"stream channel to the ingress lost: "
                                           f"{channel.error!r}")
@@ -111,8 +124,9 @@ class EngineReplica:
                               ) -> AsyncIterator[GenerationDelta | Refusal]:
         """Deltas as steps produce them, through Serve's streaming call (the
         ``serve_handle`` transport); closing the stream aborts the request."""
-        with self._serving(work), _refusing() as refused:
-            async for delta in self.engine.generate_stream(work.prompt_token_ids, work.params):
+        with self._serving(work) as progress, _refusing() as refused:
+            async for delta in self.engine.generate_stream(work.prompt_token_ids, work.params,
+                                                           progress):
                 yield delta
         if refused.value is not None:
             yield refused.value
@@ -154,9 +168,18 @@ class EngineReplica:
 
     def load(self) -> dict:
         """What the replica holds: the same numbers go to the router, the autoscaler and
-        the admission controller."""
-        return {"capacity_tokens": self.info.capacity_tokens, "used_tokens": self._used_tokens,
-                "num_requests": len(self._active), "num_served": self._num_served}
+        the admission controller. ``used_tokens``: its requests' tokens by the lease rule
+        (a generation's grow as it generates); under KV pressure the router and the
+        controller see it as full. Numbers only: Serve disables custom autoscaling
+        metrics for good at the first value that is not an int or a float."""
+        used = sum(s.tokens() for s in self._active.values())
+        pressure = self.pace.pressure()
+        return {"capacity_tokens": self.info.capacity_tokens,
+                "used_tokens": max(used, self.info.capacity_tokens) if pressure else used,
+                "num_requests": len(self._active), "num_served": self._num_served,
+                "kv_pressure": pressure, "decode_step_s": self.pace.step_s or 0.0,
+                "kv_used_blocks": self.pace.kv_used_blocks,
+                "num_preemptions": self.pace.num_preemptions, "num_oom": self.pace.num_oom}
 
     # ---- Serve hooks ----------------------------------------------------------------
 
@@ -212,7 +235,8 @@ class EngineReplica:
             await asyncio.sleep(self.admission_args.heartbeat_s)
 
     async def _report(self) -> None:
-        leases = [w.lease_id for w in self._active.values() if w.lease_id]
+        leases = {s.work.lease_id: (s.tokens(), s.progress.num_generated)
+                  for s in self._active.values() if s.work.lease_id}
         try:
             await self._admission.replica_report.remote(
                 self.args.name, self.replica_id, self.info.capacity_tokens, leases,
@@ -224,8 +248,9 @@ class EngineReplica:
         if self.metrics is None:
             return
         capacity = self.info.capacity_tokens
+        used = sum(s.tokens() for s in self._active.values())
         try:
-            self.metrics.set_budget(capacity, capacity - self._used_tokens)
+            self.metrics.set_budget(capacity, capacity - used)
         except Exception:  # metrics never stop the heartbeat
             logger.exception("replica metrics failed")
 
@@ -247,16 +272,66 @@ def _refusing():
 
 
 class _Serving:
-    """Counts a request's tokens as used while the replica serves it."""
+    """A request while the replica serves it: its tokens by the lease rule."""
 
     def __init__(self, replica: EngineReplica, work: Work):
         self.replica, self.work = replica, work
+        self.progress = Progress()
+        self._rule = replica._rule if isinstance(work, GenerateWork) else None
 
-    def __enter__(self) -> None:
-        self.replica._active[id(self.work)] = self.work
-        self.replica._used_tokens += self.work.num_tokens
+    def tokens(self) -> int:
+        if self._rule is None:
+            return self.work.num_tokens
+        w = self.work
+        return self._rule.tokens(len(w.prompt_token_ids), w.params.max_tokens,
+                                 self.progress.num_generated)
+
+    def __enter__(self) -> Progress:
+        self.replica._active[id(self.work)] = self
         self.replica._num_served += 1
+        return self.progress
 
     def __exit__(self, *exc) -> None:
         self.replica._active.pop(id(self.work), None)
-        self.replica._used_tokens -= self.work.num_tokens
+
+
+class ReplicaPace:
+    """What admission needs from the engine's generation steps (a step observer, on the
+    stepping thread; read from the replica's loop): seconds per decode step, an EWMA over
+    steps that followed a busy step (an idle gap is not a step), and KV pressure: the
+    engine preempted a sequence within ``PRESSURE_HOLD_S``, or its last step could not
+    admit a waiting sequence for want of blocks."""
+
+    PRESSURE_HOLD_S = 2.0
+    EWMA = 0.2
+    MAX_GAP_S = 1.0  # steps further apart than this (and 4x the pace) are an idle gap
+
+    def __init__(self, clock=time.monotonic):
+        self.clock = clock
+        self.step_s: float | None = None
+        self.num_preemptions = 0
+        self.num_oom = 0  # generation forwards that ran out of device memory
+        self.kv_used_blocks = 0  # after the last generation step
+        self._last_busy: float | None = None  # when the last step with work ended
+        self._preempted_at = -math.inf
+        self._out_of_blocks = False
+
+    def observe(self, record: StepRecord) -> None:
+        if record.kind is not StepKind.GENERATE:
+            return
+        now = self.clock()
+        if record.num_decodes and self._last_busy is not None:
+            gap = now - self._last_busy
+            pace = self.step_s
+            if gap <= (self.MAX_GAP_S if pace is None else max(self.MAX_GAP_S, 4 * pace)):
+                self.step_s = gap if pace is None else pace + self.EWMA * (gap - pace)
+        self._last_busy = now if record.num_tokens or record.num_waiting else None
+        if record.num_preemptions:
+            self.num_preemptions += record.num_preemptions
+            self._preempted_at = now
+        self.num_oom += record.num_oom
+        self.kv_used_blocks = record.num_kv_blocks_used
+        self._out_of_blocks = record.out_of_blocks
+
+    def pressure(self) -> bool:
+        return self._out_of_blocks or self.clock() - self._preempted_at < self.PRESSURE_HOLD_S

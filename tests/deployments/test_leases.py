@@ -12,7 +12,7 @@ import pytest
 from deployments.admission import AdmissionController
 from deployments.errors import APIError
 from deployments.leases import AdmissionClient
-from deployments.ledger import AdmissionLedger, Verdict
+from deployments.ledger import AdmissionLedger, Ask, Verdict
 
 
 class _Method:
@@ -121,6 +121,51 @@ def test_the_ledger_books_grants_once_and_views_count_holders():
     led.grant("m", "h1:local-0", 100, "h1", now=1)
     led.grant("m", "h1:local-0", 100, "h1", now=1)  # a retried exchange books nothing more
     led.reserve("m", 50, "h2", now=1)
-    assert led.view("m") == (150, 1000, 1000, 2)
+    assert led.view("m") == (150, 1000, 1000, 2, ())
     assert led.release("h1:local-0", now=2) and led.view("m")[0] == 50
     assert led.reserve("m", 2000, "h2", now=2).verdict is Verdict.TOO_LARGE
+
+
+def test_near_capacity_a_measured_pool_refuses_without_a_round_trip():
+    """Once the replicas have measured their pace, the view carries when room frees: a
+    request that cannot fit is refused at the ingress with that Retry-After, counted by
+    the next exchange, and the controller is not asked."""
+    async def go():
+        controller, handle, client = setup()
+        load = {"decode_step_s": 0.05}
+        await controller.replica_report("m", "r1", 1000, [], load)
+        big = await client.reserve("m", Ask(900, ceiling=900, max_output=100))
+        await controller.replica_report("m", "r1", 1000, {big.lease_id: (900, 20)}, load)
+        await settle(client)
+        client._update_views(await controller.holder_report("ingress-1"))  # a heartbeat
+        with pytest.raises(APIError) as refused:
+            await client.reserve("m", 200)  # 80 tokens left x 0.05 s: room in 4 s
+        assert refused.value.status == 429 and refused.value.retry_after_s == 4
+        calls = len(asks(handle))
+        await settle(client)
+        assert asks(handle)[calls:] == ["exchange"]  # only the count of the refusal
+        small = await client.reserve("m", 100)  # fits: granted as before
+        big.release()
+        small.release()
+        await settle(client)
+        return controller
+
+    controller = asyncio.run(go())
+    assert controller.ledger.view("m")[0] == 0 and not controller.ledger.leases
+
+
+def test_without_a_measured_pace_the_controller_decides_refusals():
+    async def go():
+        controller, handle, client = setup()
+        await controller.replica_report("m", "r1", 1000, [])
+        held = await client.reserve("m", 900)
+        await settle(client)
+        calls = len(asks(handle))
+        with pytest.raises(APIError) as refused:
+            await client.reserve("m", 200)
+        assert refused.value.status == 429
+        assert "exchange" in asks(handle)[calls:]  # asked: the view could not say when
+        held.release()
+        await settle(client)
+
+    asyncio.run(go())

@@ -1,7 +1,9 @@
 """The engine's generation API, mixed into ``Engine``: ``generate`` (sync),
 ``generate_async``, ``generate_stream`` (an async generator of per-step deltas) and
-``abort``. The ``Generation`` policy (KV cache, block manager, scheduler, runner) is
-built on first use, so an engine that only embeds never allocates a KV cache.
+``abort``; the async forms take a ``Progress`` to read how far a request has come
+(admission grows its lease by it, deployments/replica.py). The ``Generation`` policy
+(KV cache, block manager, scheduler, runner) is built on first use, so an engine that
+only embeds never allocates a KV cache.
 
 Pooled work (embed, score) and generation share the step loop and its lock; while both
 have work they take turns, one step each.
@@ -24,6 +26,21 @@ from worker.generate.sequence import Sequence
 from worker.models.sources import resolve_model
 
 logger = logging.getLogger(__name__)
+
+
+class Progress:
+    """How many tokens a running request has generated so far (all its prompts'
+    sequences together), readable from any thread: a read of ints the step thread
+    writes, never a lock."""
+
+    __slots__ = ("_seqs",)
+
+    def __init__(self):
+        self._seqs: tuple[Sequence, ...] = ()
+
+    @property
+    def num_generated(self) -> int:
+        return sum(len(s.token_ids) - s.prompt_len for s in self._seqs)
 
 
 class GenerateAPI:
@@ -53,11 +70,13 @@ class GenerateAPI:
             self.step()
         return [self._result(gen, s) for s in seqs]
 
-    async def generate_async(self, token_id_lists: Seq, params: SamplingParams | Seq | None = None
-                             ) -> list[GenerationOutput]:
+    async def generate_async(self, token_id_lists: Seq, params: SamplingParams | Seq | None = None,
+                             progress: Progress | None = None) -> list[GenerationOutput]:
         """``generate`` through the background step loop."""
         gen = self.generation
         seqs = self._make_sequences(gen, token_id_lists, params)
+        if progress is not None:
+            progress._seqs = tuple(seqs)
         loop = asyncio.get_running_loop()
         futures = [loop.create_future() for _ in seqs]
         for seq, future in zip(seqs, futures):
@@ -72,13 +91,16 @@ class GenerateAPI:
                 if not seq.finished:
                     self.abort(seq.seq_id)
 
-    async def generate_stream(self, token_ids, params: SamplingParams | None = None
+    async def generate_stream(self, token_ids, params: SamplingParams | None = None,
+                              progress: Progress | None = None
                               ) -> AsyncIterator[GenerationDelta]:
         """Yield a ``GenerationDelta`` per step that adds tokens; the last one carries the
         finish reason. Closing the generator early (or cancelling its task) aborts the
         request and frees its KV blocks."""
         gen = self.generation
         seq = self._make_sequences(gen, [token_ids], params)[0]
+        if progress is not None:
+            progress._seqs = (seq,)
         loop, queue = asyncio.get_running_loop(), asyncio.Queue()
         seq.on_update = functools.partial(_stream_update, loop, queue, DeltaTracker(seq))
         self._check_alive()

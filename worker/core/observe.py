@@ -45,6 +45,8 @@ from dataclasses import dataclass
 
 import numpy as np
 
+from worker.generate.scheduler import StopReason
+
 logger = logging.getLogger(__name__)
 
 
@@ -75,6 +77,8 @@ class StepRecord:
     queue_wait_seconds: tuple[float, ...]  # [requests first scheduled this step]
     num_prefix_queries: int = 0  # generation: tokens of the sequences admitted this step
     num_prefix_hits: int = 0  # of those, tokens taken from the prefix cache
+    num_decodes: int = 0  # generation: sequences that decoded one token this step
+    out_of_blocks: bool = False  # generation: it stopped admitting for want of KV blocks
 
     @property
     def num_bins(self) -> int:
@@ -237,7 +241,8 @@ class StepObservers:
             seconds, 0, 0.0, 0, None, budget, *_kv(gen),
             gen.num_preemptions - self._preempt_base, num_waiting,
             self._waits(out.seqs[out.num_decodes:]),  # decodes were scheduled before
-            out.num_prefix_queries, out.num_prefix_hits)
+            out.num_prefix_queries, out.num_prefix_hits, out.num_decodes,
+            out.stop is StopReason.OUT_OF_BLOCKS)
         self._emit(record)
 
     def generation_oom(self, gen, num_waiting: int) -> None:
