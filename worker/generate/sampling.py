@@ -17,19 +17,22 @@ Per-row parameters live in ``SamplingRows`` (numpy, one row per running sequence
 gathered by fancy indexing and reach the device in one copy (``_Staging``).
 
 Logprobs are those of the model's distribution (log-softmax of the raw logits, before
-temperature, top-k, top-p and min-p), as vLLM reports them by default.
+temperature, top-k, top-p and min-p), as vLLM reports them by default, computed for the
+rows that asked only and read back with the tokens in one transfer
+(``worker.generate.logprobs``).
 """
 
 from __future__ import annotations
 
 import math
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 
 import numpy as np
 import torch
 
 from worker.core.errors import InvalidRequestError
 from worker.generate.grammar import Structured
+from worker.generate.logprobs import SampledTokens, read_step
 
 MAX_LOGPROBS = 20
 MAX_LOGIT_BIAS = 300  # entries per request, as OpenAI allows
@@ -175,16 +178,6 @@ def make_generator(params: SamplingParams, device: torch.device) -> torch.Genera
     return torch.Generator(device=device).manual_seed(params.seed)
 
 
-@dataclass
-class SampledTokens:
-    """One step's sampling result, on the host (one device-to-host read)."""
-
-    token_ids: list[int]  # [n]
-    logprobs: list[float] | None = None  # [n]: log p(sampled token); None when no row asked
-    top_ids: list[list[int]] = field(default_factory=list)  # [n][k_max]
-    top_logprobs: list[list[float]] = field(default_factory=list)  # [n][k_max]
-
-
 _CLEARED = SamplingParams(temperature=0)
 
 
@@ -282,27 +275,32 @@ class Sampler:
         rows = np.asarray(rows, dtype=np.int64)
         if logits.shape[0] != rows.size:
             raise ValueError(f"{logits.shape[0]} rows of logits for {rows.size} state rows")
+        ks = state.logprobs[rows]  # [n]: top k per row, -1 = no logprobs
+        asking = np.flatnonzero(ks >= 0)  # [a] positions that want logprobs
+        some = asking if 0 < asking.size < rows.size else _NO_INTS  # staged when a subset
         drawing = np.flatnonzero(state.temperature[rows] > 0)  # [m] positions in logits
         if drawing.size == 0:
             tokens = logits.argmax(dim=-1)
+            at = self._staging.stage(some)[0] if some.size else None
         else:
-            tokens = self._draw(logits, state, rows, drawing)
-        return _with_logprobs(logits if raw is None else raw, tokens,
-                              int(state.logprobs[rows].max(initial=-1)))
+            tokens, at = self._draw(logits, state, rows, drawing, some)
+        return read_step(logits if raw is None else raw, tokens, ks, asking,
+                         at if some.size else None)
 
     def _draw(self, logits: torch.Tensor, state: SamplingRows, rows: np.ndarray,
-              drawing: np.ndarray) -> torch.Tensor:
+              drawing: np.ndarray, asking: np.ndarray) -> tuple[torch.Tensor, torch.Tensor]:
         """Every row's token [n]: the argmax, replaced at ``drawing`` by one draw from the
-        tempered, filtered distribution. Parameters reach the device in one copy."""
+        tempered, filtered distribution; and ``asking`` on the device. Parameters reach
+        the device in one copy."""
         n, vocab = logits.shape
         own = rows[drawing]  # [m] state rows of the drawing rows
         top_k = np.where(state.top_k[own] < vocab, state.top_k[own], 0)  # k >= vocab: off
         top_p_at = np.flatnonzero(state.top_p[own] < 1)  # [r] positions among the m
         min_p = state.min_p[own]
         use_top_k, use_min_p, subset = bool(top_k.any()), bool(min_p.any()), drawing.size < n
-        at, k, p_at, temperature, top_p, mp = self._staging.stage(
+        at, k, p_at, asking_at, temperature, top_p, mp = self._staging.stage(
             drawing if subset else _NO_INTS, top_k if use_top_k else _NO_INTS,
-            top_p_at if 0 < top_p_at.size < own.size else _NO_INTS,
+            top_p_at if 0 < top_p_at.size < own.size else _NO_INTS, asking,
             state.temperature[own], state.top_p[own[top_p_at]],
             min_p if use_min_p else _NO_FLOATS)
         x = (logits.index_select(0, at) if subset else logits) / temperature[:, None]
@@ -314,7 +312,8 @@ class Sampler:
         if use_min_p:
             _min_p(probs, mp)
         drawn = _race(probs, state, own)
-        return logits.argmax(dim=-1).index_copy_(0, at, drawn) if subset else drawn
+        tokens = logits.argmax(dim=-1).index_copy_(0, at, drawn) if subset else drawn
+        return tokens, asking_at
 
 
 _NO_INTS, _NO_FLOATS = np.empty(0, np.int64), np.empty(0, np.float32)
@@ -361,20 +360,6 @@ def _race(probs: torch.Tensor, state: SamplingRows, own: np.ndarray) -> torch.Te
     return probs.div_(noise).argmax(dim=-1)
 
 
-def _with_logprobs(logits: torch.Tensor, tokens: torch.Tensor, k_max: int) -> SampledTokens:
-    """The step's result on the host, with logprobs of the raw distribution when
-    ``k_max >= 0`` (the chosen token's, and the top ``k_max``)."""
-    if k_max < 0:
-        return SampledTokens(tokens.tolist())
-    logprobs = torch.log_softmax(logits, dim=-1)
-    chosen = logprobs.gather(1, tokens[:, None])[:, 0]
-    out = SampledTokens(tokens.tolist(), chosen.tolist())
-    if k_max > 0:
-        top = logprobs.topk(k_max, dim=-1)
-        out.top_ids, out.top_logprobs = top.indices.tolist(), top.values.tolist()
-    return out
-
-
 class _Staging:
     """A step's per-row parameters, packed into one byte buffer and copied to the device
     once (the device reads dtype views of the copy).
@@ -390,7 +375,7 @@ class _Staging:
     """
 
     _DTYPES = {np.dtype(np.int64): torch.int64, np.dtype(np.float32): torch.float32}
-    _BYTES_PER_ROW = 3 * 8 + 3 * 4  # three int64 and three float32 arrays of <= one per row
+    _BYTES_PER_ROW = 4 * 8 + 3 * 4  # four int64 and three float32 arrays of <= one per row
 
     def __init__(self, device: torch.device, max_num_rows: int):
         self.device = device

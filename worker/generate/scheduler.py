@@ -7,11 +7,18 @@ come, first served within each group, so no request starves):
    decode; ``max_num_seqs <= max_num_batched_tokens`` guarantees they all fit);
 2. running sequences still prefilling get their next chunk;
 3. waiting sequences are admitted from the head of the queue while the budget,
-   ``max_num_seqs`` and the free KV blocks allow; admission never skips the head.
+   ``max_num_seqs`` and the free KV blocks allow; admission never skips the head, save
+   for a sequence that waits for a shared prefix (below).
    With prefix caching, an admitted sequence first takes the longest chain of cached
    full blocks matching its tokens (never its last token: that one must be computed to
    sample), and only the rest is prefilled. After each step, the full blocks a sequence
-   computed are registered under their chained hashes.
+   computed are registered under their chained hashes. A waiting sequence whose next
+   uncached block a running prefill is computing right now (``n`` choices of one prompt,
+   or many requests behind one system prompt, arriving together) is passed over until
+   that block is cached, so a shared prompt is prefilled once, not once per copy: the
+   sequences behind it are admitted meanwhile (SGLang deprioritizes in-batch prefix
+   sharers the same way). It never waits longer than the running prefill takes to get
+   past the shared blocks.
 
 A chunk is at most ``max_prefill_chunk`` tokens (0 = no cap besides the budget).
 Several prompts share a step, and a step is one packed forward, so filling the budget
@@ -53,6 +60,7 @@ class StopReason(str, enum.Enum):
     TOKEN_BUDGET = "token budget used"
     MAX_NUM_SEQS = "max_num_seqs running"
     OUT_OF_BLOCKS = "out of KV blocks"
+    PREFIX_PENDING = "the rest wait for a shared prefix a running prefill computes"
 
 
 @dataclass(frozen=True)
@@ -227,43 +235,70 @@ class GenScheduler:
         return None
 
     def _admit(self, step: _Step) -> StopReason:
-        while self.waiting:  # per admitted sequence
-            seq = self.waiting[0]
+        pending = self._pending_blocks()
+        at = 0  # the waiting sequence considered: the head, unless some wait for a prefix
+        while at < len(self.waiting):  # per admitted sequence
+            seq = self.waiting[at]
             if seq in step.preempted:  # just lost its blocks: admitting it again would thrash
                 return StopReason.OUT_OF_BLOCKS
             if len(self.running) >= min(self.max_num_seqs, self.max_num_batched_tokens):
                 return StopReason.MAX_NUM_SEQS  # the budget caps it after an OOM shrink
             if step.budget == 0:
                 return StopReason.TOKEN_BUDGET
+            if pending and self._waits_for_prefix(seq, pending):
+                at += 1
+                continue
             hit = self._take_prefix(seq)
             n = self._chunk(seq, step.budget)
             if self.blocks.allocate(seq.seq_id, n) is AllocStatus.OUT_OF_BLOCKS:
                 self.blocks.free(seq.seq_id)  # the prefix goes back to the cache
                 seq.num_computed = seq.num_registered = 0
                 return StopReason.OUT_OF_BLOCKS
-            self.waiting.popleft()
+            del self.waiting[at]
             seq.status = SeqStatus.RUNNING
             bisect.insort(self.running, seq, key=_by_arrival)
             step.add(seq, n)
             if seq.num_cached_tokens is None:  # the first admission's, as vLLM reports it
                 seq.num_cached_tokens = hit
             if self.prefix_caching:
+                pending.update(seq.block_hashes[seq.num_registered:])
                 step.num_queried += seq.num_tokens
                 step.num_hit += hit
                 self.num_prefix_queries += seq.num_tokens
                 self.num_prefix_hits += hit
-        return StopReason.NOTHING_WAITING
+        return StopReason.PREFIX_PENDING if at else StopReason.NOTHING_WAITING
+
+    def _pending_blocks(self) -> set[bytes]:
+        """Hashes of the full blocks running prefills have yet to compute (and register):
+        a waiting sequence that needs one next will find it cached once they have."""
+        pending: set[bytes] = set()
+        if self.prefix_caching and self.waiting:
+            for seq in self.running:  # per running sequence, while some wait
+                if seq.num_registered < len(seq.block_hashes):
+                    pending.update(seq.block_hashes[seq.num_registered:])
+        return pending
+
+    def _waits_for_prefix(self, seq: Sequence, pending: set[bytes]) -> bool:
+        """Whether ``seq``'s first full block missing from the cache is in ``pending``."""
+        hashes = self._prefix_hashes(seq)
+        num_cached = self.blocks.num_cached_prefix(hashes)
+        return num_cached < len(hashes) and hashes[num_cached] in pending
 
     def _take_prefix(self, seq: Sequence) -> int:
         """Tokens of ``seq`` found in the prefix cache (it takes their blocks), at most
         all its full blocks but the one holding its last token."""
         if not self.prefix_caching:
             return 0
-        max_blocks = (seq.num_tokens - 1) // self.blocks.block_size
-        taken = self.blocks.take_prefix(seq.seq_id, self._hashes(seq, max_blocks)[:max_blocks])
+        taken = self.blocks.take_prefix(seq.seq_id, self._prefix_hashes(seq))
         seq.num_registered = taken
         seq.num_computed = taken * self.blocks.block_size
         return seq.num_computed
+
+    def _prefix_hashes(self, seq: Sequence) -> list[bytes]:
+        """The chained hashes of ``seq``'s full blocks but the one holding its last token
+        (the blocks it may take from the cache)."""
+        max_blocks = (seq.num_tokens - 1) // self.blocks.block_size
+        return self._hashes(seq, max_blocks)[:max_blocks]
 
     def _hashes(self, seq: Sequence, num_blocks: int) -> list[bytes]:
         """``seq``'s chained block hashes, extended to at least ``num_blocks`` full blocks."""

@@ -128,6 +128,14 @@ class BlockManager:
         self._num_tokens[seq_id] = len(blocks) * self.block_size
         return len(blocks)
 
+    def num_cached_prefix(self, hashes: list[bytes]) -> int:
+        """How many leading blocks of ``hashes`` the cache holds (nothing is taken)."""
+        cached = self.pool.cached
+        for i, h in enumerate(hashes):  # per matching block, at admission
+            if h not in cached:
+                return i
+        return len(hashes)
+
     def register(self, seq_id: int, first: int, hashes: list[bytes], stop: int) -> None:
         """Cache ``seq_id``'s full, computed blocks ``first .. stop - 1`` under
         ``hashes[first:stop]`` (``hashes`` is the chain from its first block)."""

@@ -126,8 +126,10 @@ def test_logprobs_are_the_raw_distribution_with_top_k():
     gens = [make_generator(p, torch.device("cpu")) for p in params]
     out = Sampler().sample(logits, params, gens)
     ref = torch.log_softmax(logits, -1)
-    for i, token in enumerate(out.token_ids):
-        assert math.isclose(out.logprobs[i], float(ref[i, token]), rel_tol=1e-6)
-    top = ref.topk(2, -1)
-    assert out.top_ids == top.indices.tolist()
-    torch.testing.assert_close(torch.tensor(out.top_logprobs), top.values)
+    for i in (0, 2):  # the rows that asked; the row that did not gets none
+        assert math.isclose(out.logprobs[i], float(ref[i, out.token_ids[i]]), rel_tol=1e-6)
+    assert out.logprobs[1] is None and out.top_ids[1] == out.top_logprobs[1] == []
+    top = ref[[0, 2]].topk(2, -1)
+    assert [out.top_ids[0], out.top_ids[2]] == top.indices.tolist()
+    torch.testing.assert_close(torch.tensor([out.top_logprobs[0], out.top_logprobs[2]]),
+                               top.values)

@@ -113,10 +113,12 @@ def test_an_abort_inside_a_shared_prefix(tiny_model, make_engine):
         engine.step()
     seq_b = gen.make_sequence(SYSTEM + TAILS[3], GREEDY)
     gen.submit(seq_b)
-    engine.step()  # B admitted: it takes A's 6 blocks
-    assert seq_b.num_cached_tokens == 24
+    while seq_b.num_cached_tokens is None:  # B waits while A computes the shared blocks
+        engine.step()
+    assert seq_b.num_cached_tokens == 40  # then takes all 10 of A's SYSTEM blocks
+    assert not seq_a.finished
     shared = set(gen.blocks.block_table(seq_a.seq_id)) & set(gen.blocks.block_table(seq_b.seq_id))
-    assert len(shared) == 6 and all(gen.blocks.pool.ref[blk] == 2 for blk in shared)
+    assert len(shared) == 10 and all(gen.blocks.pool.ref[blk] == 2 for blk in shared)
     assert engine.abort(seq_a.seq_id)
     engine.check_kv_invariants()
     assert all(gen.blocks.pool.ref[blk] == 1 for blk in shared)
