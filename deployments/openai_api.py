@@ -473,6 +473,8 @@ def _release(leases: list[Lease]) -> None:
 
 
 def _usage(num_prompt_tokens: int, outs: list) -> dict:
-    """Usage of ``n`` choices of one prompt: the prompt counted once, as OpenAI does."""
+    """Usage of ``n`` choices of one prompt: the prompt counted once, as OpenAI does, and
+    its cached tokens as it found the cache (the least over the choices: the others may
+    take the blocks the first one computed)."""
     return usage(num_prompt_tokens, sum(len(o.token_ids) for o in outs),
-                 max(o.num_cached_tokens for o in outs))
+                 min(o.num_cached_tokens for o in outs))

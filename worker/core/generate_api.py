@@ -19,7 +19,12 @@ from collections.abc import Sequence as Seq
 
 from worker.core.errors import EngineDeadError, InvalidRequestError, UnsupportedTaskError
 from worker.generate.generation import Generation, GenerationSettings
-from worker.generate.output import DeltaTracker, GenerationDelta, GenerationOutput
+from worker.generate.output import (
+    DeltaTracker,
+    GenerationDelta,
+    GenerationOutput,
+    stop_strings,
+)
 from worker.generate.sampling import SamplingParams
 from worker.generate.scheduler import GenSchedulerOutput
 from worker.generate.sequence import Sequence
@@ -51,7 +56,15 @@ class GenerateAPI:
 
     @property
     def generation(self) -> Generation:
-        """The generation policy, built (and its KV cache allocated) on first use."""
+        """The generation policy, built (and its KV cache allocated) on first use.
+
+        Once built it is read without the step lock: the step thread holds that lock
+        through every step and takes it back at once, so an event loop that waited for
+        it per request (``generate_stream``, ``generate_async``) admitted a burst of
+        200 streams one step apart, seconds before any of them saw a token."""
+        gen = self._gen
+        if gen is not None:  # set once, never replaced
+            return gen
         with self._step_lock:
             if self._gen is None:
                 self._gen = self._build_generation()
@@ -101,6 +114,8 @@ class GenerateAPI:
         seq = self._make_sequences(gen, [token_ids], params)[0]
         if progress is not None:
             progress._seqs = (seq,)
+        if seq.params.stop:  # what a stream may send is held back by these: build them here
+            stop_strings(seq).prefixes()
         loop, queue = asyncio.get_running_loop(), asyncio.Queue()
         seq.on_update = functools.partial(_stream_update, loop, queue, DeltaTracker(seq))
         self._check_alive()

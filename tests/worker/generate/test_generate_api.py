@@ -145,6 +145,43 @@ def test_generate_async_matches_generate(tiny_model, make_engine):
     assert [o.token_ids for o in got] == want
 
 
+@pytest.mark.timeout(60)
+def test_new_requests_do_not_wait_for_the_step_lock(tiny_model, make_engine):
+    """Submitting a stream or an async generation never takes the step lock, which the
+    step thread holds through every step: an event loop that waited for it admitted a
+    burst of streams one step apart (issue 23: 200 streams' TTFT p50 2.5 s in-process).
+    Here another thread holds the lock until the loop, having submitted both, lets go."""
+    engine = make_engine(tiny_model("qwen2"), **SMALL)
+    gen = engine.generation  # built (the first use may take the lock)
+    held, let_go, released_by_loop = threading.Event(), threading.Event(), []
+
+    def hold_the_lock():
+        with engine._step_lock:
+            held.set()
+            released_by_loop.append(let_go.wait(10))  # False: the loop was blocked
+
+    holder = threading.Thread(target=hold_the_lock)
+    holder.start()
+    held.wait()
+    params = SamplingParams(temperature=0, max_tokens=2, ignore_eos=True)
+
+    async def submit_while_held():
+        stream = engine.generate_stream(PROMPTS[0], params)
+        first = asyncio.ensure_future(stream.__anext__())
+        batch = asyncio.ensure_future(engine.generate_async(PROMPTS[1:3], params))
+        await asyncio.sleep(0.05)  # both ran up to their waits
+        queued = gen.num_waiting
+        let_go.set()
+        delta = await first
+        await stream.aclose()
+        return queued, delta, await batch
+
+    queued, delta, outs = asyncio.run(submit_while_held())
+    holder.join()
+    assert released_by_loop == [True] and queued == 3
+    assert delta.token_ids and [len(o.token_ids) for o in outs] == [2, 2]
+
+
 def _gate_after(engine, num_steps: int) -> threading.Event:
     """Let the background loop run ``num_steps`` steps, then hold it (outside the step
     lock) until the returned event is set: the test, not the scheduler's speed, decides
