@@ -63,8 +63,9 @@ class AdmissionController:
         """An ingress's queued operations, in order (deployments/leases.py):
         ``("reserve", model, ask)`` -> its ``Decision``; ``("grant", model, ask,
         lease_id)`` books a lease the ingress granted itself; ``("refused", model)``
-        counts a 429 it answered itself; ``("release", lease_id)``. Returns the decisions (None for the others) and every touched
-        pool's ``view``. Never waits: ingresses use ``reserve`` when ``max_wait_s > 0``."""
+        counts a 429 it answered itself; ``("release", lease_id)``. Returns the
+        decisions (None for the others) and every touched pool's ``view``. Never waits:
+        ingresses use ``reserve`` when ``max_wait_s > 0``."""
         self._start_reaper()
         now, decisions, models, released = time.monotonic(), [], set(), set()
         for op in ops:

@@ -23,8 +23,9 @@ most ``heartbeat_s`` ago; every exchange refreshes it) is short of room for a re
 the 429 is answered at once, with the Retry-After the controller's schedule in the view
 names (``AdmissionLedger.view``), and counted by the next exchange. So a flood of
 refusals costs the controller nothing and the client no round trip. A release follows
-its grant in the same queue, so the controller never sees one before the other. With ``max_wait_s > 0`` the controller queues callers, so each reservation is
-a call of its own and nothing is granted locally.
+its grant in the same queue, so the controller never sees one before the other. With
+``max_wait_s > 0`` the controller queues callers, so each reservation is a call of its
+own and nothing is granted or refused locally.
 """
 
 from __future__ import annotations

@@ -189,9 +189,9 @@ class AdmissionLedger:
                 max_output: int = 0) -> Decision:
         """Grant a lease of ``tokens`` or say why not. ``ceiling``: what the lease may
         grow to (a generation's prompt + max_tokens; default ``tokens``): it must fit one
-        replica. ``max_output``: a generation's max_tokens (Retry-After reads it). ``clamp``: a request larger than one replica is charged at one replica's
-        capacity (embedding lists: they are packed over several steps) instead of
-        refused."""
+        replica. ``max_output``: a generation's max_tokens (Retry-After reads it).
+        ``clamp``: a request larger than one replica is charged at one replica's capacity
+        (embedding lists: they are packed over several steps) instead of refused."""
         pool = self._pool(model)
         self.holders[holder] = now
         capacity, largest = self._capacity(pool), self._largest(pool)
@@ -251,9 +251,9 @@ class AdmissionLedger:
         pool.ends = None
         pool.drained.append((now, lease.tokens))
         if lease.max_output > 0 and lease.reported_at is not None:
+            ran = self._final_output(pool, lease, now)
             out = pool.output_tokens
-            pool.output_tokens = (lease.generated if out is None
-                                  else out + OUTPUT_EWMA * (lease.generated - out))
+            pool.output_tokens = ran if out is None else out + OUTPUT_EWMA * (ran - out)
         return True
 
     def expire(self, now: float) -> int:
@@ -327,6 +327,15 @@ class AdmissionLedger:
         return [t for t, _ in ends], list(itertools.accumulate(n for _, n in ends))
 
     @staticmethod
+    def _final_output(pool: _Pool, lease: Lease, now: float) -> float:
+        """A released generation's output length: what its replica last reported, plus
+        what it should have generated since at that replica's pace (the report is up to a
+        heartbeat old), at most its max_tokens."""
+        rep = pool.replicas.get(lease.replica)
+        since = (now - lease.reported_at) / rep.step_s if rep is not None and rep.step_s else 0
+        return min(lease.max_output, lease.generated + since)
+
+    @staticmethod
     def _expected_left(pool: _Pool, lease: Lease) -> int:
         """Output tokens a lease should still generate: what its max_tokens leaves, or
         what the pool's generations ran on average when that is sooner (but at least as
@@ -349,6 +358,8 @@ class AdmissionLedger:
         pool = self._pool(model)
         return {"reserved": pool.reserved, "capacity": self._capacity(pool),
                 "largest": self._largest(pool), "num_replicas": len(pool.replicas),
+                "mean_output_tokens": (round(pool.output_tokens, 1)
+                                       if pool.output_tokens is not None else None),
                 "num_leases": sum(1 for lease in self.leases.values() if lease.model == model),
                 "replicas": {name: {"capacity": r.capacity, **r.load}
                              for name, r in pool.replicas.items()}}
@@ -361,8 +372,9 @@ class AdmissionLedger:
 
     @staticmethod
     def _capacity(pool: _Pool) -> int:
-        """What the pool may hold: a replica under KV pressure offers no new room."""
-        return sum(min(r.capacity, r.held) if r.pressure else r.capacity
+        """What the pool may hold: a replica under KV pressure offers no room past what
+        its leases hold (one that holds none is not short of KV for them: all of it)."""
+        return sum(min(r.capacity, r.held) if r.pressure and r.held else r.capacity
                    for r in pool.replicas.values())
 
     @staticmethod

@@ -298,12 +298,13 @@ class _Serving:
 class ReplicaPace:
     """What admission needs from the engine's generation steps (a step observer, on the
     stepping thread; read from the replica's loop): seconds per decode step, an EWMA over
-    steps that followed a busy step (an idle gap is not a step), and KV pressure: the
-    engine preempted a sequence within ``PRESSURE_HOLD_S``, or its last step could not
-    admit a waiting sequence for want of blocks."""
+    steps that followed a busy step (an idle gap is not a step), and KV pressure: within
+    the last ``PRESSURE_HOLD_S``, the engine preempted a sequence or a step could not
+    admit a waiting one for want of blocks. Pressure lapses by itself: an engine that
+    went idle under it must not stay closed to new work."""
 
     PRESSURE_HOLD_S = 2.0
-    EWMA = 0.2
+    EWMA = 0.05  # about the last 20 steps: one step's hiccup does not move Retry-After
     MAX_GAP_S = 1.0  # steps further apart than this (and 4x the pace) are an idle gap
 
     def __init__(self, clock=time.monotonic):
@@ -313,8 +314,7 @@ class ReplicaPace:
         self.num_oom = 0  # generation forwards that ran out of device memory
         self.kv_used_blocks = 0  # after the last generation step
         self._last_busy: float | None = None  # when the last step with work ended
-        self._preempted_at = -math.inf
-        self._out_of_blocks = False
+        self._pressed_at = -math.inf  # the last preemption or step out of KV blocks
 
     def observe(self, record: StepRecord) -> None:
         if record.kind is not StepKind.GENERATE:
@@ -328,10 +328,11 @@ class ReplicaPace:
         self._last_busy = now if record.num_tokens or record.num_waiting else None
         if record.num_preemptions:
             self.num_preemptions += record.num_preemptions
-            self._preempted_at = now
+            self._pressed_at = now
+        if record.out_of_blocks and record.num_waiting:
+            self._pressed_at = now
         self.num_oom += record.num_oom
         self.kv_used_blocks = record.num_kv_blocks_used
-        self._out_of_blocks = record.out_of_blocks
 
     def pressure(self) -> bool:
-        return self._out_of_blocks or self.clock() - self._preempted_at < self.PRESSURE_HOLD_S
+        return self.clock() - self._pressed_at < self.PRESSURE_HOLD_S

@@ -132,3 +132,37 @@ def test_retry_after_a_burst_is_close_to_the_time_the_admitted_work_took(url):
     first = refused[0]
     took = max(r["ended"] for r in ok) - first["at"]
     assert took / 2 <= first["retry_after"] <= 2 * took, (first, took)
+
+
+def test_a_small_request_finishes_before_heavy_ones_that_started_first(url):
+    """Fair steps over Serve: an ``n=16, logprobs=20, echo`` completion and one with
+    10,000 stop strings are streaming when a 2-token request arrives; it finishes first
+    (how long it took is the fair-steps benchmark's to measure, not this test's)."""
+    c = client(url)
+    words = " ".join(f"w{i}" for i in range(60))
+    stops = [f"<never {i}>" for i in range(10_000)]
+    started = [threading.Event(), threading.Event()]
+    ended: dict[str, float] = {}
+
+    def heavy(name: str, event: threading.Event, **kw) -> None:
+        try:
+            for _ in c.completions.create(model=GEN, stream=True, **kw):
+                event.set()
+        finally:
+            event.set()
+            ended[name] = time.monotonic()
+
+    with cf.ThreadPoolExecutor(2) as pool:
+        jobs = [pool.submit(heavy, "echo", started[0], prompt=words, n=16, logprobs=20,
+                            echo=True, max_tokens=64, extra_body={"ignore_eos": True}),
+                pool.submit(heavy, "stops", started[1], prompt="count", stop=stops,
+                            max_tokens=200, extra_body={"ignore_eos": True})]
+        for event in started:
+            assert event.wait(TIMEOUT_S)
+        small = c.completions.create(model=GEN, prompt="hi", max_tokens=2)
+        small_ended = time.monotonic()
+        for job in jobs:
+            job.result(timeout=TIMEOUT_S)
+    assert small.usage.completion_tokens == 2
+    assert small_ended < min(ended.values()), (small_ended, ended)
+    wait_drained(url, [GEN])

@@ -164,3 +164,19 @@ def test_retry_after_expects_what_the_pools_generations_ran_on_average():
                        load={"decode_step_s": 0.1})
     # expected 30 - 10 = 20 more tokens (not the 980 its max_tokens allows) x 0.1 s
     assert led.reserve("m", 10, "h", now=1.3).retry_after_s == 2
+
+
+def test_a_released_generation_counts_what_it_ran_since_its_last_report():
+    led = AdmissionLedger(retry_after_max_s=60)
+    led.replica_report("m", "r1", 1000, [], now=0, load={"decode_step_s": 0.1})
+    d = led.reserve("m", 100, "h", now=0, ceiling=1000, max_output=990)
+    led.replica_report("m", "r1", 1000, {d.lease_id: (100, 30)}, now=1,
+                       load={"decode_step_s": 0.1})
+    led.release(d.lease_id, now=2)  # a second after the report: 10 more tokens at 0.1 s
+    assert led.pools["m"].output_tokens == 40
+
+
+def test_a_replica_under_pressure_that_holds_no_lease_still_offers_its_capacity():
+    led = ledger()
+    led.replica_report("m", "r1", 1000, {}, now=1, load={"kv_pressure": True})
+    assert led.snapshot("m")["capacity"] == 1600
