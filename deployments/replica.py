@@ -297,15 +297,16 @@ class _Serving:
 
 class ReplicaPace:
     """What admission needs from the engine's generation steps (a step observer, on the
-    stepping thread; read from the replica's loop): seconds per decode step, an EWMA over
-    steps that followed a busy step (an idle gap is not a step), and KV pressure: within
+    stepping thread; read from the replica's loop): seconds per decode step, an EWMA of
+    the time from one generation step's end to the next one's when the next one decodes
+    (a decoding sequence was running after the step before, so the engine did not idle in
+    between: after an idle gap the first step is a prefill), and KV pressure: within
     the last ``PRESSURE_HOLD_S``, the engine preempted a sequence or a step could not
     admit a waiting one for want of blocks. Pressure lapses by itself: an engine that
     went idle under it must not stay closed to new work."""
 
     PRESSURE_HOLD_S = 2.0
     EWMA = 0.05  # about the last 20 steps: one step's hiccup does not move Retry-After
-    MAX_GAP_S = 1.0  # steps further apart than this (and 4x the pace) are an idle gap
 
     def __init__(self, clock=time.monotonic):
         self.clock = clock
@@ -313,19 +314,17 @@ class ReplicaPace:
         self.num_preemptions = 0
         self.num_oom = 0  # generation forwards that ran out of device memory
         self.kv_used_blocks = 0  # after the last generation step
-        self._last_busy: float | None = None  # when the last step with work ended
+        self._last: float | None = None  # when the last generation step ended
         self._pressed_at = -math.inf  # the last preemption or step out of KV blocks
 
     def observe(self, record: StepRecord) -> None:
         if record.kind is not StepKind.GENERATE:
             return
         now = self.clock()
-        if record.num_decodes and self._last_busy is not None:
-            gap = now - self._last_busy
-            pace = self.step_s
-            if gap <= (self.MAX_GAP_S if pace is None else max(self.MAX_GAP_S, 4 * pace)):
-                self.step_s = gap if pace is None else pace + self.EWMA * (gap - pace)
-        self._last_busy = now if record.num_tokens or record.num_waiting else None
+        if record.num_decodes and self._last is not None:
+            gap, pace = now - self._last, self.step_s
+            self.step_s = gap if pace is None else pace + self.EWMA * (gap - pace)
+        self._last = now
         if record.num_preemptions:
             self.num_preemptions += record.num_preemptions
             self._pressed_at = now

@@ -1,5 +1,5 @@
 """What a replica tells admission about its engine, from the engine's step records
-without Ray: seconds per decode step over busy steps (idle gaps are not steps), and KV
+without Ray: seconds per decode step (an idle gap ends in a prefill, not counted), and KV
 pressure that lapses by itself, so an engine that went idle under pressure is not closed
 to new work for good."""
 
@@ -24,15 +24,18 @@ class Clock:
         return self.now
 
 
-def test_pace_is_the_busy_step_interval_and_idle_gaps_do_not_count():
+def test_pace_is_the_interval_before_decode_steps_and_idle_gaps_do_not_count():
     clock = Clock()
     pace = ReplicaPace(clock)
     for _ in range(200):  # busy: a step every 20 ms
         clock.now += 0.02
         pace.observe(record())
     assert abs(pace.step_s - 0.02) < 1e-9
-    clock.now += 30.0  # idle, then one step
-    pace.observe(record())
+    clock.now += 30.0  # idle: the next request's first step prefills, then it decodes
+    pace.observe(record(decodes=0))
+    for _ in range(5):
+        clock.now += 0.02
+        pace.observe(record())
     assert abs(pace.step_s - 0.02) < 1e-9
 
 
