@@ -15,9 +15,10 @@ import pytest
 
 from tests.factories import token_lists
 from tests.worker._gen_helpers import add_word_tokenizer
+from tests.worker.generate.test_scheduler import run_step
 from worker.generate.sampling import SamplingParams
 from worker.generate.scheduler import GenScheduler, StopReason
-from worker.generate.sequence import FinishReason, Sequence
+from worker.generate.sequence import Sequence
 from worker.kv.block_manager import BlockManager
 
 BS = 4  # KV block size of the scheduler tests
@@ -32,19 +33,6 @@ def _scheduler(budget: int = 64, chunk: int = 0) -> GenScheduler:
                         max_prefill_chunk=chunk, enable_prefix_caching=True)
 
 
-def _step(sched: GenScheduler):
-    """One step with a fake model (every sequence that reaches its end samples 7)."""
-    out = sched.schedule()
-    sampled = [s for s, n in zip(out.seqs, out.num_new_tokens)
-               if s.num_computed + n == s.num_tokens]
-    sched.advance(out)
-    for s in sampled:
-        s.token_ids.append(7)
-        if s.num_output_tokens >= s.params.max_tokens:
-            sched.finish(s, FinishReason.LENGTH)
-    sched.check_invariants()
-    return out
-
 
 def test_copies_of_one_prompt_prefill_it_once():
     prompt = list(range(100, 130))  # 7 full blocks and 2 tokens
@@ -53,10 +41,10 @@ def test_copies_of_one_prompt_prefill_it_once():
     other = _seq(list(range(10)))
     for s in [*copies, other]:
         sched.add(s)
-    out = _step(sched)
+    out = run_step(sched)
     assert out.seqs == [copies[0], other]  # the others wait for the leader's blocks
     assert out.stop is StopReason.PREFIX_PENDING
-    out = _step(sched)
+    out = run_step(sched)
     assert out.seqs[out.num_decodes:] == copies[1:]
     assert out.num_new_tokens[out.num_decodes:] == [30 - 7 * BS] * 3  # only the tail
     assert [s.num_cached_tokens for s in copies] == [0] + [7 * BS] * 3
@@ -67,10 +55,10 @@ def test_a_follower_waits_for_a_chunked_leader_then_takes_every_shared_block():
     sched = _scheduler(budget=16, chunk=8)
     leader, follower = _seq(system + [1, 2]), _seq(system + [3, 4, 5])
     sched.add(leader)
-    _step(sched)
+    run_step(sched)
     sched.add(follower)
     while follower.num_cached_tokens is None:
-        out = _step(sched)
+        out = run_step(sched)
         assert leader in out.seqs  # the leader never waits
     assert follower.num_cached_tokens == 40 and leader.num_computed >= 40
 
@@ -80,7 +68,7 @@ def test_copies_without_prefix_caching_prefill_together():
     copies = [_seq(list(range(100, 130))) for _ in range(3)]
     for s in copies:
         sched.add(s)
-    assert _step(sched).seqs == copies
+    assert run_step(sched).seqs == copies
 
 
 # ---- the engine ---------------------------------------------------------------------
