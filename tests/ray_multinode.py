@@ -45,11 +45,12 @@ def node_env() -> dict[str, str]:
     return env
 
 
-def _worker_port_range() -> tuple[int, int]:
-    """A run of free ports: the first free port of a 40-port stretch that is all free now."""
+def _worker_port_range(taken: set[int] = frozenset()) -> tuple[int, int]:
+    """A run of free ports: the first free port of a 40-port stretch that is all free now
+    and holds none of ``taken`` (ports already given to a node)."""
     for _ in range(50):
         base = free_port()
-        if base + NUM_WORKER_PORTS < 65000 and all(_is_free(p) for p in
+        if base + NUM_WORKER_PORTS < 65000 and all(_is_free(p) and p not in taken for p in
                                                    range(base, base + NUM_WORKER_PORTS)):
             return base, base + NUM_WORKER_PORTS - 1
     raise RuntimeError("found no run of 40 free ports for Ray workers")
@@ -140,16 +141,25 @@ class LocalRayCluster:
         self.root = root or tempfile.mkdtemp(prefix="psmn-", dir="/tmp")  # short: sockets
         self.nodes: dict[str, RayNode] = {}
         self.gcs_port = 0
+        self._given: set[int] = set()  # ports handed out: the kernel may offer one twice
+
+    def _port(self) -> int:
+        """A free port not yet given to any node of this cluster (a port closed after
+        ``free_port`` can come back from the next call: Ray then refuses to start)."""
+        while (port := free_port()) in self._given:
+            pass
+        self._given.add(port)
+        return port
 
     @property
     def address(self) -> str:
         return f"127.0.0.1:{self.gcs_port}"
 
     def start_head(self, num_cpus: int = 2, resources: dict | None = None) -> RayNode:
-        self.gcs_port = free_port()
+        self.gcs_port = self._port()
         args = ["--head", f"--port={self.gcs_port}", "--num-gpus=0",
-                f"--ray-client-server-port={free_port()}", "--include-dashboard=false",
-                f"--dashboard-port={free_port()}",  # its minimal head process still binds it
+                f"--ray-client-server-port={self._port()}", "--include-dashboard=false",
+                f"--dashboard-port={self._port()}",  # its minimal head process still binds it
                 f"--system-config={json.dumps(FAST_HEALTH_CHECKS)}"]
         node = self._start("head", args, num_cpus, resources)
         self.wait_started(node)
@@ -176,12 +186,13 @@ class LocalRayCluster:
                ) -> RayNode:
         temp_dir = os.path.join(self.root, name)
         os.makedirs(temp_dir, exist_ok=True)
-        low, high = _worker_port_range()
-        ports = {"node-manager-port": free_port(), "object-manager-port": free_port(),
-                 "dashboard-agent-listen-port": free_port(),
-                 "dashboard-agent-grpc-port": free_port(), "runtime-env-agent-port": free_port(),
-                 "metrics-export-port": free_port(), "min-worker-port": low,
-                 "max-worker-port": high}
+        low, high = _worker_port_range(self._given)
+        self._given.update(range(low, high + 1))
+        ports = {"node-manager-port": self._port(), "object-manager-port": self._port(),
+                 "dashboard-agent-listen-port": self._port(),
+                 "dashboard-agent-grpc-port": self._port(),
+                 "runtime-env-agent-port": self._port(), "metrics-export-port": self._port(),
+                 "min-worker-port": low, "max-worker-port": high}
         cmd = [RAY, "start", "--block", "--node-ip-address=127.0.0.1", f"--temp-dir={temp_dir}",
                f"--num-cpus={num_cpus}", "--object-store-memory=100000000",
                "--disable-usage-stats", *args, *(f"--{k}={v}" for k, v in ports.items())]
