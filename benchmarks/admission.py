@@ -220,7 +220,7 @@ def main(argv=None) -> None:
     from transformers import AutoTokenizer
 
     from deployments import build_app
-    from deployments.builder import deployment_name
+    from deployments.app.builder import deployment_name
     from tests.ray_cluster import free_port
     from worker.models.sources import resolve_model
 

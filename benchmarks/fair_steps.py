@@ -6,7 +6,7 @@ The smoke decoder (``--model``) serves, one scenario at a time, a heavy request 
 
 - ``alone``: the probes only;
 - ``echo_n16_logprobs20``: what ``/v1/completions`` with ``n=16, logprobs=20,
-  echo=true`` asks of a replica (``deployments/openai_api.py``): the prompt scored
+  echo=true`` asks of a replica (``deployments/http/openai_api.py``): the prompt scored
   (``score_async``: echo's prompt logprobs), then ``n`` streamed choices of the same
   prompt, each with ``logprobs=20`` (temperature 1);
 - ``stops_10000``: one streamed request with 10,000 stop strings that never occur.

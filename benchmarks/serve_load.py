@@ -167,8 +167,8 @@ def run_inprocess(args, model: str, plan) -> dict:
 
 
 def run_http(args, model: str, plan) -> dict:
-    if args.ray_mode == "throughput":  # what `packserve serve` runs (deployments/ray_env.py)
-        from deployments import ray_env
+    if args.ray_mode == "throughput":  # what `packserve serve` runs (deployments/app/ray_env.py)
+        from deployments.app import ray_env
 
         ray_env.apply(ray_env.throughput_env(local=True))  # before Ray is imported
     import ray
@@ -233,7 +233,7 @@ def main(argv=None) -> None:
                    help="admission.max_wait_s (0: a full pool answers 429 at once)")
     p.add_argument("--ray-mode", choices=("default", "throughput"), default="default",
                    help="Ray Serve's settings for the HTTP path (throughput: what "
-                   "`packserve serve` runs, deployments/ray_env.py)")
+                   "`packserve serve` runs, deployments/app/ray_env.py)")
     p.add_argument("--num-requests", type=int, default=200, help="trace: requests")
     p.add_argument("--context-scale", type=float, default=0.125)
     p.add_argument("--max-context", type=int, default=256)

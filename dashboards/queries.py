@@ -1,7 +1,7 @@
 """Read the dashboard: its panels, every PromQL expression, the metrics each names.
 
 The tests use it to check that every series the dashboard queries is declared in
-``deployments/metrics.py`` (or is one of Ray Serve's standard series), and to run every
+``deployments/app/metrics.py`` (or is one of Ray Serve's standard series), and to run every
 query against a real Prometheus (``render`` fills in Grafana's variables,
 ``as_promql`` turns a ``label_values`` variable query into plain PromQL).
 

@@ -11,7 +11,7 @@ __all__ = ["build_app"]
 
 def __getattr__(name: str):
     if name == "build_app":
-        from deployments.builder import build_app
+        from deployments.app.builder import build_app
 
         return build_app
     raise AttributeError(f"module 'deployments' has no attribute {name!r}")

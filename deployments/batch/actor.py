@@ -57,7 +57,7 @@ class BatchWorker:
         self.engine = Engine(config.engine_config(device))
         self.params = None
         if config.task == "generate":
-            from worker.generate.sampling import SamplingParams
+            from worker.params import SamplingParams
 
             self.params = config.sampling or SamplingParams()
 

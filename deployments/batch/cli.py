@@ -1,5 +1,5 @@
 """``packserve batch``: the bulk job's options (see ``deployments.batch``); the
-``packserve`` command itself is ``deployments/cli.py``.
+``packserve`` command itself is ``deployments/app/cli.py``.
 
 Exit status: 0 when the output is complete (bad rows do not count as failure), 1 when
 the job could not finish (finished shards are kept: rerun to resume), 2 for bad options,
@@ -16,8 +16,8 @@ from deployments.batch.config import TASKS, JobConfig, JobConfigError
 
 
 def build_parser() -> argparse.ArgumentParser:
-    """The whole ``packserve`` parser (``deployments/cli.py``)."""
-    from deployments.cli import build_parser as packserve_parser
+    """The whole ``packserve`` parser (``deployments/app/cli.py``)."""
+    from deployments.app.cli import build_parser as packserve_parser
 
     return packserve_parser()
 
@@ -88,7 +88,7 @@ def config_from_args(args: argparse.Namespace) -> JobConfig:
         given["ignore_eos"] = True
     sampling = None
     if args.task == "generate":
-        from worker.generate.sampling import SamplingParams
+        from worker.params import SamplingParams
 
         try:
             sampling = SamplingParams(**given)
@@ -133,8 +133,8 @@ def _run_batch(args: argparse.Namespace) -> int:
 
 
 def main(argv: list[str] | None = None) -> int:
-    """``packserve`` (deployments/cli.py), kept here for ``python -m deployments.batch``."""
-    from deployments.cli import main as packserve_main
+    """``packserve`` (deployments/app/cli.py), kept here for ``python -m deployments.batch``."""
+    from deployments.app.cli import main as packserve_main
 
     return packserve_main(argv)
 

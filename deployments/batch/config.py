@@ -16,7 +16,7 @@ from typing import TYPE_CHECKING
 from worker.core.config import EngineConfig, check_choice, check_int
 
 if TYPE_CHECKING:
-    from worker.generate.sampling import SamplingParams
+    from worker.params import SamplingParams
 
 TASKS = ("embed", "score", "generate", "classify")
 DEVICES = ("auto", "cpu", "cuda")

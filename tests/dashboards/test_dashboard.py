@@ -16,7 +16,7 @@ from urllib.parse import urlsplit
 import pytest
 
 from dashboards import provision, queries
-from deployments.metrics import METRICS, MetricKind, exported_names
+from deployments.app.metrics import METRICS, MetricKind, exported_names
 
 # Ray Serve's standard series the dashboard may query (Ray exports them with these
 # names; each must appear in the installed Ray, so a typo fails).
@@ -276,7 +276,7 @@ def test_the_local_prometheus_config_scrapes_packserve_serve_metrics_port():
     Prometheus' own checker accepts it."""
     import yaml
 
-    from deployments.serve_cli import DEFAULT_METRICS_PORT
+    from deployments.app.serve_cli import DEFAULT_METRICS_PORT
     from tests.prometheus_server import prometheus_binary
 
     path = Path(__file__).resolve().parents[2] / "dashboards/prometheus.yml"

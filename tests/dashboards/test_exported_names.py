@@ -1,5 +1,5 @@
 """What Prometheus stores is what the registry says: every metric of
-``deployments/metrics.py``, recorded from a Ray actor through the recorders, is scraped
+``deployments/app/metrics.py``, recorded from a Ray actor through the recorders, is scraped
 from Ray's metrics endpoint by a real Prometheus under exactly
 ``MetricSpec.exported_names`` (the names the dashboard check relies on); counters that
 never counted anything are there at 0."""
@@ -22,7 +22,7 @@ def _recorder_actor():
     @ray.remote(num_cpus=0)
     class Recorder:
         def __init__(self):
-            from deployments.metrics import AdmissionMetrics, IngressMetrics, ReplicaMetrics
+            from deployments.app.metrics import AdmissionMetrics, IngressMetrics, ReplicaMetrics
             from worker.core.observe import StepKind, StepRecord
 
             self.replica = ReplicaMetrics("tiny", "r1")
@@ -47,7 +47,7 @@ def _recorder_actor():
 def test_prometheus_stores_the_registry_names(ray_cluster):
     import ray
 
-    from deployments.metrics import METRICS, exported_names
+    from deployments.app.metrics import METRICS, exported_names
 
     port = ray.nodes()[0]["MetricsExportPort"]
     recorder = _recorder_actor()

@@ -1,4 +1,4 @@
-"""The recorders of ``deployments/metrics.py``: with Ray's real metric objects (built
+"""The recorders of ``deployments/app/metrics.py``: with Ray's real metric objects (built
 without a running Ray: tag keys are validated on every call), and with fakes that show
 what each call records."""
 
@@ -6,8 +6,8 @@ from __future__ import annotations
 
 import pytest
 
-from deployments import metrics
-from deployments.metrics import (
+from deployments.app import metrics
+from deployments.app.metrics import (
     METRICS,
     AdmissionMetrics,
     IngressMetrics,

@@ -26,7 +26,7 @@ import pytest
 
 from benchmarks.metrics_demo import APP_ARGS, EMBED, GEN
 from dashboards import queries
-from deployments.request_timer import UNKNOWN_MODEL
+from deployments.http.request_timer import UNKNOWN_MODEL
 from tests.deployments.conftest import running_app, wait_drained
 from tests.prometheus_server import DEFAULT_BINARY, PrometheusServer, prometheus_binary
 

@@ -1,4 +1,4 @@
-"""The ingress's request timing (``deployments/request_timer.py``) on a small FastAPI
+"""The ingress's request timing (``deployments/http/request_timer.py``) on a small FastAPI
 app with the same middleware and marks as the ingress, and a fake ``IngressMetrics``:
 what each kind of request records, and that a failing recorder never fails a request."""
 
@@ -9,8 +9,8 @@ from fastapi import FastAPI, HTTPException, Request
 from fastapi.responses import StreamingResponse
 from fastapi.testclient import TestClient
 
-from deployments import request_timer
-from deployments.request_timer import RequestMetrics, timer
+from deployments.http import request_timer
+from deployments.http.request_timer import RequestMetrics, timer
 
 SERVED = {"m"}
 

@@ -59,7 +59,7 @@ def shared_url(serve_url):
 def replica_handle(model_name: str, app: str = APP):
     from ray import serve
 
-    from deployments.builder import deployment_name
+    from deployments.app.builder import deployment_name
 
     return serve.get_deployment_handle(deployment_name(model_name), app)
 

@@ -10,8 +10,8 @@ from types import SimpleNamespace
 
 import pytest
 
-from deployments.autoscaling import TokenPolicy, desired_replicas, serve_autoscaling_config
-from deployments.config import AppArgs, AppConfigError, AutoscalingArgs
+from deployments.replica.autoscaling import TokenPolicy, desired_replicas, serve_autoscaling_config
+from deployments.app.config import AppArgs, AppConfigError, AutoscalingArgs
 from tests.deployments.openai_load import Load
 
 GEN = "autoscale-smoke"
@@ -109,12 +109,12 @@ def test_config_rejects_num_replicas_with_autoscaling_and_bad_bounds():
 
 
 def test_builder_passes_the_token_policy_to_serve():
-    from deployments.builder import engine_deployment
+    from deployments.app.builder import engine_deployment
 
     app = AppArgs.parse(ARGS)
     config = engine_deployment(app.models[0], app.router)._deployment_config.autoscaling_config
     assert (config.min_replicas, config.max_replicas) == (1, 3)
-    assert config.policy.policy_function == "deployments.autoscaling:TokenPolicy"
+    assert config.policy.policy_function == "deployments.replica.autoscaling:TokenPolicy"
     assert config.policy.policy_kwargs == {"target_token_utilization": 0.5}
     assert (config.upscale_delay_s, config.downscale_delay_s) == (1, 4)
 
@@ -124,7 +124,7 @@ def test_builder_passes_the_token_policy_to_serve():
 def running_replicas() -> int:
     from ray import serve
 
-    from deployments.builder import deployment_name
+    from deployments.app.builder import deployment_name
     from tests.deployments.conftest import APP
 
     app = serve.status().applications.get(APP)

@@ -7,8 +7,8 @@ import numpy as np
 import pytest
 from pydantic import ValidationError
 
-from deployments.classify_protocol import RerankRequest, ScoreRequest
-from deployments.work import ModelInfo
+from deployments.http.classify_protocol import RerankRequest, ScoreRequest
+from deployments.replica.work import ModelInfo
 from worker.models.labels import SIGMOID, SOFTMAX, LabelSpec
 
 

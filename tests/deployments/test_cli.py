@@ -19,7 +19,7 @@ import openai
 import pytest
 import yaml
 
-from deployments.cli import main
+from deployments.app.cli import main
 from tests.ray_cluster import free_port
 
 REPO = Path(__file__).resolve().parents[2]
@@ -92,7 +92,7 @@ def test_packserve_serve_serves_a_model_and_stops_on_ctrl_c():
     port, metrics_port = free_port(), free_port()
     env = {**os.environ, "RAY_TMPDIR": tempfile.mkdtemp(prefix="pscli-", dir="/tmp"),
            "PACKSERVE_CACHE_DIR": tempfile.mkdtemp(prefix="ps-models-"), "OMP_NUM_THREADS": "1"}
-    cmd = [sys.executable, "-m", "deployments.cli", "serve", "smoke:decoder", "--name", "tiny",
+    cmd = [sys.executable, "-m", "deployments.app.cli", "serve", "smoke:decoder", "--name", "tiny",
            "--port", str(port), "--metrics-port", str(metrics_port), "--max-model-len", "256",
            "--num-kv-blocks", "64", "--max-num-batched-tokens", "256"]
     proc = subprocess.Popen(cmd, cwd=REPO, env=env, stdout=subprocess.PIPE,

@@ -14,8 +14,8 @@ import jsonschema
 import pytest
 import yaml
 
-from deployments import kuberay
-from deployments.serve_config import load_serve_config, validate_serve_config
+from deployments.app import kuberay
+from deployments.app.serve_config import load_serve_config, validate_serve_config
 
 ROOT = Path(__file__).resolve().parents[2]
 MANIFEST = ROOT / "cluster" / "rayservice.yaml"
@@ -125,7 +125,7 @@ def _containers(manifest):
 # ---- one source of truth ------------------------------------------------------------
 
 def test_serve_config_v2_is_cluster_yaml():
-    result = subprocess.run([sys.executable, "-m", "deployments.kuberay", "check"], cwd=ROOT,
+    result = subprocess.run([sys.executable, "-m", "deployments.app.kuberay", "check"], cwd=ROOT,
                             capture_output=True, text=True, timeout=120, check=False)
     assert result.returncode == 0, result.stderr
 
@@ -198,7 +198,7 @@ def test_cli_exits_1_naming_the_bad_key(tmp_path):
     bad = tmp_path / "bad.yaml"
     bad.write_text((ROOT / "cluster" / "local.yaml").read_text().replace(
         "max_num_batched_tokens: 2048", "max_num_batch_tokens: 2048"))
-    result = subprocess.run([sys.executable, "-m", "deployments.serve_config", str(bad)],
+    result = subprocess.run([sys.executable, "-m", "deployments.app.serve_config", str(bad)],
                             cwd=ROOT, capture_output=True, text=True, timeout=120, check=False)
     assert result.returncode == 1
     assert "models[1].engine.max_num_batch_tokens: unknown key" in result.stderr

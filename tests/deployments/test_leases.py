@@ -9,10 +9,10 @@ import asyncio
 
 import pytest
 
-from deployments.admission import AdmissionController
-from deployments.errors import APIError
-from deployments.leases import AdmissionClient
-from deployments.ledger import AdmissionLedger, Ask, Verdict
+from deployments.admission.controller import AdmissionController
+from deployments.http.errors import APIError
+from deployments.admission.leases import AdmissionClient
+from deployments.admission.ledger import AdmissionLedger, Ask, Verdict
 
 
 class _Method:

@@ -4,7 +4,7 @@ ingresses that stopped reporting."""
 
 from __future__ import annotations
 
-from deployments.ledger import AdmissionLedger, Ask, LeaseRule, Verdict
+from deployments.admission.ledger import AdmissionLedger, Ask, LeaseRule, Verdict
 
 
 def ledger(**kw) -> AdmissionLedger:

@@ -26,7 +26,7 @@ import httpx
 import pytest
 import yaml
 
-from deployments.serve_config import validate_serve_config
+from deployments.app.serve_config import validate_serve_config
 from tests.deployments.openai_load import Load
 from tests.ray_cluster import free_port
 from tests.ray_multinode import LocalRayCluster, node_env

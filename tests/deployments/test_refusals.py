@@ -10,10 +10,10 @@ import logging
 
 import pytest
 
-from deployments.errors import APIError
-from deployments.openai_api import OpenAIService
-from deployments.replica import EngineReplica
-from deployments.work import Refusal, ScoreWork
+from deployments.http.errors import APIError
+from deployments.http.openai_api import OpenAIService
+from deployments.replica.deployment import EngineReplica
+from deployments.replica.work import Refusal, ScoreWork
 from worker.core.errors import SequenceOverBudgetError
 
 

@@ -8,7 +8,7 @@ import asyncio
 
 import pytest
 
-from deployments.replica import EngineReplica
+from deployments.replica.deployment import EngineReplica
 
 
 def test_health_check_fails_once_the_engine_is_dead(tiny_model):

@@ -5,7 +5,7 @@ to new work for good."""
 
 from __future__ import annotations
 
-from deployments.replica import ReplicaPace
+from deployments.replica.deployment import ReplicaPace
 from worker.core.observe import StepKind, StepRecord
 
 

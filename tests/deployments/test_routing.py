@@ -14,7 +14,7 @@ import httpx
 import numpy as np
 import pytest
 
-from deployments.router import (
+from deployments.admission.router import (
     FreeBudgetRouter,
     PrefixAwareRouter,
     PrefixIndex,

@@ -1,4 +1,4 @@
-"""The stream channel (deployments/streams.py) on real sockets, without Ray: deltas pushed
+"""The stream channel (deployments/replica/streams.py) on real sockets, without Ray: deltas pushed
 before the writer runs leave as one entry, entries that arrive before the consumer takes
 them come out merged, only a peer with the secret may write, and a bad frame costs only
 its connection."""
@@ -9,7 +9,7 @@ import asyncio
 
 import pytest
 
-from deployments.streams import MAGIC, Entry, Inbox, StreamReceiver, StreamSender, _frame
+from deployments.replica.streams import MAGIC, Entry, Inbox, StreamReceiver, StreamSender, _frame
 
 
 def entry(tokens: list[int], text: str, finish: str | None = None, logprobs=None) -> Entry:

@@ -8,13 +8,13 @@ import asyncio
 
 import pytest
 
-from deployments.config import AppArgs
-from deployments.errors import APIError
-from deployments.openai_api import OpenAIService
+from deployments.app.config import AppArgs
+from deployments.http.errors import APIError
+from deployments.http.openai_api import OpenAIService
 
 
 def test_a_model_without_a_tokenizer_is_a_400(tiny_model, monkeypatch):
-    import deployments.openai_api as api
+    import deployments.http.served as api
 
     args = AppArgs.parse({"models": [{"name": "bare", "model": str(tiny_model("llama"))}],
                           "http": {"stream_transport": "serve_handle"}})
@@ -32,7 +32,7 @@ def test_a_model_without_a_tokenizer_is_a_400(tiny_model, monkeypatch):
         errors = []
         for _ in range(2):
             with pytest.raises(APIError) as info:
-                await service.tokenizer("bare")
+                await service.model("bare").tokenizer()
             errors.append(info.value)
         return errors
 

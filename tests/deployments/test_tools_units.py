@@ -8,7 +8,7 @@ import json
 
 import pytest
 
-from deployments import tools
+from deployments.http import tools
 
 ADD = {"name": "add", "parameters": {"type": "object", "required": ["a", "b"],
                                      "properties": {"a": {"type": "integer"},

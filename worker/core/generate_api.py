@@ -1,7 +1,7 @@
 """The engine's generation API, mixed into ``Engine``: ``generate`` (sync),
 ``generate_async``, ``generate_stream`` (an async generator of per-step deltas) and
 ``abort``; the async forms take a ``Progress`` to read how far a request has come
-(admission grows its lease by it, deployments/replica.py). The ``Generation`` policy
+(admission grows its lease by it, deployments/replica/deployment.py). The ``Generation`` policy
 (KV cache, block manager, scheduler, runner) is built on first use, so an engine that
 only embeds never allocates a KV cache.
 
@@ -74,9 +74,11 @@ class GenerateAPI:
                  ) -> list[GenerationOutput]:
         """Generate for every prompt (token ids) on the caller's thread; outputs in input
         order. ``params``: one ``SamplingParams`` for all, or one per prompt. Raises the
-        first invalid prompt's typed error before running any."""
+        first invalid prompt's typed error before running any (a constraint's compile
+        is waited for here, on the caller's thread)."""
         gen = self.generation
         seqs = self._make_sequences(gen, token_id_lists, params)
+        _wait_for_grammars(seqs)
         self._check_alive()
         self._submit(gen, seqs)
         while not all(s.finished for s in seqs):  # per request, per step
@@ -230,7 +232,13 @@ class GenerateAPI:
         model = self.runner.model
         return Generation(model, self.device, settings, max_model_len=self.config.max_model_len,
                           vocab_size=self.spec.vocab_size, report=report,
-                          tokenizer=_load_tokenizer(self.config))
+                          tokenizer=_load_tokenizer(self.config), wake=self._wake_loop)
+
+    def _wake_loop(self) -> None:
+        """A compile ended (on its thread): the step loop admits or fails its requests."""
+        loop = self._loop
+        if loop is not None:
+            loop.wake()
 
     def _make_sequences(self, gen: Generation, token_id_lists: Seq, params) -> list[Sequence]:
         if params is None or isinstance(params, SamplingParams):
@@ -260,6 +268,19 @@ class GenerateAPI:
         if seq.error is not None:
             raise seq.error
         return gen.processor.output(seq)
+
+
+def _wait_for_grammars(seqs: list[Sequence]) -> None:
+    """Give each sequence whose constraint is compiling its matcher, waiting; raises the
+    first failed compile's ``InvalidRequestError`` naming its prompt."""
+    for i, seq in enumerate(seqs):
+        if seq.grammar is None:
+            continue
+        try:
+            seq.matcher, seq.grammar = seq.grammar.wait(), None
+        except InvalidRequestError as exc:
+            exc.add_note(f"(prompt {i} of the {len(seqs)} given)")
+            raise
 
 
 def _load_tokenizer(config):

@@ -5,7 +5,12 @@
 sampler, ``OutputProcessor`` for stop rules and text) and exposes the engine's three
 step calls: ``schedule``, ``run``, ``postprocess`` (or ``recover_from_oom`` when the
 forward ran out of device memory). Requests come in through
-``submit`` (any thread); everything else runs under the engine's step lock.
+``submit`` (any thread); everything else runs under the engine's step lock. A
+structured request whose constraint is still compiling (on a compile thread, see
+``worker.generate.grammar``) waits outside the scheduler: it is never scheduled, and no
+step waits for it; the compile's end calls ``wake`` (the constructor's, from the compile
+thread) and the next step admits it, or fails it with the compile's
+``InvalidRequestError``.
 """
 
 from __future__ import annotations
@@ -33,7 +38,7 @@ from worker.generate.cuda_graphs import (
     graph_buckets,
     graph_memory_estimate,
 )
-from worker.generate.grammar import Grammars
+from worker.generate.grammar import CompileWaits, Grammars
 from worker.generate.output import OutputProcessor
 from worker.generate.runner import GenRunner
 from worker.generate.sampling import SampledTokens, SamplingParams, make_generator
@@ -139,7 +144,7 @@ class Generation:
     """Continuous batching for one model on one device (see the module docstring)."""
 
     def __init__(self, model, device, settings: GenerationSettings, *, max_model_len: int,
-                 vocab_size: int, report=None, tokenizer=None):
+                 vocab_size: int, report=None, tokenizer=None, wake=None):
         dtype = next(model.parameters()).dtype
         spec = KVCacheSpec.from_model_config(model.config, dtype, settings.kv_block_size)
         self.backend = select_paged_backend(
@@ -173,6 +178,7 @@ class Generation:
         self.processor = OutputProcessor(eos_token_ids(model), tokenizer)
         self._intake: deque[Sequence] = deque()
         self._live: dict[int, Sequence] = {}  # unfinished, by seq_id (intake included)
+        self._compiling = CompileWaits(wake)  # sequences waiting for their grammar
         self.num_preemptions = 0  # sequences preempted so far (recompute), for observers
         self.graph_report: CaptureReport | None = None
         logger.info("generation: %d KV blocks of %d tokens (%.2f GiB), %s paged attention",
@@ -229,10 +235,13 @@ class Generation:
             raise InvalidRequestError("stop strings need a tokenizer and this model has none; "
                                       "use stop_token_ids", value=params.stop,
                                       setting="SamplingParams.stop")
-        matcher = (self.grammars.matcher(params.structured)
-                   if params.structured is not None else None)
-        gen = make_generator(params, self.device.device)
-        return Sequence(ids, len(ids), params, gen, matcher=matcher)
+        compiled = None if params.structured is None else self.grammars.start(params.structured)
+        seq = Sequence(ids, len(ids), params, make_generator(params, self.device.device))
+        if compiled is not None and compiled.done():
+            seq.matcher = compiled.matcher()  # raises the compile's InvalidRequestError
+        elif compiled is not None:
+            seq.grammar = compiled
+        return seq
 
     def submit(self, seq: Sequence) -> None:
         """Queue ``seq`` (any thread)."""
@@ -249,12 +258,14 @@ class Generation:
         return True
 
     def has_work(self) -> bool:
-        return bool(self._intake) or self.scheduler.num_unfinished > 0
+        """Anything to step: queued or scheduled sequences, or a finished compile."""
+        return (bool(self._intake) or self.scheduler.num_unfinished > 0
+                or self._compiling.any_done())
 
     @property
     def num_waiting(self) -> int:
         """Sequences queued, preempted ones included, not yet running."""
-        return len(self._intake) + len(self.scheduler.waiting)
+        return len(self._intake) + len(self.scheduler.waiting) + len(self._compiling)
 
     # ---- the step -------------------------------------------------------------------
 
@@ -332,6 +343,7 @@ class Generation:
         self.scheduler.finish(seq, reason)
         self.runner.release(seq)
         self._live.pop(seq.seq_id, None)
+        self._compiling.drop(seq)
         if seq.on_update is not None:
             seq.on_update(seq)
         if seq.on_finish is not None:
@@ -339,7 +351,16 @@ class Generation:
 
     def _drain_intake(self) -> None:
         while self._intake:
-            self.scheduler.add(self._intake.popleft())
+            seq = self._intake.popleft()
+            if seq.grammar is None:
+                self.scheduler.add(seq)
+            else:
+                self._compiling.hold(seq)
+        for seq, error in self._compiling.take_done():  # per sequence whose compile ended
+            if error is None:
+                self.scheduler.add(seq)
+            else:
+                self._fail(seq, error)
 
 
 def _self_check(model_config, spec: KVCacheSpec, device, name: str) -> str | None:

@@ -2,8 +2,10 @@
 
 A request's ``SamplingParams.structured`` names a constraint (``Structured``: a JSON
 schema, any JSON object, a regex, a choice of strings, or a Lark grammar). The engine
-compiles it once per distinct constraint (cached) and gives the sequence its own matcher
-(``Grammars.matcher``). Each step, for the rows that have one:
+compiles it once per distinct constraint (cached), on a compile thread, within
+``GrammarLimits`` (``worker.generate.grammar_compile``); a sequence whose constraint is
+still compiling waits outside the scheduler, then gets its own matcher (a copy of the
+compiled one). Each step, for the rows that have one:
 
 1. before the forward, every constrained row's allowed tokens start being computed on a
    thread of their own (``fill_async``: one ``LLExecutor`` call for all rows, into a
@@ -13,11 +15,15 @@ compiles it once per distinct constraint (cached) and gives the sequence its own
    unpacked by numpy on CPU; on a GPU copied packed and unpacked there by a shift and an
    and per 32 tokens; no Python loop over rows);
 3. once the token is sampled, the row's matcher consumes it (``advance``); a matcher
-   that reaches the end of its grammar finishes the sequence with "stop".
+   that reaches the end of its grammar finishes the sequence with "stop"; one that
+   refuses the token, errors or dead-ends finishes it with "error" (never "stop"),
+   the refused token left out and llguidance's reason on the output's ``error``.
 
-Rows without a constraint are untouched and cost nothing. A constraint that does not
-compile is an ``InvalidRequestError`` naming ``response_format`` and llguidance's reason,
-raised when the request is submitted. Why llguidance over xgrammar and outlines-core:
+Rows without a constraint are untouched and cost nothing. A constraint over a limit, or
+that does not compile, or whose language is empty from the start, is an
+``InvalidRequestError`` naming the limit (or ``response_format``) and llguidance's
+reason: raised when the request is submitted if already known, else its request fails
+with it once the compile ends. Why llguidance over xgrammar and outlines-core:
 docs/decisions.md ("Structured outputs use llguidance").
 
 llguidance is imported on first use: an engine without it serves everything else, and a
@@ -26,116 +32,68 @@ constrained request then gets an error naming the missing package.
 
 from __future__ import annotations
 
-import functools
-import json
+import enum
 import os
 import threading
 from concurrent.futures import Future, ThreadPoolExecutor
-from dataclasses import dataclass
 
 import numpy as np
 import torch
 
 from worker.core.errors import InvalidRequestError
+from worker.generate.grammar_compile import Compiled, GrammarCompiler, GrammarLimits, reason
+from worker.params import KINDS, Structured, closed  # noqa: F401 - re-exported
 
-KINDS = ("json_schema", "json_object", "regex", "choice", "lark")
 _SETTING = "response_format"
 
 
-@dataclass(frozen=True)
-class Structured:
-    """One output constraint. ``value``: the schema as JSON text (``json_schema``), the
-    regex, the choices as a JSON list, or the Lark grammar; "" for ``json_object``."""
-
-    kind: str
-    value: str = ""
-
-    def __post_init__(self) -> None:
-        if self.kind not in KINDS:
-            raise InvalidRequestError(f"structured output kind must be one of {KINDS}, got "
-                                      f"{self.kind!r}", value=self.kind, setting=_SETTING)
-
-    @classmethod
-    def json(cls, schema: dict | None) -> Structured:
-        """A JSON schema (dict), or any JSON object when None. Objects that do not say
-        otherwise get no properties beyond those listed (``closed``)."""
-        if schema is None:
-            return cls("json_object")
-        return cls("json_schema", json.dumps(closed(schema), sort_keys=True))
-
-    @classmethod
-    def choice(cls, options: list[str]) -> Structured:
-        return cls("choice", json.dumps(list(options)))
-
-
-_SUBSCHEMAS = ("items", "additionalItems", "contains", "not", "if", "then", "else")
-_SUBSCHEMA_LISTS = ("anyOf", "oneOf", "allOf", "prefixItems")
-_SUBSCHEMA_MAPS = ("properties", "patternProperties", "$defs", "definitions")
-
-
-def closed(schema):
-    """``schema`` with ``additionalProperties: false`` on every object schema that lists
-    ``properties`` and says nothing about more: what OpenAI's strict structured outputs
-    require and xgrammar's default strict mode assumes. Unconstrained extra keys would let
-    a model (a random one always does) run on to ``max_tokens`` inside an object the
-    client never asked for. A schema that sets ``additionalProperties`` keeps it."""
-    if isinstance(schema, list):
-        return [closed(s) for s in schema]
-    if not isinstance(schema, dict):
-        return schema
-    out = dict(schema)
-    if "properties" in out and "additionalProperties" not in out:
-        out["additionalProperties"] = False
-    for key in _SUBSCHEMAS:
-        if isinstance(out.get(key), (dict, list)):
-            out[key] = closed(out[key])
-    for key in _SUBSCHEMA_LISTS:
-        if isinstance(out.get(key), list):
-            out[key] = [closed(s) for s in out[key]]
-    for key in _SUBSCHEMA_MAPS:
-        if isinstance(out.get(key), dict):
-            out[key] = {k: closed(v) for k, v in out[key].items()}
-    return out
-
-
 class Grammars:
-    """One engine's grammar compiler: its tokenizer as llguidance sees it, compiled
-    grammars cached by constraint, and the parallel executor for masks."""
+    """One engine's grammars: its tokenizer as llguidance sees it, the compile pool and
+    cache (``worker.generate.grammar_compile``, bounded by ``limits``), and the parallel
+    executor for masks."""
 
-    def __init__(self, tokenizer, vocab_size: int, eos_token_ids: frozenset[int]):
+    def __init__(self, tokenizer, vocab_size: int, eos_token_ids: frozenset[int],
+                 limits: GrammarLimits | None = None):
         self.tokenizer, self.vocab_size = tokenizer, vocab_size
         self.eos_token_ids = sorted(eos_token_ids)
+        self.limits = limits or GrammarLimits()
         self._lib = None
         self._lltok = None
         self._executor = None
         self._mask: torch.Tensor | None = None  # [rows, words] int32, host (pinned on CUDA)
-        self._loading = threading.Lock()  # the ingress checks from several threads
+        self._loading = threading.Lock()  # compile threads load it
         self._thread: ThreadPoolExecutor | None = None  # computes masks during forwards
-        self._compile = functools.lru_cache(maxsize=256)(self._compile_uncached)
+        self.compiler = GrammarCompiler(self._load, self.limits)
 
     @property
     def words(self) -> int:
         return (self.vocab_size + 31) // 32
 
     def check(self, structured: Structured) -> None:
-        """Raise ``InvalidRequestError`` if ``structured`` does not compile (cached)."""
-        self._compile(structured)
+        """Raise ``InvalidRequestError`` if ``structured`` is over a limit or does not
+        compile; blocks the calling thread (the edge calls it through
+        ``asyncio.to_thread``) at most ``limits.compile_timeout_s`` once the compile
+        started. Cached: the engine then finds it compiled."""
+        self.compiler.start(structured).wait()
+
+    def start(self, structured: Structured) -> Compiled:
+        """The compile of ``structured``, queued (or cached); never blocks on it. Raises
+        ``InvalidRequestError`` at once when its text is too large."""
+        return self.compiler.start(structured)
 
     def matcher(self, structured: Structured):
-        """A fresh matcher for one sequence (raises ``InvalidRequestError`` if the
-        constraint does not compile)."""
-        lib = self._load()
-        matcher = lib.LLMatcher(self._lltok, self._compile(structured), log_level=0)
-        if matcher.is_error():
-            raise InvalidRequestError(f"response_format: the {structured.kind} constraint does not compile: "
-                                      f"{matcher.get_error()}", setting=_SETTING)
-        return matcher
+        """A fresh matcher for one sequence, waiting for the compile (raises
+        ``InvalidRequestError`` like ``check``)."""
+        return self.compiler.start(structured).wait()
 
     def _load(self):
+        """(llguidance, its tokenizer), loaded once, on a compile thread."""
         with self._loading:
-            return self._lib or self._load_locked()
+            if self._lib is None:
+                self._load_locked()
+            return self._lib, self._lltok
 
-    def _load_locked(self):
+    def _load_locked(self) -> None:
         try:
             import llguidance
             import llguidance.hf
@@ -151,32 +109,6 @@ class Grammars:
                                                    eos_token=eos)
         self._executor = llguidance.LLExecutor(num_threads=mask_threads())
         self._lib = llguidance
-        return llguidance
-
-    def _compile_uncached(self, structured: Structured) -> str:
-        lib = self._load()
-        kind, value = structured.kind, structured.value
-        try:
-            if kind in ("json_schema", "json_object"):
-                schema = json.loads(value) if kind == "json_schema" else {"type": "object"}
-                grammar = lib.LLMatcher.grammar_from_json_schema(
-                    schema, defaults={"whitespace_flexible": False})
-            elif kind == "regex":
-                grammar = lib.LLMatcher.grammar_from_regex(value)
-            elif kind == "choice":
-                options = json.loads(value)
-                grammar = lib.LLMatcher.grammar_from_lark(
-                    "start: " + " | ".join(json.dumps(o) for o in options))
-            else:
-                grammar = lib.LLMatcher.grammar_from_lark(value)
-        except (ValueError, TypeError, RuntimeError) as exc:
-            raise InvalidRequestError(f"response_format: the {kind} constraint does not compile: {exc}",
-                                      setting=_SETTING) from None
-        message = lib.LLMatcher.validate_grammar(grammar, self._lltok)
-        if message and not message.startswith("WARNING"):
-            raise InvalidRequestError(f"response_format: the {kind} constraint does not compile: {message}",
-                                      setting=_SETTING)
-        return grammar
 
     def fill_async(self, matchers: list) -> Future:
         """``fill`` on the grammar thread (one: a step's masks are done before the next
@@ -196,6 +128,47 @@ class Grammars:
         self._executor.unsafe_compute_mask_ptr([(m, i) for i, m in enumerate(matchers)],
                                                mask.data_ptr(), self.words * 4, n)
         return mask
+
+
+class CompileWaits:
+    """Sequences whose constraint is still compiling (``Sequence.grammar``), by seq_id in
+    arrival order. Read by the step loop's ``has_work`` from its own thread, changed
+    under the step lock; ``wake`` is called when one of their compiles ends."""
+
+    def __init__(self, wake=None):
+        self._seqs: dict = {}
+        self.wake = wake  # () -> None, or None
+
+    def __len__(self) -> int:
+        return len(self._seqs)
+
+    def hold(self, seq) -> None:
+        self._seqs[seq.seq_id] = seq
+        seq.grammar.add_done_callback(self._ended)
+
+    def drop(self, seq) -> None:
+        self._seqs.pop(seq.seq_id, None)
+
+    def any_done(self) -> bool:
+        return any(s.grammar.done() for s in list(self._seqs.values()))
+
+    def take_done(self) -> list:
+        """[(seq, None)] with its matcher set, or [(seq, the compile's error)], for every
+        sequence whose compile ended; they leave the wait."""
+        out = []
+        for seq in [s for s in self._seqs.values() if s.grammar.done()]:
+            del self._seqs[seq.seq_id]
+            try:
+                seq.matcher, seq.grammar = seq.grammar.matcher(), None
+            except InvalidRequestError as exc:
+                out.append((seq, exc))
+                continue
+            out.append((seq, None))
+        return out
+
+    def _ended(self, _compiled) -> None:
+        if self.wake is not None:
+            self.wake()
 
 
 def mask_threads() -> int:
@@ -229,12 +202,27 @@ def apply_bitmask(logits: torch.Tensor, at: torch.Tensor, mask: torch.Tensor) ->
                                                                           float("-inf")))
 
 
-def advance(matcher, token: int) -> bool:
-    """The matcher consumes ``token``; True when its grammar is complete (the sequence
-    must stop) or the token was refused (it cannot continue)."""
-    if not matcher.consume_token(token):
-        return True
-    return matcher.is_stopped()
+class GrammarState(enum.Enum):
+    """Where a matcher stands after a sampled token (``advance``)."""
+
+    RUNNING = "running"  # the token was allowed and more may follow
+    COMPLETE = "complete"  # the grammar reached its end: the sequence finishes "stop"
+    FAILED = "failed"  # refused, errored or dead-ended: the sequence finishes "error"
+
+
+def advance(matcher, token: int) -> GrammarState:
+    """The matcher consumes ``token``. FAILED when it was already in error (a mask
+    that hit a llguidance limit, or found no way on: its mask then allows only EOS),
+    refused the token, or errored consuming it (``failure`` says why); a stopped
+    matcher in error is FAILED, never COMPLETE."""
+    if matcher.is_error() or not matcher.consume_token(token) or matcher.is_error():
+        return GrammarState.FAILED
+    return GrammarState.COMPLETE if matcher.is_stopped() else GrammarState.RUNNING
+
+
+def failure(matcher) -> str:
+    """Why a FAILED matcher cannot go on, on one line (llguidance's reason)."""
+    return reason(matcher) or f"the matcher stopped ({matcher.stop_reason()})"
 
 
 def allowed_tokens(mask_row: np.ndarray, vocab: int) -> np.ndarray:

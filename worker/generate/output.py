@@ -8,6 +8,10 @@ Stop rules, checked after every generated token in this order:
 2. a stop string appears in the text: finish "stop"; ``text`` is cut before it;
 3. ``max_tokens`` generated: finish "length".
 
+Before all three, a structured request's matcher consumes the token: the grammar's end
+finishes "stop" (the token kept); a refused token, a matcher error or a dead end finishes
+"error" (the token left out, llguidance's reason in ``error``, one WARNING logged).
+
 Text is decoded from all output tokens (O(output) per token, a per-request loop that
 runs every step) only while a request has stop strings or is streamed; otherwise once,
 at the end. Stop strings are matched only where the text grew (``worker.generate.stops``),
@@ -16,12 +20,16 @@ so their number does not slow the step.
 
 from __future__ import annotations
 
+import logging
 from dataclasses import dataclass
 
 from worker.generate import grammar
+from worker.generate.grammar import GrammarState
 from worker.generate.sampling import SampledTokens
 from worker.generate.sequence import FinishReason, Sequence, TokenLogprobs
 from worker.generate.stops import StopStrings
+
+logger = logging.getLogger(__name__)
 
 
 @dataclass(frozen=True)
@@ -36,6 +44,7 @@ class GenerationOutput:
     finish_reason: FinishReason
     num_preemptions: int = 0
     num_cached_tokens: int = 0  # prompt tokens whose KV came from the prefix cache
+    error: str | None = None  # why, when finish_reason is ERROR (the output is cut there)
 
 
 @dataclass(frozen=True)
@@ -48,6 +57,7 @@ class GenerationDelta:
     logprobs: list[TokenLogprobs] | None  # [len(token_ids)]; None unless asked for
     finish_reason: FinishReason | None  # set on the last delta only
     num_cached_tokens: int = 0  # prompt tokens found in the prefix cache (once admitted)
+    error: str | None = None  # on the last delta, when finish_reason is ERROR: why
 
 
 class OutputProcessor:
@@ -59,13 +69,15 @@ class OutputProcessor:
     def append(self, seq: Sequence, sampled: SampledTokens, i: int) -> FinishReason | None:
         """Add row ``i`` of ``sampled`` to ``seq``; the reason it must finish, if any."""
         token = sampled.token_ids[i]
+        state = None if seq.matcher is None else grammar.advance(seq.matcher, token)
+        if state is GrammarState.FAILED:
+            return self._grammar_failed(seq)
         seq.token_ids.append(token)
         if seq.params.logprobs is not None:
             k = seq.params.logprobs
             top = tuple(zip(sampled.top_ids[i][:k], sampled.top_logprobs[i][:k])) if k else ()
             seq.logprobs.append(TokenLogprobs(sampled.logprobs[i], top))
-        done = seq.matcher is not None and grammar.advance(seq.matcher, token)
-        if done or token in seq.params.stop_token_ids or (
+        if state is GrammarState.COMPLETE or token in seq.params.stop_token_ids or (
                 not seq.params.ignore_eos and token in self.eos_token_ids):
             self.update_text(seq)
             return FinishReason.STOP
@@ -75,6 +87,13 @@ class OutputProcessor:
         if seq.num_output_tokens >= seq.params.max_tokens:
             return FinishReason.LENGTH
         return None
+
+    def _grammar_failed(self, seq: Sequence) -> FinishReason:
+        seq.error_message = (f"the output could not follow its {seq.params.structured.kind} "
+                             f"constraint: {grammar.failure(seq.matcher)}")
+        logger.warning("request %d finished with error: %s", seq.seq_id, seq.error_message)
+        self.update_text(seq)
+        return FinishReason.ERROR
 
     def update_text(self, seq: Sequence) -> bool:
         """Decode ``seq``'s output into ``seq.text``; False without a tokenizer."""
@@ -99,7 +118,8 @@ class OutputProcessor:
             seq.seq_id, seq.token_ids[: seq.prompt_len], seq.output_ids,
             seq.text if self.tokenizer is not None else None,
             list(seq.logprobs) if seq.params.logprobs is not None else None,
-            seq.finish_reason, seq.num_preemptions, seq.num_cached_tokens or 0)
+            seq.finish_reason, seq.num_preemptions, seq.num_cached_tokens or 0,
+            seq.error_message)
 
 
 class DeltaTracker:
@@ -122,7 +142,8 @@ class DeltaTracker:
         self.sent_text = text
         return GenerationDelta(seq.seq_id, new_ids, new_text, logprobs,
                                seq.finish_reason if seq.finished else None,
-                               seq.num_cached_tokens or 0)
+                               seq.num_cached_tokens or 0,
+                               seq.error_message if seq.finished else None)
 
 
 def stop_strings(seq: Sequence) -> StopStrings:

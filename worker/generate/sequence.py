@@ -22,6 +22,7 @@ from dataclasses import dataclass, field
 import torch
 
 from worker.generate.sampling import SamplingParams
+from worker.params import TokenLogprobs  # noqa: F401 - re-exported
 
 _ids = itertools.count()
 
@@ -30,20 +31,13 @@ class FinishReason(str, enum.Enum):
     STOP = "stop"  # EOS, a stop token id or a stop string
     LENGTH = "length"  # max_tokens, or max_model_len reached
     ABORT = "abort"  # cancelled by the caller
+    ERROR = "error"  # its output constraint could not be followed (the output's ``error``)
 
 
 class SeqStatus(enum.Enum):
     WAITING = "waiting"  # queued, or preempted (its KV was freed; it recomputes)
     RUNNING = "running"  # holds KV blocks
     FINISHED = "finished"
-
-
-@dataclass(frozen=True)
-class TokenLogprobs:
-    """Logprobs of one generated token (the model's raw distribution)."""
-
-    logprob: float  # log p(the generated token)
-    top: tuple[tuple[int, float], ...]  # [k] (token id, logprob), most likely first
 
 
 @dataclass(eq=False)
@@ -66,7 +60,11 @@ class Sequence:
     block_hashes: list[bytes] = field(default_factory=list)  # chained, of full blocks so far
     num_registered: int = 0  # leading blocks known to the prefix cache (taken or registered)
     num_cached_tokens: int | None = None  # prompt tokens found cached at first admission
-    error: BaseException | None = None  # set when the engine died under the request
+    error: BaseException | None = None  # raised to the caller: the engine died under the
+    #   request, or its constraint failed to compile
+    error_message: str | None = None  # why it finished with FinishReason.ERROR
+    grammar: object | None = None  # its constraint's compile (grammar_compile.Compiled)
+    #   while in flight; the sequence waits outside the scheduler until it is done
     matcher: object | None = None  # its grammar's state (an llguidance LLMatcher) when
     #   params.structured is set; it consumes each sampled token
     stops: object | None = None  # its stop strings' matcher (worker.generate.stops), made

@@ -3,7 +3,7 @@ id, a local directory, ``packaged:all-MiniLM-L6-v2``, ``smoke:decoder``).
 
 | subcommand | what it runs                                                         |
 |------------|----------------------------------------------------------------------|
-| ``serve``  | the Serve application for one model from flags, or a Serve config (``deployments/serve_cli.py``) |
+| ``serve``  | the Serve application for one model from flags, or a Serve config (``deployments/app/serve_cli.py``) |
 | ``batch``  | a resumable bulk job over a JSONL or Parquet file (``deployments/batch/cli.py``) |
 | ``probe``  | the engine's token budget report for a model on this machine (``worker/budget/cli.py``) |
 
@@ -20,7 +20,7 @@ import sys
 
 def build_parser() -> argparse.ArgumentParser:
     from deployments.batch.cli import add_batch_parser
-    from deployments.serve_cli import add_serve_parser
+    from deployments.app.serve_cli import add_serve_parser
 
     parser = argparse.ArgumentParser(prog="packserve", description="padding-free LLM inference "
                                      "on Ray Serve")
@@ -50,7 +50,7 @@ def _run_probe(args: argparse.Namespace, rest: list[str]) -> int:
 
 def main(argv: list[str] | None = None) -> int:
     from deployments.batch.config import JobConfigError, JobError
-    from deployments.serve_cli import ServeOptionError
+    from deployments.app.serve_cli import ServeOptionError
 
     argv = sys.argv[1:] if argv is None else argv
     parser = build_parser()

@@ -29,12 +29,12 @@ from collections.abc import AsyncIterator
 import numpy as np
 from ray import serve
 
-from deployments.config import AdmissionArgs, ModelArgs
-from deployments.ledger import LeaseRule
-from deployments.metrics import ReplicaMetrics
-from deployments.process import rss_bytes, trim_memory
-from deployments.streams import StreamSender, StreamSink, entry_of
-from deployments.work import (
+from deployments.app.config import AdmissionArgs, ModelArgs
+from deployments.admission.ledger import LeaseRule
+from deployments.app.metrics import ReplicaMetrics
+from deployments.app.process import rss_bytes, trim_memory
+from deployments.replica.streams import StreamSender, StreamSink, entry_of
+from deployments.replica.work import (
     ClassifyWork,
     EmbedWork,
     GenerateWork,
@@ -92,7 +92,7 @@ class EngineReplica:
 
     # ---- requests -------------------------------------------------------------------
 
-    # Client errors come back as a ``Refusal`` value (see deployments/work.py).
+    # Client errors come back as a ``Refusal`` value (see deployments/replica/work.py).
 
     async def generate(self, work: GenerateWork) -> GenerationOutput | Refusal:
         with self._serving(work) as progress, _refusing() as refused:
@@ -103,7 +103,7 @@ class EngineReplica:
 
     async def generate_to(self, work: GenerateWork, sink: StreamSink) -> int | Refusal:
         """Generate, sending the deltas to the ingress's stream channel (at most one entry
-        per engine step, merged further while the ingress lags: deployments/streams.py);
+        per engine step, merged further while the ingress lags: deployments/replica/streams.py);
         returns the number of tokens once the last one is on the wire. Cancelling the
         call aborts the request."""
         with self._serving(work) as progress, _refusing() as refused:
@@ -187,7 +187,7 @@ class EngineReplica:
         return self.load()
 
     def record_autoscaling_stats(self) -> dict:
-        """Serve's custom autoscaling metrics, read by ``deployments.autoscaling``."""
+        """Serve's custom autoscaling metrics, read by ``deployments.replica.autoscaling``."""
         return self.load()
 
     def check_health(self) -> None:

@@ -12,7 +12,7 @@ import uuid
 
 import numpy as np
 
-from worker.generate.sequence import TokenLogprobs
+from worker.params import TokenLogprobs
 
 
 def new_id(prefix: str) -> str:
@@ -72,7 +72,7 @@ def embeddings_body(vectors: np.ndarray, encoding_format: str, model: str,
                     num_tokens: int) -> bytes:
     """The /v1/embeddings response as JSON bytes, written row by row: no dict of
     Python floats for the whole list (FastAPI would walk it float by float)."""
-    from deployments.tokens import embedding_json
+    from deployments.http.tokens import embedding_json
 
     rows = ",".join(f'{{"object":"embedding","index":{i},"embedding":'
                     f"{embedding_json(v, encoding_format)}}}" for i, v in enumerate(vectors))

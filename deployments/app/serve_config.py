@@ -7,9 +7,9 @@ Three checks, every problem reported with the path of its key:
    ``Union[dict, Model]`` fields such as ``autoscaling_config``); free-form dicts
    (``runtime_env``, ``user_config``, ``resources``) are not walked;
 3. for each application whose ``import_path`` is packserve's ``build_app``, its ``args``
-   through ``AppArgs.parse`` (deployments/config.py).
+   through ``AppArgs.parse`` (deployments/app/config.py).
 
-``python -m deployments.serve_config FILE...`` checks files (a RayService manifest is
+``python -m deployments.app.serve_config FILE...`` checks files (a RayService manifest is
 checked through its ``spec.serveConfigV2``); it exits 1 naming each bad key.
 """
 
@@ -23,9 +23,9 @@ from pathlib import Path
 import yaml
 from pydantic import BaseModel, ValidationError
 
-from deployments.config import AppArgs, AppConfigError
+from deployments.app.config import AppArgs, AppConfigError
 
-PACKSERVE_IMPORT_PATHS = ("deployments:build_app", "deployments.builder:build_app")
+PACKSERVE_IMPORT_PATHS = ("deployments:build_app", "deployments.app.builder:build_app")
 
 
 def validate_serve_config(config: dict) -> list[str]:
@@ -107,7 +107,7 @@ def load_serve_config(path: str | Path) -> dict:
 def main(argv: list[str] | None = None) -> int:
     paths = sys.argv[1:] if argv is None else argv
     if not paths:
-        print("usage: python -m deployments.serve_config FILE...", file=sys.stderr)
+        print("usage: python -m deployments.app.serve_config FILE...", file=sys.stderr)
         return 2
     status = 0
     for path in paths:

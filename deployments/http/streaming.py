@@ -5,7 +5,7 @@ Entries come by one of two transports (``http.stream_transport``):
 
 | transport      | the call                                   | the tokens                         |
 |----------------|--------------------------------------------|------------------------------------|
-| ``channel``    | ``generate_to(work, sink)`` through a Serve handle, for as long as the generation runs | the replica's stream channel to this ingress (deployments/streams.py): one frame per engine step for all the streams between the two, merged further while this side lags |
+| ``channel``    | ``generate_to(work, sink)`` through a Serve handle, for as long as the generation runs | the replica's stream channel to this ingress (deployments/replica/streams.py): one frame per engine step for all the streams between the two, merged further while this side lags |
 | ``serve_handle``| ``generate_stream(work)``, a Serve streaming call | one Ray object per delta per request |
 
 Either way the ingress does no per-token work: it formats one SSE chunk per entry it
@@ -18,11 +18,11 @@ import asyncio
 import logging
 from collections.abc import AsyncIterator, Callable
 
-from deployments.errors import APIError, from_exception, unavailable
-from deployments.request_timer import RequestTimer
-from deployments.responses import Envelope, sse, usage
-from deployments.streams import Entry, Inbox, StreamReceiver, entry_of
-from deployments.work import GenerateWork, Refusal
+from deployments.http.errors import APIError, from_exception, unavailable
+from deployments.http.request_timer import RequestTimer
+from deployments.http.responses import Envelope, sse, usage
+from deployments.replica.streams import Entry, Inbox, StreamReceiver, entry_of
+from deployments.replica.work import GenerateWork, Refusal
 
 logger = logging.getLogger("ray.serve")
 

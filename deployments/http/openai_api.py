@@ -1,8 +1,8 @@
 """The OpenAI endpoints' logic: validate, tokenize, admit, route, format.
 
-``OpenAIService`` knows nothing of HTTP framing (``deployments/ingress.py`` does); it
+``OpenAIService`` knows nothing of HTTP framing (``deployments/http/ingress.py`` does); it
 returns response bodies (dicts, or bytes for embeddings), or async iterators of
-server-sent-event strings for streams (``deployments/streaming.py``). Every request
+server-sent-event strings for streams (``deployments/http/streaming.py``). Every request
 holds an admission lease from before it is routed until it ends. Limits are checked
 before the work they protect: characters before tokenizing, tokens before admission.
 """
@@ -12,14 +12,17 @@ from __future__ import annotations
 import asyncio
 import dataclasses
 import logging
+import time
 
 import numpy as np
 
-from deployments import streaming, tools
-from deployments.config import AppArgs
-from deployments.errors import APIError, bad_request, from_exception, unavailable
-from deployments.leases import AdmissionClient, Lease
-from deployments.limits import (
+from deployments.http import streaming
+
+from deployments.http import tools
+from deployments.app.config import AppArgs
+from deployments.http.errors import APIError, bad_request, from_exception
+from deployments.admission.leases import AdmissionClient, Lease
+from deployments.http.limits import (
     chat_max_tokens,
     check_chars,
     check_embedding_inputs,
@@ -28,16 +31,16 @@ from deployments.limits import (
     check_vocab,
     split_by_tokens,
 )
-from deployments.process import rss_bytes, trim_memory
-from deployments.protocol import (
+from deployments.app.process import rss_bytes, trim_memory
+from deployments.http.protocol import (
     ChatCompletionRequest,
     CompletionRequest,
     DetokenizeRequest,
     EmbeddingRequest,
     TokenizeRequest,
 )
-from deployments.request_timer import UNTIMED, RequestTimer
-from deployments.responses import (
+from deployments.http.request_timer import UNTIMED, RequestTimer
+from deployments.http.responses import (
     CompletionLogprobs,
     Envelope,
     chat_logprobs,
@@ -46,72 +49,49 @@ from deployments.responses import (
     token_logprobs,
     usage,
 )
-from deployments.streams import Entry, StreamReceiver
-from deployments.tokens import ModelTokenizer, TokenizerPool
-from deployments.work import EmbedWork, GenerateWork, ModelInfo, Refusal, ScoreWork
-from worker.core.errors import InvalidRequestError
-from worker.generate.grammar import Grammars, Structured
+from deployments.replica.streams import Entry, StreamReceiver
+from deployments.http.served import ServedModel
+from deployments.http.tokens import ModelTokenizer, TokenizerPool
+from deployments.replica.work import EmbedWork, GenerateWork, ModelInfo, Refusal, ScoreWork
 
 logger = logging.getLogger("ray.serve")
 
-INFO_TIMEOUT_S = 60.0  # a model's first replica may still be loading
 PART_WAIT_S = 60.0  # a large embedding request waits this long for room for each later part
 LARGE_RESPONSE_BYTES = 8 << 20  # after building a body this large, give the heap back
 
 
 class OpenAIService:
     def __init__(self, args: AppArgs, models: dict, admission: AdmissionClient, metrics=None):
-        self.args, self.handles, self.admission = args, models, admission
+        self.args, self.admission = args, admission
         self.lease_rule = args.admission.make_lease_rule()
         self.metrics = metrics  # IngressMetrics, or None
         self.limits = args.http
         self.pool = TokenizerPool(args.http.tokenizer_threads)
         self.streams = StreamReceiver() if args.http.stream_transport == "channel" else None
-        self._infos: dict[str, ModelInfo] = {}
-        self._tokenizers: dict[str, ModelTokenizer | APIError] = {}  # or why it has none
-        self._grammars: dict[str, Grammars] = {}  # structured-output checks, per model
-        self._loading = asyncio.Lock()
+        loading, created = asyncio.Lock(), int(time.time())
+        self.served = {m.name: ServedModel(m, models[m.name], loading, created)
+                       for m in args.models if m.name in models}
 
     # ---- models ---------------------------------------------------------------------
 
     async def list_models(self) -> dict:
-        data = []
-        for m in self.args.models:
-            entry = {"id": m.name, "object": "model", "created": 0, "owned_by": "packserve",
-                     "root": m.model}
-            info = self._infos.get(m.name)
-            if info is None:
-                try:
-                    info = await self.info(m.name, timeout=2.0)
-                except APIError:
-                    info = None
-            if info is not None:
-                entry["packserve"] = {
-                    "tasks": info.tasks,
-                    "max_model_len": info.max_model_len, "capacity_tokens": info.capacity_tokens,
-                    "token_budget": info.token_budget, "dimensions": info.hidden_size,
-                    "smoke_test": info.smoke_test, "family": info.model_type,
-                    "proven": not info.unproven, "unproven": list(info.unproven)}
-                if info.labels is not None:
-                    entry["packserve"]["labels"] = list(info.labels.labels)
-                if info.smoke_test:
-                    entry["description"] = ("smoke-test model: random weights, its output is "
-                                            "noise; swap in a real model id to serve text")
-            data.append(entry)
-        return {"object": "list", "data": data}
+        return {"object": "list", "data": [await m.entry() for m in self.served.values()]}
+
+    async def model_entry(self, name: str) -> dict:
+        return await self.model(name).entry()
 
     async def warm_up(self) -> None:
         """Load every model's info and tokenizer before the first request needs them (a
         model still loading is retried), and export its request counters at 0."""
-        for m in self.args.models:
+        for m in self.served.values():
             while True:
                 try:
-                    info = await self.info(m.name)
+                    info = await m.info()
                     break
                 except APIError:
                     await asyncio.sleep(1.0)
             try:
-                await self.tokenizer(m.name)
+                await m.tokenizer()
             except Exception as exc:  # noqa: BLE001 - token-id requests still work
                 logger.warning("no tokenizer for %s: %s", m.name, exc)
             if self.metrics is not None:
@@ -122,50 +102,14 @@ class OpenAIService:
                 except Exception:
                     logger.exception("ingress metrics failed")
 
-    def model(self, name: str):
-        if name not in self.handles:
-            served = ", ".join(self.handles)
-            raise APIError(404, f"the model {name!r} does not exist; served models: {served}",
+    def model(self, name: str) -> ServedModel:
+        """The served model ``name``; 404 naming the served ones otherwise."""
+        served = self.served.get(name)
+        if served is None:
+            names = ", ".join(self.served)
+            raise APIError(404, f"the model {name!r} does not exist; served models: {names}",
                            param="model", code="model_not_found")
-        return self.handles[name]
-
-    async def info(self, name: str, timeout: float = INFO_TIMEOUT_S) -> ModelInfo:
-        info = self._infos.get(name)
-        if info is None:
-            try:
-                info = await asyncio.wait_for(self.model(name).model_info.remote(), timeout)
-            except APIError:
-                raise
-            except TimeoutError:
-                raise unavailable(f"no replica of {name!r} answered within {timeout:.0f} s "
-                                  "(still loading?)") from None
-            except Exception as exc:  # noqa: BLE001 - mapped to what the client sees
-                raise from_exception(exc) from None
-            self._infos[name] = info
-        return info
-
-    async def tokenizer(self, name: str) -> ModelTokenizer:
-        """The model's tokenizer, loaded once; a model without one (a checkpoint saved
-        without its tokenizer files) is a 400 for every request that needs text, with
-        the loader's reason, and is not retried per request."""
-        tok = self._tokenizers.get(name)
-        if tok is None:
-            async with self._loading:  # one load at a time: transformers' lazy imports race
-                tok = self._tokenizers.get(name)
-                if tok is None:
-                    m = self.args.model(name)
-                    try:
-                        tok = await asyncio.to_thread(ModelTokenizer, m.model,
-                                                      m.engine.trust_remote_code or False)
-                    except (OSError, ValueError, TypeError) as exc:
-                        tok = bad_request(
-                            f"{name!r} has no tokenizer the server can load "
-                            f"({type(exc).__name__}: {exc}); this request needs one to turn "
-                            "text into tokens", param="model")
-                    self._tokenizers[name] = tok
-        if isinstance(tok, APIError):
-            raise tok
-        return tok
+        return served
 
     def state(self) -> dict:
         """What this ingress holds now (tests check it drains; operators read it)."""
@@ -175,8 +119,9 @@ class OpenAIService:
     # ---- completions ----------------------------------------------------------------
 
     async def completions(self, body: CompletionRequest, timer: RequestTimer = UNTIMED):
-        handle = self.model(body.model)
-        info, tok = await self._generator(body.model)
+        served = self.model(body.model)
+        handle = served.handle
+        info, tok = await served.generator()
         ids = await self._prompt_ids(info, tok, body.prompt)
         sent = "max_tokens" in body.model_fields_set and body.max_tokens is not None
         max_tokens = body.max_tokens if sent else 16
@@ -185,7 +130,7 @@ class OpenAIService:
                               "echo: true, which scores the prompt)", param="max_tokens")
         check_length(info, len(ids), max_tokens, "prompt", max_tokens_sent=sent)
         check_logit_bias(info, body.logit_bias)
-        await self._check_structured(body.model, tok, body.structured())
+        await served.check_structured(body.structured())
         leases = await self._reserve(body.model, len(ids), max_tokens, body.n)
         env = Envelope("cmpl", "text_completion", body.model)
         lp = CompletionLogprobs(tok) if body.logprobs is not None else None
@@ -235,8 +180,9 @@ class OpenAIService:
     # ---- chat -----------------------------------------------------------------------
 
     async def chat(self, body: ChatCompletionRequest, timer: RequestTimer = UNTIMED):
-        handle = self.model(body.model)
-        info, tok = await self._generator(body.model)
+        served = self.model(body.model)
+        handle = served.handle
+        info, tok = await served.generator()
         messages = [m.rendered() for m in body.messages]
         chars = sum(len(m["content"]) for m in messages)
         check_chars(chars, self.limits.max_prompt_chars, "messages")
@@ -248,7 +194,7 @@ class OpenAIService:
         mode, named = body.tool_mode()
         structured = (tools.constraint(functions, mode, body.parallel_tool_calls, named)
                       if functions else None) or body.structured()
-        await self._check_structured(body.model, tok, structured)
+        await served.check_structured(structured)
         names = {f["name"] for f in functions} if mode != "none" else set()
         k = (body.top_logprobs or 0) if body.logprobs else None
         leases = await self._reserve(body.model, len(ids), max_tokens, body.n)
@@ -305,8 +251,8 @@ class OpenAIService:
     async def tokenize(self, body: TokenizeRequest) -> dict:
         """vLLM's /tokenize: the ids completions (``prompt``) or chat (``messages``) would
         run, with the same defaults, so ``count`` is their ``usage.prompt_tokens``."""
-        self.model(body.model)
-        info, tok = await self.info(body.model), await self.tokenizer(body.model)
+        served = self.model(body.model)
+        info, tok = await served.info(), await served.tokenizer()
         if body.prompt is not None:
             check_chars(len(body.prompt), self.limits.max_prompt_chars, "prompt")
             special = True if body.add_special_tokens is None else body.add_special_tokens
@@ -324,21 +270,21 @@ class OpenAIService:
         return out
 
     async def detokenize(self, body: DetokenizeRequest) -> dict:
-        self.model(body.model)
-        info, tok = await self.info(body.model), await self.tokenizer(body.model)
+        served = self.model(body.model)
+        info, tok = await served.info(), await served.tokenizer()
         check_vocab(info, body.tokens, "tokens")
         return {"prompt": await self.pool.run(4 * len(body.tokens), tok.decode, body.tokens)}
 
     # ---- embeddings -----------------------------------------------------------------
 
     async def embeddings(self, body: EmbeddingRequest, timer: RequestTimer = UNTIMED) -> bytes:
-        handle = self.model(body.model)
-        info = await self.info(body.model)
+        served = self.model(body.model)
+        handle, info = served.handle, await served.info()
         check_embedding_inputs(len(body.input), self.limits.max_embedding_inputs)
         if isinstance(body.input[0], str):
             chars = sum(len(x) for x in body.input)
             check_chars(chars, self.limits.max_prompt_chars, "input")
-            tok = await self.tokenizer(body.model)
+            tok = await served.tokenizer()
             inputs = await self.pool.run(chars, tok.encode_batch, body.input)
         else:
             for i, ids in enumerate(body.input):
@@ -378,35 +324,12 @@ class OpenAIService:
 
     # ---- plumbing -------------------------------------------------------------------
 
-    async def _generator(self, name: str) -> tuple[ModelInfo, ModelTokenizer]:
-        info = await self.info(name)
-        if not info.can_generate:
-            raise bad_request(f"{name!r} is an embedding model: it serves /v1/embeddings "
-                              "only", param="model")
-        return info, await self.tokenizer(name)
-
     async def _prompt_ids(self, info: ModelInfo, tok: ModelTokenizer, prompt) -> list[int]:
         if isinstance(prompt, str):
             check_chars(len(prompt), self.limits.max_prompt_chars, "prompt")
             return await self.pool.run(len(prompt), tok.encode, prompt)
         check_vocab(info, prompt, "prompt")
         return prompt
-
-    async def _check_structured(self, model: str, tok: ModelTokenizer,
-                                structured: Structured | None) -> None:
-        """A constraint that does not compile is a 400 before anything is admitted (a
-        stream could not turn it into a status later). Compiled grammars are cached."""
-        if structured is None:
-            return
-        grammars = self._grammars.get(model)
-        if grammars is None:
-            info = await self.info(model)
-            grammars = self._grammars[model] = Grammars(tok.tokenizer, info.vocab_size,
-                                                        frozenset())
-        try:
-            await asyncio.to_thread(grammars.check, structured)
-        except InvalidRequestError as exc:
-            raise bad_request(str(exc), param=exc.setting) from None
 
     async def _reserve(self, model: str, num_prompt: int, max_tokens: int, n: int
                        ) -> list[Lease]:

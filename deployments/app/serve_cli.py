@@ -4,7 +4,7 @@
     packserve serve --config cluster/local.yaml
 
 With MODEL, the application for that one model is built from flags, which are the keys
-of ``AppArgs`` (deployments/config.py), generated from it so a new key gets its flag:
+of ``AppArgs`` (deployments/app/config.py), generated from it so a new key gets its flag:
 
 | flags                                   | ``AppArgs`` keys                         |
 |-----------------------------------------|------------------------------------------|
@@ -16,10 +16,10 @@ of ``AppArgs`` (deployments/config.py), generated from it so a new key gets its 
 
 Only the flags given are set; the rest keep ``AppArgs``' defaults. ``--config FILE``
 runs a Serve config instead (strictly checked first, as ``python -m
-deployments.serve_config`` does). Either way Ray is started locally (its own instance,
+deployments.app.serve_config`` does). Either way Ray is started locally (its own instance,
 never one it finds) unless ``--address`` names a cluster, the Ray metrics of this node
 are served on ``--metrics-port`` (8080; ``dashboards/prometheus.yml`` scrapes it), a
-locally started Ray runs Ray Serve's high-throughput mode (``deployments/ray_env.py``;
+locally started Ray runs Ray Serve's high-throughput mode (``deployments/app/ray_env.py``;
 ``--no-ray-throughput-mode`` for the default one), and Ctrl-C (or SIGTERM) deletes the
 application and stops what was started.
 """
@@ -51,7 +51,7 @@ class ServeOptionError(ValueError):
 
 
 def _fields(section: str) -> dict[str, type]:
-    from deployments.config import AdmissionArgs, EngineArgs, HTTPArgs, ModelArgs, RouterArgs
+    from deployments.app.config import AdmissionArgs, EngineArgs, HTTPArgs, ModelArgs, RouterArgs
 
     model = {"model": ModelArgs, "engine": EngineArgs, "http": HTTPArgs,
              "admission": AdmissionArgs, "router": RouterArgs}[section]
@@ -95,7 +95,7 @@ def add_serve_parser(sub) -> argparse.ArgumentParser:
                    help="Ray's Prometheus endpoint of a locally started node (0: any port)")
     p.add_argument("--ray-throughput-mode", default=True, action=argparse.BooleanOptionalAction,
                    help="Ray Serve's high-throughput mode (HAProxy, direct ingress, gRPC "
-                   "between replicas) for a locally started Ray (deployments/ray_env.py)")
+                   "between replicas) for a locally started Ray (deployments/app/ray_env.py)")
     p.add_argument("--dry-run", action="store_true",
                    help="print the application's arguments (or check the config) and exit")
     for section in SECTIONS:
@@ -108,7 +108,7 @@ def add_serve_parser(sub) -> argparse.ArgumentParser:
 
 def app_args_from(args: argparse.Namespace) -> dict:
     """``AppArgs`` (as a dict) from the flags given; raises ``ServeOptionError``."""
-    from deployments.config import AppArgs, AppConfigError
+    from deployments.app.config import AppArgs, AppConfigError
 
     given: dict[str, dict] = {section: {} for section in SECTIONS}
     for dest, value in vars(args).items():
@@ -144,7 +144,7 @@ def _flags_named(message: str) -> str:
 def load_config(path: str) -> dict:
     import yaml
 
-    from deployments.serve_config import validate_serve_config
+    from deployments.app.serve_config import validate_serve_config
 
     try:
         with open(path) as f:
@@ -161,7 +161,7 @@ def run_serve(args: argparse.Namespace) -> int:
     if bool(args.model) == bool(args.config):
         raise ServeOptionError("give MODEL or --config FILE (one of them)")
     if args.ray_throughput_mode and args.address is None and not args.dry_run:
-        from deployments import ray_env
+        from deployments.app import ray_env
 
         env = ray_env.throughput_env(local=True)
         ray_env.apply(env)  # before Ray is imported

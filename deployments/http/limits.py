@@ -13,8 +13,8 @@ refusal a 400 naming the field, the limit, the value and the setting to change.
 
 from __future__ import annotations
 
-from deployments.errors import bad_request
-from deployments.work import ModelInfo
+from deployments.http.errors import bad_request
+from deployments.replica.work import ModelInfo
 
 OPENAI_MAX_EMBEDDING_INPUTS = 2048
 

@@ -1,7 +1,7 @@
 """The admission ledger: token leases against the replicas' measured capacity.
 
 Pure bookkeeping (no Ray, no clock of its own: every call takes ``now``), so the rules
-are unit-tested directly; ``deployments/admission.py`` wraps it in the one controller
+are unit-tested directly; ``deployments/admission/controller.py`` wraps it in the one controller
 replica of the cluster.
 
 Per model, a pool: the replicas that reported in (each with its measured capacity in
@@ -215,7 +215,7 @@ class AdmissionLedger:
     def grant(self, model: str, lease_id: str, tokens: int, holder: str, now: float,
               ceiling: int | None = None, max_output: int = 0) -> None:
         """Book a lease its holder granted itself (within its share of a pool far from
-        full, deployments/leases.py): booked as it comes, even past capacity, because
+        full, deployments/admission/leases.py): booked as it comes, even past capacity, because
         its request is already running."""
         self.holders[holder] = now
         if lease_id not in self.leases:

@@ -38,8 +38,8 @@ import math
 import time
 from dataclasses import dataclass
 
-from deployments.errors import APIError, bad_request, overloaded, unavailable
-from deployments.ledger import Ask, Decision, Verdict
+from deployments.http.errors import APIError, bad_request, overloaded, unavailable
+from deployments.admission.ledger import Ask, Decision, Verdict
 
 logger = logging.getLogger("ray.serve")
 

@@ -17,7 +17,7 @@ from typing import Literal
 
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, create_model, model_validator
 
-from deployments.ledger import LeaseRule
+from deployments.admission.ledger import LeaseRule
 from worker.core.config import ConfigError, EngineConfig
 
 API_KEY_ENV = "PACKSERVE_API_KEY"
@@ -47,7 +47,7 @@ EngineArgs = _engine_args_model()
 
 
 class AutoscalingArgs(_Strict):
-    """Token-aware autoscaling of a model's replicas (see deployments/autoscaling.py)."""
+    """Token-aware autoscaling of a model's replicas (see deployments/replica/autoscaling.py)."""
 
     min_replicas: int = Field(1, ge=1)  # >= 1: with none, admission answers 503, not a queue
     max_replicas: int = Field(ge=1)
@@ -104,7 +104,7 @@ class ModelArgs(_Strict):
 
 
 class AdmissionArgs(_Strict):
-    """The global admission controller (see deployments/admission.py)."""
+    """The global admission controller (see deployments/admission/controller.py)."""
 
     enabled: bool = True
     capacity_fraction: float = Field(1.0, gt=0, le=1)  # of the replicas' measured capacity
@@ -116,7 +116,7 @@ class AdmissionArgs(_Strict):
     replica_timeout_s: float = Field(5.0, gt=0)  # silent this long: capacity and leases gone
     holder_timeout_s: float = Field(15.0, gt=0)  # an ingress silent this long: leases reclaimed
     # A generation's lease: prompt + first_output_tokens, then one block ahead of its use,
-    # up to prompt + max_tokens (deployments/ledger.py LeaseRule; docs/decisions.md).
+    # up to prompt + max_tokens (deployments/admission/ledger.py LeaseRule; docs/decisions.md).
     # lease_rule "ceiling" leases prompt + max_tokens from the start (the rule before).
     lease_rule: Literal["use", "ceiling"] = "use"
     first_output_tokens: int = Field(256, ge=1)
@@ -137,7 +137,7 @@ class HTTPArgs(_Strict):
     max_prompt_chars: int = Field(DEFAULT_MAX_PROMPT_CHARS, ge=1)
     max_embedding_inputs: int = Field(2048, ge=1)  # per request, as OpenAI caps it
     tokenizer_threads: int = Field(2, ge=1)  # large inputs are tokenized here, off the loop
-    # how tokens travel from replicas to the ingress (deployments/streaming.py)
+    # how tokens travel from replicas to the ingress (deployments/http/streaming.py)
     stream_transport: Literal["channel", "serve_handle"] = "channel"
     num_replicas: int = Field(1, ge=1)  # ingress replicas (CPU only)
     max_ongoing_requests: int = Field(4096, ge=1)  # per ingress replica (Serve's default: 5)

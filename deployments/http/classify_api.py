@@ -24,18 +24,14 @@ import time
 
 import numpy as np
 
-from deployments import request_timer
-from deployments.classify_protocol import ClassifyRequest, RerankRequest, ScoreRequest
-from deployments.errors import bad_request
-from deployments.limits import check_chars, check_length, check_vocab
-from deployments.openai_api import OpenAIService
-from deployments.request_timer import UNTIMED, RequestTimer
-from deployments.responses import new_id
-from deployments.work import ClassifyWork, EmbedWork, ModelInfo
+from deployments.http.classify_protocol import ClassifyRequest, RerankRequest, ScoreRequest
+from deployments.http.errors import bad_request
+from deployments.http.limits import check_chars, check_length, check_vocab
+from deployments.http.openai_api import OpenAIService
+from deployments.http.request_timer import UNTIMED, RequestTimer
+from deployments.http.responses import new_id
+from deployments.replica.work import ClassifyWork, EmbedWork, ModelInfo
 
-ROUTES = {"/v1/classify": "classify", "/v1/rerank": "rerank", "/rerank": "rerank",
-          "/v2/rerank": "rerank", "/v1/score": "score", "/score": "score"}
-request_timer.ENDPOINTS.update(ROUTES)  # timed and counted like the OpenAI endpoints
 
 
 class ClassifyService:
@@ -53,7 +49,7 @@ class ClassifyService:
         raw = body.input
         self._check_count(len(raw), "input")
         if isinstance(raw[0], str):
-            tok = await self.service.tokenizer(body.model)
+            tok = await self.service.model(body.model).tokenizer()
             inputs = await self._tokenize(sum(len(x) for x in raw), "input",
                                           tok.encode_batch, raw)
         else:
@@ -106,7 +102,7 @@ class ClassifyService:
                          timer) -> tuple[np.ndarray, int]:
         """(one score per pair, tokens run): a cross-encoder's sigmoid, else cosine.
         ``fields`` name the two sides in errors (``("query", "documents")``)."""
-        tok = await self.service.tokenizer(model)
+        tok = await self.service.model(model).tokenizer()
         chars = sum(map(len, second)) + sum(map(len, dict.fromkeys(first)))
         if info.is_classifier:
             ids, types = await self._tokenize(chars, fields[1], _encode_pairs, tok.tokenizer,
@@ -132,7 +128,7 @@ class ClassifyService:
         lease = await self.service.admission.reserve(model, total, clamp=True)
         try:
             logits = await self.service._call(
-                self.service.model(model).classify,
+                self.service.model(model).handle.classify,
                 ClassifyWork(lease.lease_id, lease.tokens, inputs, types), timer)
         finally:
             lease.release()
@@ -145,7 +141,7 @@ class ClassifyService:
         lease = await self.service.admission.reserve(model, total, clamp=True)
         try:
             vectors = await self.service._call(
-                self.service.model(model).embed,
+                self.service.model(model).handle.embed,
                 EmbedWork(lease.lease_id, lease.tokens, inputs, pooling, True), timer)
         finally:
             lease.release()
@@ -160,8 +156,7 @@ class ClassifyService:
         return await self.service.pool.run(num_chars, fn, *args)
 
     async def _model(self, name: str) -> ModelInfo:
-        self.service.model(name)  # 404 for a model that is not served
-        return await self.service.info(name)
+        return await self.service.model(name).info()  # 404 for a model that is not served
 
     async def _relevance_model(self, name: str, endpoint: str) -> ModelInfo:
         info = await self._model(name)

@@ -29,7 +29,7 @@ import re
 import secrets
 from dataclasses import dataclass
 
-from worker.generate.grammar import Structured, closed
+from worker.params import Structured, closed
 
 OPEN, CLOSE = "<tool_call>", "</tool_call>"
 _BLOCK = re.compile(r"<tool_call>\s*(.*?)\s*</tool_call>", re.S)

@@ -10,14 +10,14 @@ from __future__ import annotations
 from ray import serve
 from ray.serve.config import RequestRouterConfig
 
-from deployments.admission import AdmissionController
-from deployments.autoscaling import serve_autoscaling_config
-from deployments.config import AppArgs, ModelArgs, RouterArgs
-from deployments.ingress import OpenAIIngress
-from deployments.replica import EngineReplica
+from deployments.admission.controller import AdmissionController
+from deployments.replica.autoscaling import serve_autoscaling_config
+from deployments.app.config import AppArgs, ModelArgs, RouterArgs
+from deployments.http.ingress import OpenAIIngress
+from deployments.replica.deployment import EngineReplica
 
-ROUTER_CLASSES = {"free_budget": "deployments.router:FreeBudgetRouter",
-                  "prefix_aware": "deployments.router:PrefixAwareRouter"}
+ROUTER_CLASSES = {"free_budget": "deployments.admission.router:FreeBudgetRouter",
+                  "prefix_aware": "deployments.admission.router:PrefixAwareRouter"}
 HEALTH_CHECK_PERIOD_S = 5.0
 # Serve logs one access line per call; the engines' and the controller's calls come
 # from the ingress and the heartbeats (several a second when idle), not from clients.

@@ -1,5 +1,5 @@
 """Request bodies of the classification endpoints, validated at the edge by the rules of
-``deployments/protocol.py`` (unknown fields refused, strict JSON types, lone surrogates
+``deployments/http/protocol.py`` (unknown fields refused, strict JSON types, lone surrogates
 refused with their path).
 
 | endpoint                         | shape of                                                   |
@@ -15,7 +15,7 @@ from typing import Annotated
 
 from pydantic import BaseModel, ConfigDict, Field, PlainValidator
 
-from deployments.protocol import TokenIds, _Body, _inputs
+from deployments.http.protocol import TokenIds, _Body, _inputs
 
 
 class ClassifyRequest(_Body):

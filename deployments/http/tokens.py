@@ -19,7 +19,7 @@ from concurrent.futures import ThreadPoolExecutor
 
 import numpy as np
 
-from deployments.errors import bad_request, overloaded
+from deployments.http.errors import bad_request, overloaded
 from worker.models.sources import resolve_model
 
 INLINE_CHARS = 2048  # ~0.1 ms to tokenize: cheaper inline than on a thread

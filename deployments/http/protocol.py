@@ -13,7 +13,7 @@
   ``logprobs`` (as OpenAI requires), ``stream_options`` needs ``stream``.
 
 Errors raised as ``field_error(path, message)`` carry the field's path, which becomes
-the OpenAI error's ``param`` (``deployments/ingress.py``).
+the OpenAI error's ``param`` (``deployments/http/ingress.py``).
 """
 
 from __future__ import annotations
@@ -32,11 +32,11 @@ from pydantic import (
 )
 from pydantic_core import PydanticCustomError
 
-from worker.generate.grammar import Structured
-from worker.generate.sampling import (
+from worker.params import (
     MAX_LOGPROBS,
     InvalidSamplingParamsError,
     SamplingParams,
+    Structured,
     parse_logit_bias,
 )
 

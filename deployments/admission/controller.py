@@ -4,7 +4,7 @@ Every ingress replica asks it for a lease before routing a request, and releases
 lease when the request ends; every engine replica reports its measured capacity, the
 leases it is serving with what each holds now (generations grow: ``LeaseRule``), its
 pace and its KV pressure each ``heartbeat_s``. A reaper expires silent replicas and
-ingresses and reclaims their leases (see ``deployments/ledger.py``). When the pool is
+ingresses and reclaims their leases (see ``deployments/admission/ledger.py``). When the pool is
 full, ``reserve`` either answers at once (a 429 with Retry-After: when enough leases
 should have ended) or, with ``max_wait_s > 0``, queues the caller FIFO until room frees
 or the wait runs out.
@@ -23,9 +23,9 @@ from collections import deque
 
 from ray import serve
 
-from deployments.config import AdmissionArgs
-from deployments.ledger import AdmissionLedger, Ask, Decision, Verdict
-from deployments.metrics import AdmissionMetrics
+from deployments.app.config import AdmissionArgs
+from deployments.admission.ledger import AdmissionLedger, Ask, Decision, Verdict
+from deployments.app.metrics import AdmissionMetrics
 
 logger = logging.getLogger("ray.serve")
 
@@ -60,7 +60,7 @@ class AdmissionController:
 
     async def exchange(self, ops: list[tuple], holder: str
                        ) -> tuple[list[Decision | None], dict[str, tuple]]:
-        """An ingress's queued operations, in order (deployments/leases.py):
+        """An ingress's queued operations, in order (deployments/admission/leases.py):
         ``("reserve", model, ask)`` -> its ``Decision``; ``("grant", model, ask,
         lease_id)`` books a lease the ingress granted itself; ``("refused", model)``
         counts a 429 it answered itself; ``("release", lease_id)``. Returns the

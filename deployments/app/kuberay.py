@@ -1,9 +1,9 @@
 """One source of truth for the Serve application on Kubernetes: the RayService
 manifest's ``spec.serveConfigV2`` is cluster/cluster.yaml, verbatim.
 
-    python -m deployments.kuberay render   # cluster.yaml -> the manifest's serveConfigV2
-    python -m deployments.kuberay extract  # the manifest's serveConfigV2 -> cluster.yaml
-    python -m deployments.kuberay check    # exit 1 with a diff when the two differ
+    python -m deployments.app.kuberay render   # cluster.yaml -> the manifest's serveConfigV2
+    python -m deployments.app.kuberay extract  # the manifest's serveConfigV2 -> cluster.yaml
+    python -m deployments.app.kuberay check    # exit 1 with a diff when the two differ
 
 ``render`` rewrites only the ``serveConfigV2: |`` block of the manifest, as text, so the
 rest of the manifest (its comments included) is kept. The test suite runs ``check``.
@@ -79,7 +79,7 @@ def _indent(line: str) -> int:
 
 
 def main(argv: list[str] | None = None) -> int:
-    parser = argparse.ArgumentParser(prog="python -m deployments.kuberay",
+    parser = argparse.ArgumentParser(prog="python -m deployments.app.kuberay",
                                      description=__doc__.split("\n\n")[0])
     parser.add_argument("command", choices=["render", "extract", "check"])
     parser.add_argument("--serve-config", default=SERVE_CONFIG)
@@ -104,7 +104,7 @@ def _run(command: str, serve_path: Path, manifest_path: Path) -> int:
         diff = drift(manifest_text, serve_path.read_text())
         if diff:
             print(f"{manifest_path} spec.serveConfigV2 has drifted from {serve_path}; run "
-                  f"`python -m deployments.kuberay render` (or `extract` to keep the "
+                  f"`python -m deployments.app.kuberay render` (or `extract` to keep the "
                   f"manifest's copy):\n{diff}", file=sys.stderr)
             return 1
         print(f"{manifest_path} spec.serveConfigV2 matches {serve_path}")

@@ -9,7 +9,7 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 
-from worker.generate.sampling import SamplingParams
+from worker.params import SamplingParams
 from worker.models.labels import LabelSpec
 
 

@@ -29,10 +29,10 @@ import time
 
 from starlette.types import ASGIApp, Message, Receive, Scope, Send
 
+from deployments.http.routes import ENDPOINTS
+
 logger = logging.getLogger("ray.serve")
 
-ENDPOINTS = {"/v1/completions": "completions", "/v1/chat/completions": "chat",
-             "/v1/embeddings": "embeddings"}
 CLIENT_CLOSED = 499  # nginx's "client closed request": the client left before an answer
 UNKNOWN_MODEL = "unknown"  # the body did not parse, or named a model that is not served
 _SCOPE_KEY = "packserve.timer"

@@ -1,16 +1,17 @@
 """The HTTP edge: a FastAPI app served by Ray Serve (``@serve.ingress``).
 
 Framing only: routes, API-key auth, the body (read whole, bounded, valid UTF-8), every
-error rendered in OpenAI's format (``deployments/errors.py``; FastAPI's own 404, 405
+error rendered in OpenAI's format (``deployments/http/errors.py``; FastAPI's own 404, 405
 and body errors included) and logged as one WARNING line, and per-request metrics
-(``deployments/request_timer.py``, the outermost middleware, so that 401s, 413s and
+(``deployments/http/request_timer.py``, the outermost middleware, so that 401s, 413s and
 invalid bodies are counted too). The endpoints' logic lives in
-``deployments/openai_api.py``. The middlewares are plain ASGI (no
+``deployments/http/openai_api.py``. The middlewares are plain ASGI (no
 ``BaseHTTPMiddleware``, which copies every streamed chunk through a memory stream).
 """
 
 import asyncio
 import logging
+from importlib import metadata
 
 from fastapi import FastAPI, Request
 from fastapi.exceptions import RequestValidationError
@@ -19,13 +20,13 @@ from ray import serve
 from starlette.exceptions import HTTPException
 from starlette.types import ASGIApp, Receive, Scope, Send
 
-from deployments.classify_api import ClassifyService
-from deployments.classify_protocol import ClassifyRequest, RerankRequest, ScoreRequest
-from deployments.config import AppArgs
-from deployments.errors import APIError, from_exception
-from deployments.leases import AdmissionClient
-from deployments.openai_api import OpenAIService
-from deployments.protocol import (
+from deployments.http.classify_api import ClassifyService
+from deployments.http.classify_protocol import ClassifyRequest, RerankRequest, ScoreRequest
+from deployments.app.config import AppArgs
+from deployments.http.errors import APIError, from_exception
+from deployments.admission.leases import AdmissionClient
+from deployments.http.openai_api import OpenAIService
+from deployments.http.protocol import (
     FIELD_ERROR,
     ChatCompletionRequest,
     CompletionRequest,
@@ -34,15 +35,25 @@ from deployments.protocol import (
     TokenizeRequest,
     short,
 )
-from deployments.request_timer import ClientLeft, RequestMetrics, set_recorder, timer
+from deployments.http.request_timer import ClientLeft, RequestMetrics, set_recorder, timer
+from deployments.http.routes import OPEN_PATHS, api_summary, mount
 
 logger = logging.getLogger("ray.serve")
 
 app = FastAPI(title="packserve", description="OpenAI-compatible, padding-free LLM serving")
-OPEN_PATHS = ("/health", "/docs", "/openapi.json")
 BODY_METHODS = ("POST", "PUT", "PATCH")
 _EDGE: dict = {"api_key": None, "max_body_bytes": None}  # set once per ingress process
 HEALTH_TIMEOUT_S = 5.0
+
+
+def _package_version() -> str:
+    try:
+        return metadata.version("packserve")
+    except metadata.PackageNotFoundError:  # run from a source tree that was never installed
+        return "unknown"
+
+
+VERSION = _package_version()
 
 
 def set_edge(api_key: str | None, max_body_bytes: int) -> None:
@@ -159,8 +170,7 @@ async def _http_error(request: Request, exc: HTTPException) -> JSONResponse:
     """FastAPI's own errors (unknown path, wrong method, unreadable body) in OpenAI's body."""
     method, path = request.method, request.url.path
     if exc.status_code == 404:
-        err = APIError(404, f"no route {method} {path}: the API is /v1/completions, "
-                       "/v1/chat/completions, /v1/embeddings, /v1/models, /health",
+        err = APIError(404, f"no route {method} {path}: the API is {api_summary()}",
                        code="not_found")
     elif exc.status_code == 405:
         allowed = (exc.headers or {}).get("Allow", "")
@@ -226,7 +236,7 @@ class EventStream(StreamingResponse):
 
 def _ingress_metrics():
     """This process's ``IngressMetrics``; None (record nothing) if they cannot be built."""
-    from deployments.metrics import IngressMetrics
+    from deployments.app.metrics import IngressMetrics
 
     try:
         return IngressMetrics()
@@ -245,9 +255,9 @@ def _respond(result):
     return EventStream(result, media_type="text/event-stream")
 
 
-@serve.ingress(app)
 class OpenAIIngress:
-    """OpenAI-compatible routes over the model deployments (see module docstring)."""
+    """OpenAI-compatible routes over the model deployments (see module docstring). Each
+    handler answers the row of ``deployments/http/routes.py`` that names it."""
 
     async def __init__(self, app_args: dict, admission, models: dict):
         self.args = AppArgs.parse(app_args)
@@ -264,7 +274,6 @@ class OpenAIIngress:
         self.classify_service = ClassifyService(self.service)
         self._warm_up = asyncio.get_running_loop().create_task(self.service.warm_up())
 
-    @app.get("/health")
     async def health(self) -> JSONResponse:
         """200 when every model has a live replica reporting to admission, else 503."""
         client = self.service.admission
@@ -279,50 +288,46 @@ class OpenAIIngress:
         return JSONResponse({"status": "ok" if ok else "unavailable", "replicas": replicas},
                             status_code=200 if ok else 503)
 
-    @app.get("/v1/models")
+    async def ping(self) -> Response:
+        """200 while this ingress process answers (liveness; ``/health`` is readiness)."""
+        return Response(status_code=200)
+
+    async def version(self) -> dict:
+        return {"version": VERSION}
+
     async def models(self) -> dict:
         return await self.service.list_models()
 
-    @app.post("/v1/completions")
+    async def model(self, model_id: str) -> dict:
+        """One entry of ``/v1/models``; 404 naming the served models otherwise."""
+        return await self.service.model_entry(model_id)
+
     async def completions(self, body: CompletionRequest, request: Request):
         return _respond(await self.service.completions(body, self._timer(request, body)))
 
-    @app.post("/v1/chat/completions")
     async def chat_completions(self, body: ChatCompletionRequest, request: Request):
         return _respond(await self.service.chat(body, self._timer(request, body)))
 
-    @app.post("/v1/embeddings")
     async def embeddings(self, body: EmbeddingRequest, request: Request):
         return _respond(await self.service.embeddings(body, self._timer(request, body)))
 
-    # ---- classification (deployments/classify_api.py) ----------------------------------
+    # ---- classification (deployments/http/classify_api.py) ----------------------------------
 
-    @app.post("/v1/classify")
     async def classify(self, body: ClassifyRequest, request: Request) -> dict:
         return await self.classify_service.classify(body, self._timer(request, body))
 
-    @app.post("/v1/rerank")
-    @app.post("/v2/rerank")
-    @app.post("/rerank")
     async def rerank(self, body: RerankRequest, request: Request) -> dict:
         return await self.classify_service.rerank(body, self._timer(request, body))
 
-    @app.post("/v1/score")
-    @app.post("/score")
     async def score(self, body: ScoreRequest, request: Request) -> dict:
         return await self.classify_service.score(body, self._timer(request, body))
 
-    @app.post("/tokenize")
-    @app.post("/v1/tokenize")
     async def tokenize(self, body: TokenizeRequest) -> dict:
         return await self.service.tokenize(body)
 
-    @app.post("/detokenize")
-    @app.post("/v1/detokenize")
     async def detokenize(self, body: DetokenizeRequest) -> dict:
         return await self.service.detokenize(body)
 
-    @app.get("/v1/admission")
     async def admission(self) -> dict:
         """The controller's ledger per model (reserved, capacity, leases, waiters)."""
         client = self.service.admission
@@ -335,4 +340,8 @@ class OpenAIIngress:
         return self.service.state()
 
     def _timer(self, request: Request, body):
-        return timer(request.scope, body.model, self.service.handles)
+        return timer(request.scope, body.model, self.service.served)
+
+
+mount(app, OpenAIIngress)
+OpenAIIngress = serve.ingress(app)(OpenAIIngress)

@@ -1,7 +1,7 @@
 """Token-aware autoscaling: a Ray Serve custom autoscaling policy over the tokens the
 replicas hold, against the capacity they measured.
 
-Every replica reports ``record_autoscaling_stats`` (``deployments/replica.py``):
+Every replica reports ``record_autoscaling_stats`` (``deployments/replica/deployment.py``):
 ``used_tokens`` (the leases of the requests it is serving, running or queued in its
 engine), ``capacity_tokens`` (its measured KV / step capacity) and ``num_requests``.
 Serve averages each over ``look_back_period_s`` and calls ``TokenPolicy`` every control
@@ -31,9 +31,9 @@ import math
 from typing import TYPE_CHECKING, Any
 
 if TYPE_CHECKING:
-    from deployments.config import AutoscalingArgs
+    from deployments.app.config import AutoscalingArgs
 
-POLICY_PATH = "deployments.autoscaling:TokenPolicy"
+POLICY_PATH = "deployments.replica.autoscaling:TokenPolicy"
 DOWNSCALE_HEADROOM = 0.8  # scale down only if demand <= 80% of the smaller fleet's target
 
 
