@@ -3,6 +3,7 @@
 | what                                         | status | type                  |
 |----------------------------------------------|--------|-----------------------|
 | invalid body, prompt too long, bad parameter | 400    | invalid_request_error |
+| output that could not follow its constraint  | 400    | invalid_request_error (code ``constraint_failed``) |
 | missing or wrong API key                     | 401    | authentication_error  |
 | unknown model                                | 404    | invalid_request_error |
 | body larger than http.max_body_bytes         | 413    | invalid_request_error |
@@ -43,6 +44,16 @@ class APIError(Exception):
 
 def bad_request(message: str, param: str | None = None) -> APIError:
     return APIError(400, message, param=param)
+
+
+def constraint_failed(reason: str | None) -> APIError:
+    """A generation whose grammar refused every continuation (finish "error" from the
+    engine): the output so far is valid, but it could not be completed. Never a 200
+    "stop" with output that breaks the constraint."""
+    return APIError(400, f"{reason or 'the output could not follow its constraint'}; the "
+                    "constraint (response_format, guided_*, structured_outputs or a required "
+                    "tool call) cannot be satisfied by this model's output: simplify it",
+                    code="constraint_failed")
 
 
 def overloaded(message: str, retry_after_s: float) -> APIError:

@@ -20,7 +20,7 @@ from deployments.http import streaming
 
 from deployments.http import tools
 from deployments.app.config import AppArgs
-from deployments.http.errors import APIError, bad_request, from_exception
+from deployments.http.errors import APIError, bad_request, constraint_failed, from_exception
 from deployments.admission.leases import AdmissionClient, Lease
 from deployments.http.limits import (
     chat_max_tokens,
@@ -50,7 +50,7 @@ from deployments.http.responses import (
     usage,
 )
 from deployments.replica.streams import Entry, StreamReceiver
-from deployments.http.served import ServedModel
+from deployments.http.served import ServedModel, constraint_field
 from deployments.http.tokens import ModelTokenizer, TokenizerPool
 from deployments.replica.work import EmbedWork, GenerateWork, ModelInfo, Refusal, ScoreWork
 
@@ -130,7 +130,7 @@ class OpenAIService:
                               "echo: true, which scores the prompt)", param="max_tokens")
         check_length(info, len(ids), max_tokens, "prompt", max_tokens_sent=sent)
         check_logit_bias(info, body.logit_bias)
-        await served.check_structured(body.structured())
+        await served.check_structured(body.structured(), constraint_field(body))
         leases = await self._reserve(body.model, len(ids), max_tokens, body.n)
         env = Envelope("cmpl", "text_completion", body.model)
         lp = CompletionLogprobs(tok) if body.logprobs is not None else None
@@ -194,7 +194,8 @@ class OpenAIService:
         mode, named = body.tool_mode()
         structured = (tools.constraint(functions, mode, body.parallel_tool_calls, named)
                       if functions else None) or body.structured()
-        await served.check_structured(structured)
+        await served.check_structured(structured, "tools" if functions and mode in (
+            "required", "named") else constraint_field(body))
         names = {f["name"] for f in functions} if mode != "none" else set()
         k = (body.top_logprobs or 0) if body.logprobs else None
         leases = await self._reserve(body.model, len(ids), max_tokens, body.n)
@@ -373,6 +374,8 @@ class OpenAIService:
             out = await self._call(handle.generate, work, timer)
         finally:
             lease.release()
+        if out.error is not None:  # finish "error": the grammar refused every continuation
+            raise constraint_failed(out.error)
         timer.generated(len(out.token_ids))
         return out
 

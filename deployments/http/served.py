@@ -19,6 +19,19 @@ logger = logging.getLogger("ray.serve")
 INFO_TIMEOUT_S = 60.0  # a model's first replica may still be loading
 
 
+_CONSTRAINT_FIELDS = ("response_format", "structured_outputs", "guided_json", "guided_regex",
+                      "guided_choice", "guided_grammar")
+
+
+def constraint_field(body) -> str:
+    """The body's field that carries its output constraint (for errors' ``param``)."""
+    for name in _CONSTRAINT_FIELDS:
+        value = getattr(body, name, None)
+        if value is not None and getattr(value, "type", None) != "text":
+            return name
+    return "response_format"
+
+
 class ServedModel:
     def __init__(self, config: ModelArgs, handle, loading: asyncio.Lock, created: int):
         self.name, self.config, self.handle, self.created = config.name, config, handle, created
@@ -73,20 +86,24 @@ class ServedModel:
                               "/v1/embeddings only", param="model")
         return info, await self.tokenizer()
 
-    async def check_structured(self, structured: Structured | None) -> None:
-        """A constraint that does not compile is a 400 before anything is admitted (a
-        stream could not turn it into a status later). Compiled grammars are cached."""
+    async def check_structured(self, structured: Structured | None,
+                               field: str = "response_format") -> None:
+        """A constraint that does not compile, or costs more than the model's grammar
+        limits, is a 400 naming the client's ``field`` before anything is admitted (a
+        stream could not turn it into a status later). Compiled grammars are cached, and
+        the check runs on a thread (llguidance releases the GIL while it compiles)."""
         if structured is None:
             return
         if self._grammars is None:
             from worker.generate.grammar import Grammars  # llguidance (and torch), on first use
 
             tok, info = await self.tokenizer(), await self.info()
-            self._grammars = Grammars(tok.tokenizer, info.vocab_size, frozenset())
+            self._grammars = Grammars(tok.tokenizer, info.vocab_size, frozenset(),
+                                      self.config.engine_config().grammar_limits)
         try:
             await asyncio.to_thread(self._grammars.check, structured)
         except InvalidRequestError as exc:
-            raise bad_request(str(exc), param=exc.setting) from None
+            raise bad_request(f"{field}: {exc}", param=field) from None
 
     async def entry(self) -> dict:
         """This model's row of ``/v1/models`` (with packserve's facts once a replica has

@@ -18,7 +18,7 @@ import asyncio
 import logging
 from collections.abc import AsyncIterator, Callable
 
-from deployments.http.errors import APIError, from_exception, unavailable
+from deployments.http.errors import APIError, constraint_failed, from_exception, unavailable
 from deployments.http.request_timer import RequestTimer
 from deployments.http.responses import Envelope, sse, usage
 from deployments.replica.streams import Entry, Inbox, StreamReceiver, entry_of
@@ -98,9 +98,26 @@ async def handle_entries(handle, work: GenerateWork, timer: RequestTimer
         stream.cancel()
 
 
+async def checked(stream: AsyncIterator[Entry]) -> AsyncIterator[Entry]:
+    """``stream``'s entries; an "error" finish (the grammar refused every continuation)
+    becomes ``constraint_failed`` after the valid text before it: the client sees an
+    error event, never a "stop" with output that breaks its constraint."""
+    try:
+        async for entry in stream:
+            if entry.finish_reason == "error":
+                if entry.token_ids:
+                    entry.finish_reason = None
+                    yield entry
+                raise constraint_failed(entry.error)
+            yield entry
+    finally:
+        await stream.aclose()
+
+
 async def merged(streams: list[AsyncIterator[Entry]]) -> AsyncIterator[tuple[int, Entry]]:
     """``(i, entry)`` from the ``n`` streams of one request's choices, as they come; the
     first error ends them all. Closing it closes every stream (aborting their requests)."""
+    streams = [checked(st) for st in streams]
     if len(streams) == 1:
         try:
             async for entry in streams[0]:

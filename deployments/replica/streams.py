@@ -21,7 +21,7 @@ port is reachable on the node). The first frame from a replica is ``[MAGIC, secr
 the secret is the receiver's random token, which reaches the replica inside the work
 (through Ray), so only processes of this application can write to an ingress. Every
 later frame is a list of entries ``[key, token_ids, text, finish_reason, logprobs,
-num_cached_tokens]`` with logprobs ``[[logprob, [[token_id, logprob], ...]], ...]`` or None.
+num_cached_tokens, error]`` (``error``: why, when finish_reason is "error") with logprobs ``[[logprob, [[token_id, logprob], ...]], ...]`` or None.
 """
 
 from __future__ import annotations
@@ -66,12 +66,14 @@ class Entry:
     finish_reason: str | None
     logprobs: list | None  # [[logprob, [[token_id, logprob], ...]], ...]
     num_cached_tokens: int = 0  # prompt tokens found in the prefix cache (once admitted)
+    error: str | None = None  # why the generation failed, when finish_reason is "error"
 
     def merge(self, other: Entry) -> None:
         self.token_ids.extend(other.token_ids)
         self.num_cached_tokens = max(self.num_cached_tokens, other.num_cached_tokens)
         self.text += other.text
         self.finish_reason = other.finish_reason or self.finish_reason
+        self.error = other.error or self.error
         if other.logprobs is not None:
             self.logprobs = (self.logprobs or []) + other.logprobs
 
@@ -82,7 +84,8 @@ def entry_of(delta) -> Entry:
     if delta.logprobs is not None:
         logprobs = [[e.logprob, [list(t) for t in e.top]] for e in delta.logprobs]
     finish = delta.finish_reason.value if delta.finish_reason is not None else None
-    return Entry(list(delta.token_ids), delta.text, finish, logprobs, delta.num_cached_tokens)
+    return Entry(list(delta.token_ids), delta.text, finish, logprobs, delta.num_cached_tokens,
+                 delta.error)
 
 
 async def _read_frame(reader: asyncio.StreamReader):
@@ -187,10 +190,12 @@ class StreamReceiver:
                 return
             inboxes = self._inboxes
             while True:
-                for key, token_ids, text, finish, logprobs, cached in await _read_frame(reader):
+                for key, *fields in await _read_frame(reader):
+                    if not 5 <= len(fields) <= 6:  # 6: this version's, 5: before `error`
+                        raise ValueError(f"a stream entry of {len(fields) + 1} fields")
                     inbox = inboxes.get(key)
                     if inbox is not None:  # None: that request has ended (client left)
-                        inbox.put(Entry(token_ids, text, finish, logprobs, cached))
+                        inbox.put(Entry(*fields))
         except (asyncio.IncompleteReadError, ConnectionError, TimeoutError):
             pass  # the replica closed or died: its calls fail through Serve
         except Exception:
@@ -246,7 +251,7 @@ class Channel:
                 batch, self._pending = self._pending, {}
                 self._num_frames += 1
                 self._writer.write(_frame([[k, e.token_ids, e.text, e.finish_reason,
-                                            e.logprobs, e.num_cached_tokens]
+                                            e.logprobs, e.num_cached_tokens, e.error]
                                            for k, e in batch.items()]))
                 await self._writer.drain()  # the ingress lags: pushes merge meanwhile
                 async with self._sent:

@@ -138,3 +138,69 @@ def test_a_constraint_that_does_not_compile_is_a_400(shared_url, body, needles, 
     message = r.json()["error"]["message"]
     for needle in needles:
         assert needle in message, message
+
+
+# A grammar whose two words are followed by a lexeme no text matches: llguidance compiles
+# it and cannot tell at compile time (the choice is not forced), so the matcher dead-ends
+# after the word. The engine finishes "error"; the client must never see a "stop".
+DEAD_END = 'start: "yes" dead | "no" dead\ndead: /[^\\x00-\\U0010FFFF]/'
+
+
+def _post(url: str, payload: dict) -> httpx.Response:
+    return httpx.post(f"{url}/v1/chat/completions", json=payload, timeout=120,
+                      headers={"Authorization": f"Bearer {KEY}"})
+
+
+def test_an_output_that_dead_ends_is_an_error_never_a_stop(shared_url):
+    payload = {"model": GEN, "messages": MESSAGES, "max_tokens": 16, "temperature": 1.0,
+               "guided_grammar": DEAD_END}
+    r = _post(shared_url, payload)
+    assert r.status_code == 400, r.text
+    assert r.json()["error"]["code"] == "constraint_failed"
+    assert "could not follow" in r.json()["error"]["message"]
+    r = _post(shared_url, {**payload, "stream": True})
+    assert r.status_code == 200
+    events = [json.loads(line[6:]) if line[6:] != "[DONE]" else "[DONE]"
+              for line in r.text.splitlines() if line.startswith("data: ")]
+    assert events[-1] == "[DONE]"
+    assert events[-2]["error"]["code"] == "constraint_failed"
+    chunks = [e for e in events[:-2]]
+    assert all(c["choices"][0]["finish_reason"] is None for c in chunks if c["choices"])
+    text = "".join(c["choices"][0]["delta"].get("content", "") for c in chunks if c["choices"])
+    assert text in ("yes", "no")  # the valid prefix, then the error
+
+
+@pytest.mark.parametrize("extra,param,needle", [
+    ({"guided_regex": "[^\\x00-\\U0010FFFF]"}, "guided_regex", "can never be satisfied"),
+    ({"guided_choice": [f"o{i}" for i in range(10_001)]}, "guided_choice",
+     "max_grammar_choices=10000"),
+    ({"response_format": {"type": "json_schema", "json_schema": {"name": "wide", "schema": {
+        "type": "object", "properties": {f"p{i}": {"type": "integer"} for i in range(2_001)}}}}},
+     "response_format", "max_grammar_object_properties=2000"),
+])
+def test_unsatisfiable_and_oversized_constraints_are_400s_naming_the_field(
+        shared_url, extra, param, needle):
+    for stream in (False, True):
+        r = _post(shared_url, {"model": GEN, "messages": MESSAGES, "max_tokens": 8,
+                               "stream": stream, **extra})
+        assert r.status_code == 400, r.text
+        err = r.json()["error"]
+        assert err["param"] == param and needle in err["message"], err
+
+
+def test_huge_grammars_at_once_leave_a_plain_request_unharmed(shared_url):
+    """4 choice lists of 50,000 options (the size that stalled the replica) sent at
+    once with a plain request: the big ones are refused by the edge's limits, the plain
+    one completes, and the replica stays admitted (no 503)."""
+    import concurrent.futures
+
+    huge = {"model": GEN, "messages": MESSAGES, "max_tokens": 2,
+            "guided_choice": [f"option-{i}" for i in range(50_000)]}
+    plain = {"model": GEN, "messages": MESSAGES, "max_tokens": 2}
+    with concurrent.futures.ThreadPoolExecutor(5) as pool:
+        bigs = [pool.submit(_post, shared_url, huge) for _ in range(4)]
+        probe = pool.submit(_post, shared_url, plain)
+        statuses = [f.result().status_code for f in bigs]
+        assert probe.result().status_code == 200, probe.result().text
+    assert statuses == [400] * 4
+    assert _post(shared_url, plain).status_code == 200

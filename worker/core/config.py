@@ -59,6 +59,12 @@ class EngineConfig:
     #   every step eager, vLLM's enforce_eager)
     enable_prefix_caching: bool = True  # reuse the KV of full blocks seen before (vLLM's
     #   automatic prefix caching, on by default as there)
+    # Structured outputs: what one constraint may cost to compile (GrammarLimits; a
+    # constraint over a limit is a 400 naming it):
+    max_grammar_bytes: int = 262_144  # of the constraint's text (schema JSON, regex, ...)
+    max_grammar_choices: int = 10_000  # options of a choice constraint
+    max_grammar_object_properties: int = 2_000  # properties of one object in a JSON schema
+    grammar_compile_timeout_s: float = 5.0  # seconds one compile may run
 
     def __post_init__(self) -> None:
         if not isinstance(self.model, str) or not self.model:
@@ -97,6 +103,11 @@ class EngineConfig:
         for name in ("kv_block_size", "num_kv_blocks"):
             if getattr(self, name) is not None:
                 check_int(name, getattr(self, name), 1)
+        try:
+            self.grammar_limits
+        except ValueError as exc:
+            name, _, message = str(exc).removeprefix("engine.").partition(": ")
+            raise ConfigError(name, message) from None
         if self.device == "cpu" and self.attention_backend in ("flash_attn", "torch_varlen"):
             raise ConfigError(
                 "attention_backend",
@@ -106,6 +117,15 @@ class EngineConfig:
     @property
     def is_cuda(self) -> bool:
         return self.device.startswith("cuda")
+
+    @property
+    def grammar_limits(self):
+        """The ``worker.generate.grammar_compile.GrammarLimits`` these fields make."""
+        from worker.generate.grammar_compile import GrammarLimits
+
+        return GrammarLimits(self.max_grammar_bytes, self.max_grammar_choices,
+                             self.max_grammar_object_properties,
+                             self.grammar_compile_timeout_s)
 
 
 def check_choice(field: str, value, choices: tuple[str, ...], error=ConfigError) -> None:

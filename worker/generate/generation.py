@@ -39,6 +39,7 @@ from worker.generate.cuda_graphs import (
     graph_memory_estimate,
 )
 from worker.generate.grammar import CompileWaits, Grammars
+from worker.generate.grammar_compile import GrammarLimits
 from worker.generate.output import OutputProcessor
 from worker.generate.runner import GenRunner
 from worker.generate.sampling import SampledTokens, SamplingParams, make_generator
@@ -68,6 +69,7 @@ class GenerationSettings:
     paged_attention_backend: str = "auto"  # see worker.attention.paged
     cuda_graphs: bool = True  # decode-only steps replay CUDA graphs (CUDA, triton only)
     enable_prefix_caching: bool = True  # reuse cached full blocks (see worker.kv.block_pool)
+    grammar_limits: GrammarLimits = GrammarLimits()  # what one constraint may cost to compile
 
     def __post_init__(self) -> None:
         for name, low in (("max_num_batched_tokens", 1), ("max_num_running_seqs", 1),
@@ -103,7 +105,7 @@ class GenerationSettings:
         check_paged_backend(config.paged_attention_backend, device_type, dtype, block)
         return cls(step, config.max_num_running_seqs, config.max_prefill_chunk, block,
                    config.num_kv_blocks, config.paged_attention_backend, config.cuda_graphs,
-                   config.enable_prefix_caching)
+                   config.enable_prefix_caching, config.grammar_limits)
 
 
 def eos_token_ids(model) -> frozenset[int]:
@@ -169,7 +171,8 @@ class Generation:
                                       max_prefill_chunk=settings.max_prefill_chunk,
                                       enable_prefix_caching=settings.enable_prefix_caching,
                                       cache_salt=f"{model.config._name_or_path}|{dtype}")
-        self.grammars = Grammars(tokenizer, vocab_size, eos_token_ids(model))
+        self.grammars = Grammars(tokenizer, vocab_size, eos_token_ids(model),
+                                 settings.grammar_limits)
         self.runner = GenRunner(model, self.cache, self.blocks, device, backend=self.backend,
                                 max_num_batched_tokens=settings.max_num_batched_tokens,
                                 max_num_seqs=settings.max_num_running_seqs,

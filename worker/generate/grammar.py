@@ -72,7 +72,7 @@ class Grammars:
     def check(self, structured: Structured) -> None:
         """Raise ``InvalidRequestError`` if ``structured`` is over a limit or does not
         compile; blocks the calling thread (the edge calls it through
-        ``asyncio.to_thread``) at most ``limits.compile_timeout_s`` once the compile
+        ``asyncio.to_thread``) at most ``limits.grammar_compile_timeout_s`` once the compile
         started. Cached: the engine then finds it compiled."""
         self.compiler.start(structured).wait()
 

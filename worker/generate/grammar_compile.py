@@ -3,7 +3,7 @@
 A constraint (``worker.params.Structured``) compiles once per engine into a *prototype*
 llguidance ``LLMatcher``; each sequence gets a deep copy (microseconds: the copies share
 the compiled lexer, so even their first mask is cheap). A compile runs on a small thread
-pool (``GrammarLimits.max_num_compile_threads``): llguidance drops the GIL while it
+pool (``engine.max_num_grammar_threads``): llguidance drops the GIL while it
 builds a matcher and while it computes a mask (measured: a 20,000-option compile of about
 1 s on a thread left a busy Python loop on the main thread running, its longest pause
 12 ms, the same as with an idle thread), so neither the event loop nor the step loop
@@ -11,8 +11,8 @@ waits for it. What a compile does, in order, each step able to refuse the constr
 with an ``InvalidRequestError`` (a 400 at the HTTP edge):
 
 1. size, before anything is queued: the text over ``max_grammar_bytes``;
-2. shape: more options than ``max_choices``, an object schema listing more properties
-   than ``max_object_properties``;
+2. shape: more options than ``max_grammar_choices``, an object schema listing more properties
+   than ``max_grammar_object_properties``;
 3. llguidance's compile (``LLMatcher``), under ``LLParserLimits`` whose
    ``max_items_in_row`` fits those limits (llguidance's default, 2,000 Earley items in
    a row, ends a 500-optional-property object or a 2,000-option choice after its first
@@ -21,7 +21,7 @@ with an ``InvalidRequestError`` (a 400 at the HTTP edge):
    ``[^\\x00-\\U0010FFFF]``, a ``$ref`` to itself), then the forced tokens from the start
    and the mask after them (finds a forced dead end: an object that must contain
    itself);
-5. time: a compile still running ``compile_timeout_s`` after it started fails (its
+5. time: a compile still running ``grammar_compile_timeout_s`` after it started fails (its
    thread runs on; the size limits bound how long).
 
 Results, refusals included, are cached by constraint (LRU, ``CACHE_SIZE``), so the edge's
@@ -69,33 +69,33 @@ class GrammarLimits:
     object (2 s, and masks up to 84 ms a step) with a 400 naming the limit."""
 
     max_grammar_bytes: int = 262_144  # of the constraint's text (schema JSON, regex, ...)
-    max_choices: int = 10_000  # options of a choice constraint
-    max_object_properties: int = 2_000  # properties one object of a JSON schema lists
-    compile_timeout_s: float = 5.0  # seconds one compile may run (~14x the 0.36 s measured
+    max_grammar_choices: int = 10_000  # options of a choice constraint
+    max_grammar_object_properties: int = 2_000  # properties one object of a JSON schema lists
+    grammar_compile_timeout_s: float = 5.0  # seconds one compile may run (~14x the 0.36 s measured
     #   for the costliest shape the other limits allow: 2,000 optional properties)
-    max_num_compile_threads: int = 2  # compiles at once
+    max_num_grammar_threads: int = 2  # compiles at once
 
     def __post_init__(self) -> None:
         for f in fields(self):
             value = getattr(self, f.name)
             if isinstance(value, bool) or not isinstance(value, (int, float)) or value <= 0 \
-                    or (f.name != "compile_timeout_s" and not isinstance(value, int)):
-                kind = "a number" if f.name == "compile_timeout_s" else "an integer"
-                raise ValueError(f"GrammarLimits.{f.name}: must be {kind} > 0, got {value!r}")
+                    or (f.name != "grammar_compile_timeout_s" and not isinstance(value, int)):
+                kind = "a number" if f.name == "grammar_compile_timeout_s" else "an integer"
+                raise ValueError(f"engine.{f.name}: must be {kind} > 0, got {value!r}")
 
     @property
     def max_items_in_row(self) -> int:
-        """llguidance's ``LLParserLimits.max_items_in_row``: room for ``max_choices``
-        options (one item each) and ``max_object_properties`` optional properties (4)."""
-        return max(self.max_choices, 4 * self.max_object_properties) + 1
+        """llguidance's ``LLParserLimits.max_items_in_row``: room for ``max_grammar_choices``
+        options (one item each) and ``max_grammar_object_properties`` optional properties (4)."""
+        return max(self.max_grammar_choices, 4 * self.max_grammar_object_properties) + 1
 
 
 def over_limit(what: str, value, limits: GrammarLimits, name: str) -> InvalidRequestError:
     limit = getattr(limits, name)
     return InvalidRequestError(
-        f"response_format: the constraint {what} {value}, more than {name}={limit}; "
-        f"simplify it, or raise GrammarLimits.{name}", limit=limit, value=value,
-        setting=f"GrammarLimits.{name}")
+        f"the constraint {what} {value}, more than {name}={limit}; "
+        f"simplify it, or raise engine.{name}", limit=limit, value=value,
+        setting=f"engine.{name}")
 
 
 def check_size(structured, limits: GrammarLimits) -> None:
@@ -113,13 +113,13 @@ def check_shape(structured, limits: GrammarLimits) -> None:
     """Refuse too many choices, or an object schema listing too many properties."""
     if structured.kind == "choice":
         n = len(json.loads(structured.value))
-        if n > limits.max_choices:
-            raise over_limit("has", f"{n} options", limits, "max_choices")
+        if n > limits.max_grammar_choices:
+            raise over_limit("has", f"{n} options", limits, "max_grammar_choices")
     elif structured.kind == "json_schema":
         n = max_properties(json.loads(structured.value))
-        if n > limits.max_object_properties:
+        if n > limits.max_grammar_object_properties:
             raise over_limit("has an object with", f"{n} properties", limits,
-                             "max_object_properties")
+                             "max_grammar_object_properties")
 
 
 def max_properties(schema) -> int:
@@ -169,12 +169,12 @@ def build(lib, lltok, structured, limits: GrammarLimits):
     except InvalidRequestError:
         raise
     except (ValueError, TypeError, RuntimeError) as exc:  # not JSON, not a JSON object
-        raise InvalidRequestError(f"response_format: the {kind} constraint does not compile: "
+        raise InvalidRequestError(f"the {kind} constraint does not compile: "
                                   f"{exc}", setting=_SETTING) from None
     parser = lib.LLParserLimits(max_items_in_row=limits.max_items_in_row, verbose_errors=False)
     matcher = lib.LLMatcher(lltok, grammar, log_level=0, limits=parser)
     if matcher.is_error():
-        raise InvalidRequestError(f"response_format: the {kind} constraint does not compile: "
+        raise InvalidRequestError(f"the {kind} constraint does not compile: "
                                   f"{reason(matcher)}", setting=_SETTING)
     matcher.compute_bitmask()
     probe = matcher
@@ -184,7 +184,7 @@ def build(lib, lltok, structured, limits: GrammarLimits):
         if not forced or probe.consume_tokens(forced):
             probe.compute_bitmask()
     if probe.is_error():
-        raise InvalidRequestError(f"response_format: the {kind} constraint can never be "
+        raise InvalidRequestError(f"the {kind} constraint can never be "
                                   f"satisfied: {reason(probe)}", setting=_SETTING)
     return matcher
 
@@ -250,14 +250,14 @@ class GrammarCompiler:
                 while len(self._cache) > CACHE_SIZE:
                     self._cache.popitem(last=False)
                 if self._pool is None:
-                    self._pool = ThreadPoolExecutor(self.limits.max_num_compile_threads,
+                    self._pool = ThreadPoolExecutor(self.limits.max_num_grammar_threads,
                                                     thread_name_prefix="packserve-compile")
                 self._pool.submit(self._run, job)
             return job
 
     def _run(self, job: Compiled) -> None:
         start = time.monotonic()
-        timer = threading.Timer(self.limits.compile_timeout_s, self._expire, (job,))
+        timer = threading.Timer(self.limits.grammar_compile_timeout_s, self._expire, (job,))
         timer.daemon = True
         timer.start()
         try:
@@ -268,20 +268,20 @@ class GrammarCompiler:
         except Exception as exc:  # noqa: BLE001 - a compile bug fails its requests only
             logger.exception("compiling a %s constraint failed", job.structured.kind)
             result, error = None, InvalidRequestError(
-                f"response_format: the {job.structured.kind} constraint could not be "
+                f"the {job.structured.kind} constraint could not be "
                 f"compiled: {exc!r}", setting=_SETTING)
         finally:
             timer.cancel()
         job.seconds = time.monotonic() - start
         if not job.settle(result, error):
             logger.warning("a %s constraint compiled in %.2f s, after its %.2f s budget "
-                           "(compile_timeout_s) had refused it", job.structured.kind,
-                           job.seconds, self.limits.compile_timeout_s)
+                           "(grammar_compile_timeout_s) had refused it", job.structured.kind,
+                           job.seconds, self.limits.grammar_compile_timeout_s)
 
     def _expire(self, job: Compiled) -> None:
-        limit = self.limits.compile_timeout_s
+        limit = self.limits.grammar_compile_timeout_s
         job.settle(error=InvalidRequestError(
-            f"response_format: the {job.structured.kind} constraint took more than "
-            f"compile_timeout_s={limit} s to compile; simplify it, or raise "
-            "GrammarLimits.compile_timeout_s", limit=limit, value=f"> {limit} s",
-            setting="GrammarLimits.compile_timeout_s"))
+            f"the {job.structured.kind} constraint took more than "
+            f"grammar_compile_timeout_s={limit} s to compile; simplify it, or raise "
+            "engine.grammar_compile_timeout_s", limit=limit, value=f"> {limit} s",
+            setting="engine.grammar_compile_timeout_s"))

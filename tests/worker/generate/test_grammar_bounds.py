@@ -47,40 +47,40 @@ def grammars(engine, **limits) -> Grammars:
 @pytest.mark.parametrize("structured, limit", [
     (Structured.choice([f"option {i}" for i in range(50_000)]), "max_grammar_bytes"),
     (Structured.json({"type": "object", "properties": {
-        f"p{i}": {"type": "string"} for i in range(5_000)}}), "max_object_properties"),
+        f"p{i}": {"type": "string"} for i in range(5_000)}}), "max_grammar_object_properties"),
 ])
 def test_the_issues_huge_constraints_are_refused_naming_the_limit(engine, structured, limit):
     with pytest.raises(InvalidRequestError, match=f"{limit}=") as info:
         engine.generation.grammars.check(structured)
-    assert info.value.setting == f"GrammarLimits.{limit}"
+    assert info.value.setting == f"engine.{limit}"
     assert info.value.limit == getattr(GrammarLimits(), limit)
 
 
 def test_each_budget_names_its_limit_value_and_setting(engine):
-    small = grammars(engine, max_grammar_bytes=200, max_choices=10, max_object_properties=3)
+    small = grammars(engine, max_grammar_bytes=200, max_grammar_choices=10, max_grammar_object_properties=3)
     cases = [(Structured("regex", "a" * 201), "max_grammar_bytes", "201 bytes"),
-             (Structured.choice([str(i) for i in range(11)]), "max_choices", "11 options"),
+             (Structured.choice([str(i) for i in range(11)]), "max_grammar_choices", "11 options"),
              (Structured.json({"properties": {k: {} for k in "abcd"}}),
-              "max_object_properties", "4 properties")]
+              "max_grammar_object_properties", "4 properties")]
     for structured, limit, value in cases:
         with pytest.raises(InvalidRequestError) as info:
             small.check(structured)
         assert f"{limit}={getattr(small.limits, limit)}" in str(info.value)
-        assert value in str(info.value) and info.value.setting == f"GrammarLimits.{limit}"
-    with pytest.raises(ValueError, match="GrammarLimits.max_choices"):
-        GrammarLimits(max_choices=0)
+        assert value in str(info.value) and info.value.setting == f"engine.{limit}"
+    with pytest.raises(ValueError, match="engine.max_grammar_choices"):
+        GrammarLimits(max_grammar_choices=0)
 
 
 def test_a_compile_over_its_time_budget_is_refused_and_stays_refused(engine, monkeypatch):
     gate = threading.Event()
     real = grammar_compile.build
     monkeypatch.setattr(grammar_compile, "build", lambda *a: (gate.wait(30), real(*a))[1])
-    quick = grammars(engine, compile_timeout_s=0.05)
+    quick = grammars(engine, grammar_compile_timeout_s=0.05)
     try:
         for _ in range(2):  # the second is the cached refusal
-            with pytest.raises(InvalidRequestError, match="compile_timeout_s=0.05") as info:
+            with pytest.raises(InvalidRequestError, match="grammar_compile_timeout_s=0.05") as info:
                 quick.check(Structured("regex", "[0-9]{4}"))
-            assert info.value.setting == "GrammarLimits.compile_timeout_s"
+            assert info.value.setting == "engine.grammar_compile_timeout_s"
     finally:
         gate.set()
 
