@@ -130,7 +130,7 @@ def test_auto_and_none_answer_in_text_or_calls_and_results_go_back(client):
       "response_format": {"type": "json_object"}}, "tool_choice", ["cannot be combined"]),
     ({"tools": [{"type": "function", "function": {
         "name": "f", "parameters": {"type": "object", "properties": {"x": {"type": "nope"}}}}}],
-      "tool_choice": "required"}, "response_format", ["does not compile", "nope"]),
+      "tool_choice": "required"}, "tools", ["does not compile", "nope"]),
 ])
 def test_bad_tool_fields_get_a_400(url, body, field, needles):
     r = httpx.post(f"{url}/v1/chat/completions", timeout=60,
