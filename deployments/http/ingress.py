@@ -36,6 +36,8 @@ from deployments.http.protocol import (
     short,
 )
 from deployments.http.request_timer import ClientLeft, RequestMetrics, set_recorder, timer
+from deployments.http.responses_api import create as create_response
+from deployments.http.responses_protocol import ResponsesRequest
 from deployments.http.routes import OPEN_PATHS, api_summary, mount
 
 logger = logging.getLogger("ray.serve")
@@ -307,6 +309,10 @@ class OpenAIIngress:
 
     async def chat_completions(self, body: ChatCompletionRequest, request: Request):
         return _respond(await self.service.chat(body, self._timer(request, body)))
+
+    async def responses(self, body: ResponsesRequest, request: Request):
+        """OpenAI's Responses API, stateless, on the chat path (responses_api.py)."""
+        return _respond(await create_response(self.service, body, self._timer(request, body)))
 
     async def embeddings(self, body: EmbeddingRequest, request: Request):
         return _respond(await self.service.embeddings(body, self._timer(request, body)))

@@ -74,6 +74,16 @@ def find_surrogate(value, path: str = "") -> tuple[str, int, str] | None:
     return None
 
 
+def valid_unicode(data):
+    """``data`` if no string in it holds a lone surrogate, else the field's error."""
+    found = find_surrogate(data)
+    if found:
+        path, index, char = found
+        raise field_error(path, f"lone surrogate {char!r} at character {index} is not "
+                          "valid Unicode text; send UTF-8 text (surrogates only in pairs)")
+    return data
+
+
 def _is_ids(value) -> bool:
     return isinstance(value, list) and all(type(t) is int for t in value)
 
@@ -138,12 +148,7 @@ class _Body(BaseModel):
     @model_validator(mode="before")
     @classmethod
     def _valid_unicode(cls, data):
-        found = find_surrogate(data)
-        if found:
-            path, index, char = found
-            raise field_error(path, f"lone surrogate {char!r} at character {index} is not "
-                              "valid Unicode text; send UTF-8 text (surrogates only in pairs)")
-        return data
+        return valid_unicode(data)
 
 
 class StreamOptions(BaseModel):

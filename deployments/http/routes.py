@@ -29,6 +29,7 @@ ROUTES: tuple[Route, ...] = (
     Route(("/v1/models/{model_id:path}",), "GET", "model"),
     Route(("/v1/completions",), "POST", "completions", "completions"),
     Route(("/v1/chat/completions",), "POST", "chat_completions", "chat"),
+    Route(("/v1/responses",), "POST", "responses", "responses"),
     Route(("/v1/embeddings",), "POST", "embeddings", "embeddings"),
     Route(("/v1/classify",), "POST", "classify", "classify"),
     Route(("/v1/rerank", "/v2/rerank", "/rerank"), "POST", "rerank", "rerank"),
