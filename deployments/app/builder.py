@@ -19,6 +19,7 @@ from deployments.replica.deployment import EngineReplica
 ROUTER_CLASSES = {"free_budget": "deployments.admission.router:FreeBudgetRouter",
                   "prefix_aware": "deployments.admission.router:PrefixAwareRouter"}
 HEALTH_CHECK_PERIOD_S = 5.0
+INGRESS_SHUTDOWN_MARGIN_S = 10.0  # past the drain deadline: the ended streams flush
 # Serve logs one access line per call; the engines' and the controller's calls come
 # from the ingress and the heartbeats (several a second when idle), not from clients.
 INTERNAL_LOGGING = {"enable_access_log": False}
@@ -66,5 +67,9 @@ def build_app(args: dict | None = None) -> serve.Application:
     }
     ingress = serve.deployment(OpenAIIngress).options(
         num_replicas=app_args.http.num_replicas, ray_actor_options={"num_cpus": 0},
-        max_ongoing_requests=app_args.http.max_ongoing_requests)
+        max_ongoing_requests=app_args.http.max_ongoing_requests,
+        # Serve's stop (a rolling upgrade, serve.delete) waits this long for the ingress's
+        # requests; the ingress ends its own at http.drain_timeout_s (guards.py), before
+        graceful_shutdown_timeout_s=app_args.http.drain_timeout_s + INGRESS_SHUTDOWN_MARGIN_S,
+        graceful_shutdown_wait_loop_s=0.5)
     return ingress.bind(app_args.model_dump(), admission, models)

@@ -141,6 +141,25 @@ class HTTPArgs(_Strict):
     stream_transport: Literal["channel", "serve_handle"] = "channel"
     num_replicas: int = Field(1, ge=1)  # ingress replicas (CPU only)
     max_ongoing_requests: int = Field(4096, ge=1)  # per ingress replica (Serve's default: 5)
+    # Slow and hostile clients (deployments/http/guards.py; HAProxy's config in throughput
+    # mode, deployments/app/haproxy_guard.py). Each is enforced in both modes unless noted.
+    header_timeout_s: float = Field(10.0, gt=0, le=3600)  # request line + headers: else 408
+    body_timeout_s: float = Field(10.0, gt=0, le=3600)  # wait per body chunk: else 408
+    # the whole body must come at least this fast (after body_timeout_s): else 408
+    min_body_rate_bytes_s: int = Field(65536, ge=1)
+    max_header_bytes: int = Field(16384, ge=1024, le=1 << 20)  # request line + headers: 431
+    max_connections: int = Field(4096, ge=16)  # open client connections (HAProxy maxconn)
+    max_connections_per_client: int = Field(256, ge=1)  # per source address
+    # on stop (Ctrl-C, SIGTERM, Serve stopping the ingress): in-flight requests get this long
+    # to finish, then streams end with an error event and [DONE]
+    drain_timeout_s: float = Field(30.0, ge=0, le=3600)
+
+    @model_validator(mode="after")
+    def _connection_caps(self) -> HTTPArgs:
+        if self.max_connections_per_client > self.max_connections:
+            raise ValueError(f"max_connections_per_client ({self.max_connections_per_client})"
+                             f" must be <= max_connections ({self.max_connections})")
+        return self
 
 
 class RouterArgs(_Strict):

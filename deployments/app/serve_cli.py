@@ -18,10 +18,14 @@ Only the flags given are set; the rest keep ``AppArgs``' defaults. ``--config FI
 runs a Serve config instead (strictly checked first, as ``python -m
 deployments.app.serve_config`` does). Either way Ray is started locally (its own instance,
 never one it finds) unless ``--address`` names a cluster, the Ray metrics of this node
-are served on ``--metrics-port`` (8080; ``dashboards/prometheus.yml`` scrapes it), a
-locally started Ray runs Ray Serve's high-throughput mode (``deployments/app/ray_env.py``;
-``--no-ray-throughput-mode`` for the default one), and Ctrl-C (or SIGTERM) deletes the
-application and stops what was started.
+are served on ``--metrics-port`` (8080; ``dashboards/prometheus.yml`` scrapes it) on the
+API's host (loopback by default; ``--metrics-host``), a locally started Ray runs Ray
+Serve's high-throughput mode (``deployments/app/ray_env.py``; ``--no-ray-throughput-mode``
+for the default one), both modes with the ``http`` section's client limits
+(``deployments/http/guards.py``), and Ctrl-C (or SIGTERM) drains (``deployments/app/drain.py``:
+new requests get 503, in-flight ones get ``--drain-timeout`` seconds, streams then end
+with an error event and ``[DONE]``), then deletes the application and stops what was
+started. A second Ctrl-C stops at once.
 """
 
 from __future__ import annotations
@@ -40,7 +44,8 @@ APP_NAME = "packserve"
 # AppArgs section -> (flag prefix, flags renamed because another section has the key)
 SECTIONS = {"model": ("", {}), "engine": ("", {}),
             "http": ("", {"num_replicas": "ingress-num-replicas",
-                          "max_ongoing_requests": "ingress-max-ongoing-requests"}),
+                          "max_ongoing_requests": "ingress-max-ongoing-requests",
+                          "drain_timeout_s": "drain-timeout"}),
             "admission": ("admission-", {"enabled": "admission"}),
             "router": ("router-", {})}
 NOT_FLAGS = {"model": {"name", "model", "engine", "autoscaling"}}
@@ -93,6 +98,10 @@ def add_serve_parser(sub) -> argparse.ArgumentParser:
     p.add_argument("--address", help="run on this Ray cluster (default: start a local one)")
     p.add_argument("--metrics-port", type=int, default=DEFAULT_METRICS_PORT,
                    help="Ray's Prometheus endpoint of a locally started node (0: any port)")
+    p.add_argument("--metrics-host", default=None,
+                   help="where that endpoint listens: a loopback address, or 0.0.0.0 (all "
+                   "interfaces; Ray can bind nothing else) (default: loopback when the API's "
+                   "host is loopback, else all interfaces)")
     p.add_argument("--ray-throughput-mode", default=True, action=argparse.BooleanOptionalAction,
                    help="Ray Serve's high-throughput mode (HAProxy, direct ingress, gRPC "
                    "between replicas) for a locally started Ray (deployments/app/ray_env.py)")
@@ -157,15 +166,22 @@ def load_config(path: str) -> dict:
     return config
 
 
+def http_args_of(config: dict, args: argparse.Namespace):
+    """The ``http`` section the CLI enforces outside the app (proxies, drain): the first
+    packserve application's (``--drain-timeout`` wins)."""
+    from deployments.app.config import AppArgs
+
+    apps = [a for a in config.get("applications", [])
+            if a.get("import_path") == "deployments:build_app"]
+    http = AppArgs.parse(apps[0]["args"]).http if apps else AppArgs.model_fields[
+        "http"].default_factory()
+    timeout = getattr(args, "http.drain_timeout_s", None)
+    return http.model_copy(update={"drain_timeout_s": timeout}) if timeout is not None else http
+
+
 def run_serve(args: argparse.Namespace) -> int:
     if bool(args.model) == bool(args.config):
         raise ServeOptionError("give MODEL or --config FILE (one of them)")
-    if args.ray_throughput_mode and args.address is None and not args.dry_run:
-        from deployments.app import ray_env
-
-        env = ray_env.throughput_env(local=True)
-        ray_env.apply(env)  # before Ray is imported
-        args.scratch = env.get("RAY_SERVE_HAPROXY_SERVER_STATE_BASE")
     if args.config:
         config = load_config(args.config)
         http = config.setdefault("http_options", {})
@@ -183,7 +199,34 @@ def run_serve(args: argparse.Namespace) -> int:
 
         print(yaml.safe_dump(config, sort_keys=False))
         return 0
+    args.http_args = http_args_of(config, args)
+    host = config["http_options"]["host"]
+    args.metrics_loopback = _is_loopback(args.metrics_host or host)
+    if args.address is None:  # a Ray of our own: its processes inherit these (before import)
+        from deployments.app import ray_env
+        from deployments.http.guards import Limits
+
+        limits = Limits.of(args.http_args)
+        env = ray_env.guard_env(limits)
+        if args.ray_throughput_mode:
+            env.update(ray_env.throughput_env(local=True))
+            args.scratch = env.get("RAY_SERVE_HAPROXY_SERVER_STATE_BASE")
+            env.update(ray_env.haproxy_env(limits, args.scratch))
+        if args.metrics_loopback:
+            env.update(ray_env.LOOPBACK_NODE_ENV)
+        ray_env.apply(env)
     return _serve_until_stopped(config, args)
+
+
+def _is_loopback(host: str) -> bool:
+    import ipaddress
+
+    if host == "localhost":
+        return True
+    try:
+        return ipaddress.ip_address(host).is_loopback
+    except ValueError:
+        return False
 
 
 def _serve_until_stopped(config: dict, args: argparse.Namespace) -> int:
@@ -195,6 +238,9 @@ def _serve_until_stopped(config: dict, args: argparse.Namespace) -> int:
     started = time.monotonic()
     if args.address is None:
         os.environ.setdefault("RAY_AUTH_MODE", "disabled")  # a Ray of our own, on this host
+        # Ray's metrics agent binds loopback when the node's IP is loopback, else all
+        # interfaces (it has no host setting): the node IP decides where metrics listen
+        # (ray_env.LOOPBACK_NODE_ENV makes it 127.0.0.1 for a loopback API).
         ray.init(address="local", namespace="serve", include_dashboard=False,
                  _metrics_export_port=args.metrics_port or None)
     else:
@@ -202,6 +248,9 @@ def _serve_until_stopped(config: dict, args: argparse.Namespace) -> int:
     # What `serve run CONFIG` does: start Serve with the config's HTTP options, deploy.
     client = serve_api.serve_start(http_options=schema.http_options.model_dump(),
                                    proxy_location=schema.proxy_location)
+    from deployments.app import drain
+
+    drain.clear([a.name for a in schema.applications])  # none left by an earlier run
     client.deploy_apps(schema, _blocking=False)
     stop = _StopSignal()
     try:
@@ -211,11 +260,12 @@ def _serve_until_stopped(config: dict, args: argparse.Namespace) -> int:
               f"{time.monotonic() - started:.0f} s (models: GET /v1/models, health: "
               f"/health)", flush=True)
         if args.address is None and args.metrics_port:
-            print(f"packserve: Ray metrics (Prometheus) on "
-                  f"http://{ray.util.get_node_ip_address()}:{args.metrics_port}/metrics",
-                  flush=True)
+            where = "127.0.0.1" if args.metrics_loopback else ray.util.get_node_ip_address()
+            print(f"packserve: Ray metrics (Prometheus) on http://{where}:{args.metrics_port}"
+                  f"/metrics{'' if args.metrics_loopback else ' (all interfaces)'}", flush=True)
         print("packserve: Ctrl-C to stop", flush=True)
         stop.wait()
+        drain.drain([a.name for a in schema.applications], args.http_args.drain_timeout_s)
     finally:
         _shutdown(schema, args.address is None)
         scratch = getattr(args, "scratch", None)
@@ -265,8 +315,7 @@ def _shutdown(schema, local: bool) -> None:
     from ray import serve
 
     t0 = time.monotonic()
-    print("packserve: stopping (replicas finish their requests first, up to "
-          "graceful_shutdown_timeout_s)...", file=sys.stderr, flush=True)
+    print("packserve: stopping...", file=sys.stderr, flush=True)
     signal.signal(signal.SIGINT, signal.SIG_DFL)  # a second Ctrl-C kills at once
     try:
         if local:
@@ -275,6 +324,9 @@ def _shutdown(schema, local: bool) -> None:
             for app in schema.applications:
                 serve.delete(app.name)
     finally:
+        from deployments.app import drain
+
+        drain.clear([a.name for a in schema.applications])
         ray.shutdown()
     print(f"packserve: stopped in {time.monotonic() - t0:.1f} s", file=sys.stderr, flush=True)
 

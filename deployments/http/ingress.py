@@ -24,6 +24,7 @@ from deployments.http.classify_api import ClassifyService
 from deployments.http.classify_protocol import ClassifyRequest, RerankRequest, ScoreRequest
 from deployments.app.config import AppArgs
 from deployments.http.errors import APIError, from_exception
+from deployments.http import guards
 from deployments.admission.leases import AdmissionClient
 from deployments.http.openai_api import OpenAIService
 from deployments.http.protocol import (
@@ -154,6 +155,7 @@ class Auth:
 
 app.add_middleware(BodyReader)
 app.add_middleware(Auth)
+app.add_middleware(guards.Guard)  # 431, 408, in-flight count and drain (guards.py)
 app.add_middleware(RequestMetrics)  # added last: outermost, it sees every status
 
 
@@ -264,6 +266,7 @@ class OpenAIIngress:
     async def __init__(self, app_args: dict, admission, models: dict):
         self.args = AppArgs.parse(app_args)
         set_edge(self.args.api_key(), self.args.http.max_body_bytes)
+        guards.configure(self.args.http)  # client limits, drain watcher
         holder = serve.get_replica_context().replica_id.unique_id
         client = AdmissionClient(admission, holder, self.args.admission.heartbeat_s,
                                  enabled=self.args.admission.enabled,
