@@ -14,6 +14,7 @@ import logging
 from importlib import metadata
 
 from fastapi import FastAPI, Request
+from fastapi.encoders import jsonable_encoder
 from fastapi.exceptions import RequestValidationError
 from fastapi.responses import JSONResponse, Response, StreamingResponse
 from ray import serve
@@ -34,6 +35,7 @@ from deployments.http.protocol import (
     DetokenizeRequest,
     EmbeddingRequest,
     TokenizeRequest,
+    ignored_header,
     short,
 )
 from deployments.http.request_timer import ClientLeft, RequestMetrics, set_recorder, timer
@@ -249,14 +251,16 @@ def _ingress_metrics():
         return None
 
 
-def _respond(result):
+def _respond(result, body=None):
     """A dict as JSON, bytes as a JSON body, an async iterator of SSE strings as an
-    event stream. (Defined before the ingress class: Serve pickles that class.)"""
+    event stream; with the header naming ``body``'s ignored fields, if any (protocol.py).
+    (Defined before the ingress class: Serve pickles that class.)"""
+    headers = ignored_header(body)
     if isinstance(result, dict):
-        return result
+        return JSONResponse(jsonable_encoder(result), headers=headers) if headers else result
     if isinstance(result, bytes):
-        return Response(result, media_type="application/json")
-    return EventStream(result, media_type="text/event-stream")
+        return Response(result, media_type="application/json", headers=headers)
+    return EventStream(result, media_type="text/event-stream", headers=headers)
 
 
 class OpenAIIngress:
@@ -308,17 +312,17 @@ class OpenAIIngress:
         return await self.service.model_entry(model_id)
 
     async def completions(self, body: CompletionRequest, request: Request):
-        return _respond(await self.service.completions(body, self._timer(request, body)))
+        return _respond(await self.service.completions(body, self._timer(request, body)), body)
 
     async def chat_completions(self, body: ChatCompletionRequest, request: Request):
-        return _respond(await self.service.chat(body, self._timer(request, body)))
+        return _respond(await self.service.chat(body, self._timer(request, body)), body)
 
     async def responses(self, body: ResponsesRequest, request: Request):
         """OpenAI's Responses API, stateless, on the chat path (responses_api.py)."""
         return _respond(await create_response(self.service, body, self._timer(request, body)))
 
     async def embeddings(self, body: EmbeddingRequest, request: Request):
-        return _respond(await self.service.embeddings(body, self._timer(request, body)))
+        return _respond(await self.service.embeddings(body, self._timer(request, body)), body)
 
     # ---- classification (deployments/http/classify_api.py) ----------------------------------
 
@@ -331,11 +335,11 @@ class OpenAIIngress:
     async def score(self, body: ScoreRequest, request: Request) -> dict:
         return await self.classify_service.score(body, self._timer(request, body))
 
-    async def tokenize(self, body: TokenizeRequest) -> dict:
-        return await self.service.tokenize(body)
+    async def tokenize(self, body: TokenizeRequest):
+        return _respond(await self.service.tokenize(body), body)
 
-    async def detokenize(self, body: DetokenizeRequest) -> dict:
-        return await self.service.detokenize(body)
+    async def detokenize(self, body: DetokenizeRequest):
+        return _respond(await self.service.detokenize(body), body)
 
     async def admission(self) -> dict:
         """The controller's ledger per model (reserved, capacity, leases, waiters)."""

@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import asyncio
 import dataclasses
+import functools
 import logging
 import time
 
@@ -46,6 +47,8 @@ from deployments.http.responses import (
     chat_logprobs,
     embeddings_body,
     merge_logprobs,
+    stop_string,
+    text_length,
     token_logprobs,
     usage,
 )
@@ -119,63 +122,101 @@ class OpenAIService:
     # ---- completions ----------------------------------------------------------------
 
     async def completions(self, body: CompletionRequest, timer: RequestTimer = UNTIMED):
+        """One choice set of ``n`` per prompt (``prompt`` may be a list): choice index =
+        prompt index x n + i, OpenAI's order; usage sums the prompts."""
         served = self.model(body.model)
         handle = served.handle
         info, tok = await served.generator()
-        ids = await self._prompt_ids(info, tok, body.prompt)
+        many = len(body.prompt) > 1
+        prompts = [body.truncated(await self._prompt_ids(
+            info, tok, p, f"prompt[{j}]" if many else "prompt"), info.max_model_len)
+            for j, p in enumerate(body.prompt)]
         sent = "max_tokens" in body.model_fields_set and body.max_tokens is not None
         max_tokens = body.max_tokens if sent else 16
         if max_tokens == 0 and not body.echo:
             raise bad_request("max_tokens must be >= 1, got 0 (0 is allowed only with "
                               "echo: true, which scores the prompt)", param="max_tokens")
-        check_length(info, len(ids), max_tokens, "prompt", max_tokens_sent=sent)
+        for j, ids in enumerate(prompts):
+            check_length(info, len(ids), max_tokens, f"prompt[{j}]" if many else "prompt",
+                         max_tokens_sent=sent)
         check_logit_bias(info, body.logit_bias)
         await served.check_structured(body.structured(), constraint_field(body))
-        leases = await self._reserve(body.model, len(ids), max_tokens, body.n)
-        env = Envelope("cmpl", "text_completion", body.model)
-        lp = CompletionLogprobs(tok) if body.logprobs is not None else None
+        n, num_prompt = body.n, sum(len(ids) for ids in prompts)
+        leases = []
         try:
-            prompt_text = await self.pool.run(4 * len(ids), tok.decode, ids) if body.echo else ""
-            prompt_lp = None
-            if body.echo and lp is not None:
-                scores = await self._call(handle.score,
-                                          ScoreWork(leases[0].lease_id, len(ids), [ids]), timer)
-                prompt_lp = lp.prompt(ids, scores[0])
-            if max_tokens == 0:
-                choices = [{"index": i, "text": prompt_text, "logprobs": prompt_lp,
-                            "finish_reason": "length"} for i in range(body.n)]
-                n = usage(len(ids), 0)
-                _release(leases)
-                if body.stream:
-                    return streaming.single(choices, env, n if body.include_usage else None)
-                return env.body(choices=choices, usage=n)
-            works = [GenerateWork(lease.lease_id, lease.tokens, ids,
-                                  body.sampling_params(max_tokens, body.logprobs, i))
-                     for i, lease in enumerate(leases)]
+            for ids in prompts:  # all or none
+                leases += await self._reserve(body.model, len(ids), max_tokens, n)
         except BaseException:
             _release(leases)
             raise
+        env = Envelope("cmpl", "text_completion", body.model)
+        logprobs = body.logprobs is not None
+        try:
+            texts, prompt_lps = [], []
+            for j, ids in enumerate(prompts):
+                texts.append(await self.pool.run(4 * len(ids), tok.decode, ids)
+                             if body.echo else "")
+                prompt_lp = None
+                if body.echo and logprobs:
+                    scores = await self._call(handle.score, ScoreWork(
+                        leases[j * n].lease_id, len(ids), [ids]), timer)
+                    prompt_lp = CompletionLogprobs(tok).prompt(ids, scores[0])
+                prompt_lps.append(prompt_lp)
+            if max_tokens == 0:
+                choices = [{"index": j * n + i, "text": texts[j], "logprobs": prompt_lps[j],
+                            "finish_reason": "length"}
+                           for j in range(len(prompts)) for i in range(n)]
+                total = usage(num_prompt, 0)
+                _release(leases)
+                if body.stream:
+                    return streaming.single(choices, env, total if body.include_usage else None)
+                return env.body(choices=choices, usage=total)
+            works = [GenerateWork(leases[j * n + i].lease_id, leases[j * n + i].tokens, ids,
+                                  body.sampling_params(max_tokens, body.logprobs, i))
+                     for j, ids in enumerate(prompts) for i in range(n)]
+        except BaseException:
+            _release(leases)
+            raise
+        stops = _stops(body)
+        # per choice c = j * n + i: its logprobs builder, from where its generated text starts
+        lps = [CompletionLogprobs(tok, text_length(prompt_lps[c // n])) if logprobs else None
+               for c in range(len(works))]
         if body.stream:
-            echo = [True] * body.n  # each choice's first chunk carries the prompt
+            first = [True] * len(works)  # each choice's first chunk carries the prompt
+            seen = [([], "") for _ in works]  # ids and text so far, for a stop string
 
-            def choice(i: int, entry: Entry) -> dict:
-                gen_lp = (lp.generated(entry.token_ids, token_logprobs(entry.logprobs))
-                          if lp and entry.logprobs else None)
-                first, echo[i] = echo[i], False
-                return {"index": i, "text": (prompt_text if first else "") + entry.text,
-                        "logprobs": merge_logprobs(prompt_lp if first else None, gen_lp),
+            def choice(c: int, entry: Entry) -> dict:
+                gen_lp = (lps[c].generated(entry.token_ids, token_logprobs(entry.logprobs))
+                          if lps[c] and entry.logprobs else None)
+                echo, first[c] = first[c], False
+                text = entry.text
+                if stops:
+                    ids, before = seen[c]
+                    ids += entry.token_ids
+                    seen[c] = (ids, before + text)
+                    if entry.finish_reason == "stop":
+                        text += stop_string(tok, ids, before + text, stops,
+                                            body.skip_special_tokens)
+                return {"index": c, "text": (texts[c // n] if echo else "") + text,
+                        "logprobs": merge_logprobs(prompt_lps[c // n] if echo else None, gen_lp),
                         "finish_reason": entry.finish_reason}
 
-            return streaming.events(self._choices(handle, works, timer), env, choice, len(ids),
-                                    body.include_usage, on_end=lambda: _release(leases))
+            return streaming.events(self._choices(handle, works, timer), env, choice,
+                                    num_prompt, body.include_usage,
+                                    on_end=lambda: _release(leases))
         outs = await self._generate_all(handle, works, leases, timer)
         choices = []
-        for i, out in enumerate(outs):
-            gen_lp = lp.generated(out.token_ids, out.logprobs) if lp and out.logprobs else None
-            choices.append({"index": i, "text": prompt_text + (out.text or ""),
-                            "logprobs": merge_logprobs(prompt_lp, gen_lp),
+        for c, out in enumerate(outs):
+            gen_lp = lps[c].generated(out.token_ids, out.logprobs) if lps[c] and out.logprobs \
+                else None
+            text = out.text or ""
+            if stops and out.finish_reason.value == "stop":
+                text += stop_string(tok, out.token_ids, text, stops, body.skip_special_tokens)
+            choices.append({"index": c, "text": texts[c // n] + text,
+                            "logprobs": merge_logprobs(prompt_lps[c // n], gen_lp),
                             "finish_reason": out.finish_reason.value})
-        return env.body(choices=choices, usage=_usage(len(ids), outs))
+        return env.body(choices=choices, usage=_usage_of_prompts(
+            [len(ids) for ids in prompts], outs, n))
 
     # ---- chat -----------------------------------------------------------------------
 
@@ -187,15 +228,21 @@ class OpenAIService:
         chars = sum(len(m["content"]) for m in messages)
         check_chars(chars, self.limits.max_prompt_chars, "messages")
         functions = [t.function.model_dump(exclude_none=True) for t in body.tools or ()]
-        ids = await self.pool.run(chars, tok.chat, messages, True, False,
-                                  [{"type": "function", "function": f} for f in functions])
+        options = body.template_options()
+        ids = await self.pool.run(chars, functools.partial(
+            tok.chat, messages, options["add_generation_prompt"], False,
+            [{"type": "function", "function": f} for f in functions],
+            options["continue_final_message"], options["template_kwargs"]))
+        ids = body.truncated(ids, info.max_model_len)
         max_tokens = chat_max_tokens(info, len(ids), body.token_limit())
         check_logit_bias(info, body.logit_bias)
         mode, named = body.tool_mode()
         structured = (tools.constraint(functions, mode, body.parallel_tool_calls, named)
                       if functions else None) or body.structured()
-        await served.check_structured(structured, "tools" if functions and mode in (
-            "required", "named") else constraint_field(body))
+        if functions and mode in ("required", "named"):
+            await self._check_tools(served, structured, functions, mode, named)
+        else:
+            await served.check_structured(structured, constraint_field(body))
         names = {f["name"] for f in functions} if mode != "none" else set()
         k = (body.top_logprobs or 0) if body.logprobs else None
         leases = await self._reserve(body.model, len(ids), max_tokens, body.n)
@@ -206,16 +253,25 @@ class OpenAIService:
         except BaseException:
             _release(leases)
             raise
+        stops = _stops(body)
         env = Envelope("chatcmpl", "chat.completion", body.model)
         if body.stream:
             env.object = "chat.completion.chunk"
             calls = [tools.ToolStream(names) for _ in range(body.n)]
+            seen = [([], "") for _ in range(body.n)]  # ids and text so far, for a stop string
 
             def choice(i: int, entry: Entry) -> dict:
-                delta, finish = {}, entry.finish_reason
-                text = calls[i].feed(entry.text) if names else entry.text
+                delta, finish, text = {}, entry.finish_reason, entry.text
+                if stops:
+                    ids_so_far, before = seen[i]
+                    ids_so_far += entry.token_ids
+                    seen[i] = (ids_so_far, before + text)
+                    if finish == "stop":
+                        text += stop_string(tok, ids_so_far, before + text, stops,
+                                            body.skip_special_tokens)
+                text = calls[i].feed(text) if names else text
                 if names and finish is not None:
-                    rest, found = calls[i].finish()
+                    rest, found = calls[i].finish(cut=finish == "length")
                     text += rest
                     if found:
                         delta["tool_calls"] = [{"index": j, **c} for j, c in enumerate(found)]
@@ -235,17 +291,39 @@ class OpenAIService:
         outs = await self._generate_all(handle, works, leases, timer)
         choices = []
         for i, out in enumerate(outs):
-            message = {"role": "assistant", "content": out.text or ""}
-            finish = out.finish_reason.value
+            finish, text = out.finish_reason.value, out.text or ""
+            if stops and finish == "stop":
+                text += stop_string(tok, out.token_ids, text, stops, body.skip_special_tokens)
+            message = {"role": "assistant", "content": text}
             if names:
-                content, found = tools.parse(out.text or "", names)
+                content, found = tools.parse(text, names, cut=finish == "length")
                 if found:
                     message = {"role": "assistant", "content": content, "tool_calls": found}
                     finish = "tool_calls" if finish == "stop" else finish
+                else:
+                    message["content"] = content or ""
             choices.append({"index": i, "message": message,
                             "logprobs": chat_logprobs(tok, out.token_ids, out.logprobs),
                             "finish_reason": finish})
         return env.body(choices=choices, usage=_usage(len(ids), outs))
+
+    async def _check_tools(self, served: ServedModel, structured, functions: list[dict],
+                           mode: str, named: str | None) -> None:
+        """A tool_choice's grammar compiles, or a 400 naming the tool whose parameters
+        do not (``tools[i].function.parameters``), never ``response_format``."""
+        try:
+            await served.check_structured(structured, "tools")
+        except APIError as err:
+            for i, f in enumerate(functions):
+                if mode == "named" and f["name"] != named:
+                    continue
+                field = f"tools[{i}].function.parameters"
+                try:
+                    one = tools.constraint([f], "named", False, f["name"])
+                    await served.check_structured(one, field)
+                except APIError as bad:
+                    raise bad_request(bad.message, param=field) from None
+            raise bad_request(err.message, param="tools") from None
 
     # ---- tokenize -------------------------------------------------------------------
 
@@ -259,11 +337,16 @@ class OpenAIService:
             special = True if body.add_special_tokens is None else body.add_special_tokens
             ids = await self.pool.run(len(body.prompt), tok.encode, body.prompt, special)
         else:
-            messages = [{"role": m.role, "content": m.content} for m in body.messages]
+            messages = [m.rendered() for m in body.messages]  # as chat renders them
             chars = sum(len(m["content"]) for m in messages)
             check_chars(chars, self.limits.max_prompt_chars, "messages")
-            ids = await self.pool.run(chars, tok.chat, messages, body.add_generation_prompt,
-                                      bool(body.add_special_tokens))
+            functions = [{"type": "function", "function": t.function.model_dump(
+                exclude_none=True)} for t in body.tools or ()]
+            options = body.template_options()
+            ids = await self.pool.run(chars, functools.partial(
+                tok.chat, messages, options["add_generation_prompt"],
+                bool(body.add_special_tokens), functions, options["continue_final_message"],
+                options["template_kwargs"]))
         out = {"count": len(ids), "max_model_len": info.max_model_len, "tokens": ids,
                "token_strs": None}
         if body.return_token_strs:
@@ -325,11 +408,12 @@ class OpenAIService:
 
     # ---- plumbing -------------------------------------------------------------------
 
-    async def _prompt_ids(self, info: ModelInfo, tok: ModelTokenizer, prompt) -> list[int]:
+    async def _prompt_ids(self, info: ModelInfo, tok: ModelTokenizer, prompt,
+                          field: str = "prompt") -> list[int]:
         if isinstance(prompt, str):
-            check_chars(len(prompt), self.limits.max_prompt_chars, "prompt")
+            check_chars(len(prompt), self.limits.max_prompt_chars, field)
             return await self.pool.run(len(prompt), tok.encode, prompt)
-        check_vocab(info, prompt, "prompt")
+        check_vocab(info, prompt, field)
         return prompt
 
     async def _reserve(self, model: str, num_prompt: int, max_tokens: int, n: int
@@ -396,6 +480,22 @@ class OpenAIService:
 def _release(leases: list[Lease]) -> None:
     for lease in leases:
         lease.release()
+
+
+def _stops(body) -> tuple[str, ...]:
+    """The stop strings to put back into the output (``include_stop_str_in_output``)."""
+    if not body.include_stop_str_in_output or not body.stop:
+        return ()
+    return (body.stop,) if isinstance(body.stop, str) else tuple(body.stop)
+
+
+def _usage_of_prompts(num_prompt_tokens: list[int], outs: list, n: int) -> dict:
+    """Usage of ``n`` choices of each prompt: the prompts summed, each counted once."""
+    groups = [outs[j * n:(j + 1) * n] for j in range(len(num_prompt_tokens))]
+    parts = [_usage(k, g) for k, g in zip(num_prompt_tokens, groups)]
+    return usage(sum(p["prompt_tokens"] for p in parts),
+                 sum(p["completion_tokens"] for p in parts),
+                 sum(p["prompt_tokens_details"]["cached_tokens"] for p in parts))
 
 
 def _usage(num_prompt_tokens: int, outs: list) -> dict:

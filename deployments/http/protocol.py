@@ -1,8 +1,17 @@
 """OpenAI request bodies, validated at the edge.
 
-- Unknown fields are refused (a misspelt ``max_token`` must not silently run with the
-  default). Fields OpenAI defines that packserve does not implement are accepted only at
-  their neutral value, and refused otherwise with a message naming field and value.
+- Unknown top-level fields are accepted, ignored and named (vLLM's rule, and what SDKs
+  that send their own extras need): ``ignored_fields()`` lists them, with the known
+  fields accepted but not acted on (``store``, ``metadata``, ``priority``, ...) when sent
+  with a value that would matter; the ingress logs them as one WARNING line and answers
+  them in the ``x-packserve-ignored-fields`` header (``ignored_header``). Wrong values
+  of known fields (types, ranges) are still 400s. Nested objects stay strict, except the
+  fields OpenAI's SDK itself puts on the assistant messages it returns (``refusal``,
+  ``audio``, ``annotations``, ``tool_calls[].index``, ...), which are ignored. Fields
+  OpenAI defines that packserve cannot honour (``suffix``, ``best_of`` > 1) are accepted
+  only at their neutral value, and refused otherwise with a message naming field and value.
+- ``null`` means "the default" wherever OpenAI allows it (``temperature: null``, ...);
+  ``seed: -1`` means no seed (vLLM's rule).
 - JSON types are strict: a bool is not a number (``max_tokens: true`` is refused, not
   run as 1), a number is not a string, a text part's ``text`` is a string; NaN and
   infinities are refused.
@@ -20,7 +29,8 @@ from __future__ import annotations
 
 import json
 import re
-from typing import Annotated, Literal
+import logging
+from typing import Annotated, Any, ClassVar, Literal
 
 from pydantic import (
     BaseModel,
@@ -32,6 +42,7 @@ from pydantic import (
 )
 from pydantic_core import PydanticCustomError
 
+from deployments.http.errors import bad_request
 from worker.params import (
     MAX_LOGPROBS,
     InvalidSamplingParamsError,
@@ -43,6 +54,8 @@ from worker.params import (
 MAX_SEED = 2**63 - 1  # the sampler seeds a torch.Generator: a signed 64-bit value
 MAX_N = 16  # choices per request (each runs as its own sequence and lease)
 FIELD_ERROR = "packserve_field"
+IGNORED_HEADER = "x-packserve-ignored-fields"
+logger = logging.getLogger("ray.serve")
 _SURROGATE = re.compile("[\ud800-\udfff]")
 
 TokenIds = list[int]
@@ -88,17 +101,18 @@ def _is_ids(value) -> bool:
     return isinstance(value, list) and all(type(t) is int for t in value)
 
 
-def _one_prompt(value) -> str | TokenIds:
-    """``prompt``: a string or token ids; a list holding one of them is unwrapped."""
-    if isinstance(value, str) or _is_ids(value):
+def _prompts(value) -> list[str] | list[TokenIds]:
+    """``prompt``: a string, token ids, or a list of either (one choice set per prompt)."""
+    if isinstance(value, str) or (_is_ids(value) and value):
+        return [value]
+    if (isinstance(value, list) and value
+            and (all(isinstance(p, str) for p in value) or all(_is_ids(p) for p in value))):
         return value
-    if isinstance(value, list) and all(isinstance(p, str) or _is_ids(p) for p in value):
-        if len(value) != 1:
-            raise field_error("prompt", f"one prompt per request (n=1); got a list of "
-                              f"{len(value)} prompts")
-        return value[0]
+    if value == []:
+        raise field_error("prompt", "is empty: send a string, token ids, or a non-empty list "
+                          "of either")
     raise field_error("prompt", "must be a string, an array of token ids (integers), or a "
-                      f"list holding one of those; got {short(value)}")
+                      f"list of strings or of token-id arrays; got {short(value)}")
 
 
 def _inputs(value) -> list[str] | list[TokenIds]:
@@ -140,6 +154,8 @@ def _content(value) -> str:
 
 
 class _Body(BaseModel):
+    """A body whose unknown fields are refused (the classification endpoints')."""
+
     model_config = ConfigDict(extra="forbid", strict=True, allow_inf_nan=False)
 
     model: str
@@ -151,9 +167,57 @@ class _Body(BaseModel):
         return valid_unicode(data)
 
 
+def _extras(model: BaseModel | None, prefix: str = "") -> set[str]:
+    """The unknown fields a model accepted, as paths."""
+    return {prefix + name for name in (getattr(model, "model_extra", None) or ())}
+
+
+class _OpenAIBody(_Body):
+    """An OpenAI endpoint's body: unknown top-level fields are accepted, ignored and
+    named (``ignored_fields``); ``null`` for a field in ``NULL_MEANS_DEFAULT`` is the
+    field's default; a field of ``IGNORED`` is accepted and named when its value is not
+    one of the neutral ones (None always is)."""
+
+    model_config = ConfigDict(extra="allow", strict=True, allow_inf_nan=False)
+    NULL_MEANS_DEFAULT: ClassVar[frozenset[str]] = frozenset()
+    IGNORED: ClassVar[dict[str, tuple]] = {"user": ()}
+
+    @model_validator(mode="before")
+    @classmethod
+    def _nulls_mean_defaults(cls, data):
+        if isinstance(data, dict) and any(data.get(k, 0) is None for k in cls.NULL_MEANS_DEFAULT):
+            data = {k: v for k, v in data.items()
+                    if not (v is None and k in cls.NULL_MEANS_DEFAULT)}
+        return data
+
+    def ignored_fields(self) -> list[str]:
+        """What this body asked for that has no effect here, sorted: unknown fields
+        (nested ones as paths) and accepted-but-ignored ones sent with a value."""
+        names = _extras(self)
+        for name, neutral in self.IGNORED.items():
+            value = getattr(self, name, None)
+            if value is not None and value not in neutral:
+                names.add(name)
+        return sorted(names | self._nested_extras())
+
+    def _nested_extras(self) -> set[str]:
+        return set()
+
+
+def ignored_header(body) -> dict[str, str]:
+    """The response header naming ``body``'s ignored fields (empty when none), logged
+    as one WARNING line: the request ran, without them."""
+    names = body.ignored_fields() if isinstance(body, _OpenAIBody) else []
+    if not names:
+        return {}
+    logger.warning("request for model %r: ignored field(s) %s (accepted, not acted on)",
+                   body.model, ", ".join(names))
+    return {IGNORED_HEADER: ",".join(names)}
+
+
 class StreamOptions(BaseModel):
-    model_config = ConfigDict(extra="forbid", strict=True)
-    include_usage: bool = False
+    model_config = ConfigDict(extra="allow", strict=True)  # vLLM's extras: ignored, named
+    include_usage: bool | None = False
 
 
 class JsonSchemaFormat(BaseModel):
@@ -167,26 +231,89 @@ class JsonSchemaFormat(BaseModel):
 
 
 class ResponseFormat(BaseModel):
-    """``response_format``: ``text`` (no constraint), ``json_object`` (any JSON object)
-    or ``json_schema`` (an object valid against ``json_schema.schema``)."""
+    """``response_format``: ``text`` (no constraint), ``json_object`` (any JSON object,
+    or one valid against ``schema`` when given: the form of Together, Anyscale and
+    instructor's JSON modes) or ``json_schema`` (an object valid against
+    ``json_schema.schema``)."""
 
-    model_config = ConfigDict(extra="forbid", strict=True)
+    model_config = ConfigDict(extra="forbid", strict=True, populate_by_name=True)
     type: Literal["text", "json_object", "json_schema"]
     json_schema: JsonSchemaFormat | None = None
+    schema_: dict | None = Field(None, alias="schema")
 
     @model_validator(mode="after")
     def _schema_iff_json_schema(self):
         if (self.type == "json_schema") != (self.json_schema is not None):
             raise field_error("response_format", "response_format.json_schema is required "
                               "with type json_schema, and allowed only with it")
+        if self.schema_ is not None and self.type == "text":
+            raise field_error("response_format.schema", "a schema needs type json_object "
+                              "or json_schema, not text")
+        return self
+
+    def output_schema(self) -> dict | None:
+        """The JSON schema the output must follow (None: any JSON object)."""
+        if self.json_schema is not None:
+            return self.json_schema.schema_
+        return self.schema_
+
+
+class StructuredOutputs(BaseModel):
+    """``structured_outputs``: vLLM's form of the ``guided_*`` fields (one of them)."""
+
+    model_config = ConfigDict(extra="allow", strict=True)  # vLLM's backend options: named
+    json_: dict | str | None = Field(None, alias="json")
+    regex: str | None = None
+    choice: list[str] | None = Field(None, min_length=1)
+    grammar: str | None = None
+    json_object: bool | None = None
+
+    @model_validator(mode="after")
+    def _one(self):
+        given = [k for k in ("json", "regex", "choice", "grammar", "json_object")
+                 if getattr(self, "json_" if k == "json" else k) not in (None, False)]
+        if len(given) > 1:
+            raise field_error(f"structured_outputs.{given[1]}", "send one output constraint;"
+                              f" got structured_outputs.{', structured_outputs.'.join(given)}")
         return self
 
 
-class _Sampling(_Body):
+def _json_schema_text(value: dict | str, field: str) -> dict:
+    if isinstance(value, dict):
+        return value
+    try:
+        schema = json.loads(value)
+    except ValueError as exc:
+        raise field_error(field, f"not valid JSON: {exc}") from None
+    if not isinstance(schema, dict):
+        raise field_error(field, "must be a JSON schema object")
+    return schema
+
+
+# InvalidSamplingParamsError.field -> the body field a client sent (where they differ)
+_ENGINE_TO_CLIENT: dict[str, str] = {}
+
+
+def _engine_message(exc: InvalidSamplingParamsError) -> str:
+    """The engine's message without its class name (``SamplingParams.stop must be``)."""
+    return str(exc).removeprefix(f"SamplingParams.{exc.field} ")
+
+
+class _Sampling(_OpenAIBody):
+    NULL_MEANS_DEFAULT = frozenset({
+        "temperature", "top_p", "n", "stream", "presence_penalty", "frequency_penalty",
+        "logprobs", "echo", "parallel_tool_calls", "top_k", "min_p", "repetition_penalty",
+        "ignore_eos", "min_tokens", "skip_special_tokens", "include_stop_str_in_output",
+        "add_generation_prompt", "continue_final_message"})
+    # accepted, not acted on: named when sent with a value other than these
+    IGNORED = {"user": (), "store": (False,), "metadata": ({},), "service_tier": (
+        "auto", "default"), "reasoning_effort": (), "prompt_cache_key": (),
+        "safety_identifier": (), "priority": (0,)}
+
     temperature: float = Field(1.0, ge=0, le=2)
     top_p: float = Field(1.0, gt=0, le=1)
-    top_k: int = Field(0, ge=0)  # an extension (vLLM's); 0 = off
-    seed: int | None = Field(None, ge=0, le=MAX_SEED)
+    top_k: int = Field(0, ge=0)  # an extension (vLLM's); 0 (or vLLM's -1) = off
+    seed: int | None = Field(None, ge=0, le=MAX_SEED)  # -1 (vLLM's "none") is None
     stop: str | list[str] | None = None
     stop_token_ids: list[int] | None = None  # an extension (vLLM's)
     ignore_eos: bool = False  # an extension (vLLM's)
@@ -201,44 +328,87 @@ class _Sampling(_Body):
     min_tokens: int = Field(0, ge=0)  # an extension (vLLM's): EOS held back until this many
     response_format: ResponseFormat | None = None
     # vLLM's structured-output extensions (at most one constraint per request):
+    structured_outputs: StructuredOutputs | None = None
     guided_json: dict | str | None = None  # a JSON schema (object, or its JSON text)
     guided_regex: str | None = None
     guided_choice: list[str] | None = Field(None, min_length=1)
     guided_grammar: str | None = None  # a Lark grammar (llguidance's dialect)
+    # vLLM's other extensions, honoured:
+    skip_special_tokens: bool = True  # the text leaves out special tokens
+    include_stop_str_in_output: bool = False  # the stop string that ended it is kept
+    truncate_prompt_tokens: int | None = Field(None, ge=-1)  # keep the last N; -1: all
+    # accepted and ignored (named in the response's header when they would matter):
+    priority: int | None = None  # vLLM's priority scheduling: packserve has none
+    store: bool | None = None
+    metadata: dict | None = None
+    service_tier: str | None = None
+    reasoning_effort: str | None = None
+    prompt_cache_key: str | None = None  # the prefix cache needs no key
+    safety_identifier: str | None = None
+
+    @model_validator(mode="before")
+    @classmethod
+    def _seed_minus_one_is_none(cls, data):
+        if isinstance(data, dict) and type(data.get("seed")) is int and data["seed"] == -1:
+            data = {**data, "seed": None}
+        if isinstance(data, dict) and type(data.get("top_k")) is int and data["top_k"] == -1:
+            data = {**data, "top_k": 0}
+        return data
+
+    @field_validator("truncate_prompt_tokens")
+    @classmethod
+    def _truncate_not_zero(cls, value):
+        if value == 0:
+            raise ValueError("must be >= 1 (keep the last N prompt tokens) or -1 (keep all)")
+        return value
+
+    def _nested_extras(self) -> set[str]:
+        return _extras(self.stream_options, "stream_options.") | _extras(
+            self.structured_outputs, "structured_outputs.")
+
+    def _constraints(self) -> list[str]:
+        given = [f for f in ("structured_outputs", "guided_json", "guided_regex",
+                             "guided_choice", "guided_grammar") if getattr(self, f) is not None]
+        if self.structured_outputs is not None and not any(
+                getattr(self.structured_outputs, k) not in (None, False)
+                for k in ("json_", "regex", "choice", "grammar", "json_object")):
+            given.remove("structured_outputs")  # {} or only backend options: no constraint
+        if self.response_format is not None and self.response_format.type != "text":
+            given.insert(0, "response_format")
+        return given
 
     @model_validator(mode="after")
     def _one_constraint(self):
-        given = [f for f in ("guided_json", "guided_regex", "guided_choice", "guided_grammar")
-                 if getattr(self, f) is not None]
-        if self.response_format is not None and self.response_format.type != "text":
-            given.insert(0, "response_format")
+        given = self._constraints()
         if len(given) > 1:
             raise field_error(given[1], f"send one output constraint; got {', '.join(given)}")
         if isinstance(self.guided_json, str):
-            try:
-                schema = json.loads(self.guided_json)
-            except ValueError as exc:
-                raise field_error("guided_json", f"not valid JSON: {exc}") from None
-            if not isinstance(schema, dict):
-                raise field_error("guided_json", "must be a JSON schema object")
+            _json_schema_text(self.guided_json, "guided_json")
+        so = self.structured_outputs
+        if so is not None and isinstance(so.json_, str):
+            _json_schema_text(so.json_, "structured_outputs.json")
         return self
 
     def structured(self) -> Structured | None:
         """The request's output constraint for the engine, if any."""
         fmt = self.response_format
-        if fmt is not None and fmt.type == "json_object":
+        if fmt is not None and fmt.type in ("json_object", "json_schema"):
+            return Structured.json(fmt.output_schema())
+        so = self.structured_outputs
+        guided_json = self.guided_json if so is None or so.json_ is None else so.json_
+        if guided_json is not None:
+            return Structured.json(_json_schema_text(guided_json, "guided_json"))
+        regex = self.guided_regex if so is None or so.regex is None else so.regex
+        if regex is not None:
+            return Structured("regex", regex)
+        choice = self.guided_choice if so is None or so.choice is None else so.choice
+        if choice is not None:
+            return Structured.choice(choice)
+        grammar = self.guided_grammar if so is None or so.grammar is None else so.grammar
+        if grammar is not None:
+            return Structured("lark", grammar)
+        if so is not None and so.json_object:
             return Structured.json(None)
-        if fmt is not None and fmt.type == "json_schema":
-            return Structured.json(fmt.json_schema.schema_)
-        if self.guided_json is not None:
-            schema = self.guided_json
-            return Structured.json(json.loads(schema) if isinstance(schema, str) else schema)
-        if self.guided_regex is not None:
-            return Structured("regex", self.guided_regex)
-        if self.guided_choice is not None:
-            return Structured.choice(self.guided_choice)
-        if self.guided_grammar is not None:
-            return Structured("lark", self.guided_grammar)
         return None
 
     @field_validator("logit_bias")
@@ -267,21 +437,60 @@ class _Sampling(_Body):
                               f"max_tokens={limit}")
         return self
 
+    @model_validator(mode="after")
+    def _engine_accepts(self):
+        """The engine's checks of what the body leaves to it (``stop: ""``,
+        ``stop_token_ids: [-1]``), at the edge: a 400 naming the client's field."""
+        try:  # the values as sent, so that the message quotes them
+            SamplingParams(stop=() if self.stop is None else self.stop,
+                           stop_token_ids=self.stop_token_ids or ())
+        except InvalidSamplingParamsError as exc:
+            raise field_error(self.client_field(exc.field), _engine_message(exc)) from None
+        return self
+
+    def client_field(self, engine_field: str) -> str:
+        """The body's field that an engine parameter (``SamplingParams.<field>``) came
+        from: what an error's ``param`` names."""
+        if engine_field == "max_tokens":
+            return ("max_completion_tokens" if getattr(self, "max_completion_tokens", None)
+                    else "max_tokens")
+        if engine_field == "logprobs" and hasattr(self, "top_logprobs"):
+            return "top_logprobs"
+        if engine_field == "structured":
+            return "response_format"
+        return _ENGINE_TO_CLIENT.get(engine_field, engine_field)
+
     def sampling_params(self, max_tokens: int, logprobs: int | None,
                         choice: int = 0) -> SamplingParams:
         """The engine's parameters for choice ``choice`` of ``n``: its seed is ``seed +
-        choice`` (vLLM's rule), so each choice equals a single request with that seed."""
+        choice`` (vLLM's rule), so each choice equals a single request with that seed.
+        An engine refusal is a 400 naming the body's field, never ``SamplingParams.*``."""
         stop = [self.stop] if isinstance(self.stop, str) else (self.stop or [])
-        return SamplingParams(
-            max_tokens=max_tokens, temperature=self.temperature, top_p=self.top_p,
-            top_k=self.top_k, min_p=self.min_p,
-            seed=None if self.seed is None else (self.seed + choice) % (MAX_SEED + 1),
-            stop=tuple(stop), stop_token_ids=tuple(self.stop_token_ids or ()),
-            ignore_eos=self.ignore_eos, logprobs=logprobs,
-            presence_penalty=self.presence_penalty, frequency_penalty=self.frequency_penalty,
-            repetition_penalty=self.repetition_penalty,
-            logit_bias=tuple((int(k), v) for k, v in (self.logit_bias or {}).items()),
-            min_tokens=min(self.min_tokens, max_tokens), structured=self.structured())
+        try:
+            return SamplingParams(
+                max_tokens=max_tokens, temperature=self.temperature, top_p=self.top_p,
+                top_k=self.top_k, min_p=self.min_p,
+                seed=None if self.seed is None else (self.seed + choice) % (MAX_SEED + 1),
+                stop=tuple(stop), stop_token_ids=tuple(self.stop_token_ids or ()),
+                ignore_eos=self.ignore_eos, logprobs=logprobs,
+                skip_special_tokens=self.skip_special_tokens,
+                presence_penalty=self.presence_penalty,
+                frequency_penalty=self.frequency_penalty,
+                repetition_penalty=self.repetition_penalty,
+                logit_bias=tuple((int(k), v) for k, v in (self.logit_bias or {}).items()),
+                min_tokens=min(self.min_tokens, max_tokens), structured=self.structured())
+        except InvalidSamplingParamsError as exc:
+            field = self.client_field(exc.field)
+            raise bad_request(f"{field}: {_engine_message(exc)}", param=field) from None
+
+    def truncated(self, ids: list[int], max_model_len: int) -> list[int]:
+        """The prompt's ids after ``truncate_prompt_tokens`` (the last N kept; -1: as
+        many as the context holds)."""
+        k = self.truncate_prompt_tokens
+        if k is None:
+            return ids
+        k = max_model_len if k == -1 else k
+        return ids[-k:] if len(ids) > k else ids
 
     @property
     def include_usage(self) -> bool:
@@ -290,10 +499,11 @@ class _Sampling(_Body):
 
 class CompletionRequest(_Sampling):
     """POST /v1/completions. ``echo`` with ``max_tokens: 0`` and ``logprobs`` scores the
-    prompt (log p of each prompt token given the ones before it)."""
+    prompt (log p of each prompt token given the ones before it). ``prompt`` may be a
+    list: ``n`` choices per prompt, choice ``index`` = prompt index x n + i (OpenAI's)."""
 
-    prompt: Annotated[str | TokenIds, PlainValidator(
-        _one_prompt, json_schema_input_type=str | list[str] | TokenIds | list[TokenIds])]
+    prompt: Annotated[list[str] | list[TokenIds], PlainValidator(
+        _prompts, json_schema_input_type=str | list[str] | TokenIds | list[TokenIds])]
     max_tokens: int | None = Field(16, ge=0)
     logprobs: int | None = Field(None, ge=0, le=MAX_LOGPROBS)
     echo: bool = False
@@ -314,9 +524,14 @@ class ToolCall(BaseModel):
     id: str
     type: Literal["function"] = "function"
     function: FunctionCall
+    index: int | None = None  # a streamed call's position (SDKs send it back): ignored
 
 
 class ChatMessage(BaseModel):
+    """One message. Other unknown fields are refused, but not those that OpenAI's SDK
+    (``model_dump()`` of the assistant message it returned), litellm and langchain send
+    back on assistant turns: they are ignored."""
+
     model_config = ConfigDict(extra="forbid", strict=True)
 
     role: Literal["system", "user", "assistant", "tool", "developer"]
@@ -325,17 +540,32 @@ class ChatMessage(BaseModel):
     name: str | None = None
     tool_calls: list[ToolCall] | None = None  # assistant turns that called tools
     tool_call_id: str | None = None  # a tool's result: the call it answers
+    # what SDKs send back on assistant messages, ignored:
+    refusal: Any = None
+    audio: Any = None
+    function_call: Any = None
+    annotations: Any = None
+    reasoning_content: Any = None
+    reasoning: Any = None
+    provider_specific_fields: Any = None  # litellm's
+    thinking_blocks: Any = None  # litellm's
 
     def rendered(self) -> dict:
         """What the chat template sees."""
         out = {"role": self.role, "content": self.content}
         if self.tool_calls:
-            out["tool_calls"] = [c.model_dump() for c in self.tool_calls]
+            out["tool_calls"] = [c.model_dump(exclude={"index"}) for c in self.tool_calls]
         if self.tool_call_id is not None:
             out["tool_call_id"] = self.tool_call_id
         return out
 
 
+# keyword arguments of apply_chat_template that chat_template_kwargs may not set
+TEMPLATE_RESERVED = frozenset({
+    "conversation", "messages", "tools", "documents", "chat_template", "tokenize",
+    "add_generation_prompt", "continue_final_message", "return_dict", "return_tensors",
+    "return_assistant_tokens_mask", "padding", "truncation", "max_length",
+    "tokenizer_kwargs", "add_special_tokens"})
 _FUNCTION_NAME = re.compile(r"^[A-Za-z0-9_-]{1,64}$")
 MAX_TOOLS = 128  # OpenAI's limit
 
@@ -373,7 +603,36 @@ class NamedToolChoice(BaseModel):
     function: NamedFunction
 
 
-class ChatCompletionRequest(_Sampling):
+class _ChatTemplate(BaseModel):
+    """vLLM's chat-template options (chat and /tokenize)."""
+
+    model_config = ConfigDict(extra="allow", strict=True, allow_inf_nan=False)
+
+    chat_template_kwargs: dict | None = None  # passed to the template (enable_thinking, ...)
+    add_generation_prompt: bool = True  # open the assistant's turn
+    continue_final_message: bool = False  # continue the last (assistant) message instead
+
+    @model_validator(mode="after")
+    def _template_options(self):
+        if self.continue_final_message and self.add_generation_prompt and (
+                "add_generation_prompt" in self.model_fields_set):
+            raise field_error("continue_final_message", "continue_final_message and "
+                              "add_generation_prompt cannot both be true")
+        reserved = sorted(set(self.chat_template_kwargs or ()) & TEMPLATE_RESERVED)
+        if reserved:
+            raise field_error(f"chat_template_kwargs.{reserved[0]}", "is set by the server "
+                              "(send it as a top-level field, if at all)")
+        return self
+
+    def template_options(self) -> dict:
+        """``ModelTokenizer.chat``'s keyword arguments for this body's template options."""
+        return {"add_generation_prompt": self.add_generation_prompt
+                and not self.continue_final_message,
+                "continue_final_message": self.continue_final_message,
+                "template_kwargs": self.chat_template_kwargs}
+
+
+class ChatCompletionRequest(_Sampling, _ChatTemplate):
     """POST /v1/chat/completions: rendered with the model's chat template."""
 
     messages: list[ChatMessage] = Field(min_length=1)
@@ -384,6 +643,14 @@ class ChatCompletionRequest(_Sampling):
     tools: list[Tool] | None = Field(None, max_length=MAX_TOOLS)
     tool_choice: Literal["none", "auto", "required"] | NamedToolChoice | None = None
     parallel_tool_calls: bool = True
+
+    @model_validator(mode="after")
+    def _tool_results_name_their_call(self):
+        for i, m in enumerate(self.messages):
+            if m.role == "tool" and m.tool_call_id is None:
+                raise field_error(f"messages[{i}].tool_call_id", "a tool message needs the "
+                                  "tool_call_id of the call it answers")
+        return self
 
     @model_validator(mode="after")
     def _tool_choice_needs_tools(self):
@@ -426,8 +693,10 @@ class ChatCompletionRequest(_Sampling):
         return self.max_completion_tokens or self.max_tokens
 
 
-class EmbeddingRequest(_Body):
+class EmbeddingRequest(_OpenAIBody):
     """POST /v1/embeddings."""
+
+    NULL_MEANS_DEFAULT = frozenset({"encoding_format"})
 
     input: Annotated[list[str] | list[TokenIds], PlainValidator(
         _inputs, json_schema_input_type=str | list[str] | TokenIds | list[TokenIds])]
@@ -435,15 +704,19 @@ class EmbeddingRequest(_Body):
     dimensions: int | None = Field(None, ge=1)
 
 
-class TokenizeRequest(_Body):
+class TokenizeRequest(_OpenAIBody, _ChatTemplate):
     """POST /tokenize (vLLM's shape): a ``prompt`` as completions encode it, or
-    ``messages`` as chat renders them; ``count`` equals the ``usage.prompt_tokens`` that
-    endpoint reports for the same input."""
+    ``messages`` (and ``tools``) as chat renders them, with chat's template options;
+    ``count`` equals the ``usage.prompt_tokens`` that endpoint reports for the same
+    input."""
+
+    NULL_MEANS_DEFAULT = frozenset({"add_generation_prompt", "continue_final_message",
+                                    "return_token_strs"})
 
     prompt: str | None = None
     messages: list[ChatMessage] | None = Field(None, min_length=1)
+    tools: list[Tool] | None = Field(None, max_length=MAX_TOOLS)
     add_special_tokens: bool | None = None  # default: True for a prompt, False for messages
-    add_generation_prompt: bool = True  # messages: open the assistant's turn, as chat does
     return_token_strs: bool = False
 
     @model_validator(mode="after")
@@ -453,7 +726,7 @@ class TokenizeRequest(_Body):
         return self
 
 
-class DetokenizeRequest(_Body):
+class DetokenizeRequest(_OpenAIBody):
     """POST /detokenize (vLLM's shape): token ids back to text."""
 
     tokens: TokenIds

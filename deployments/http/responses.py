@@ -1,7 +1,8 @@
 """OpenAI response bodies and stream chunks, built from engine outputs.
 
 Logprobs of prompt tokens (``echo``) come from the engine's scoring pass, which returns
-log p(token t | tokens < t) only: prompt positions carry ``top_logprobs: null``.
+log p(token t | tokens < t) only: a prompt position's ``top_logprobs`` holds its own
+token (the first position, which nothing precedes, is null, as OpenAI has it).
 """
 
 from __future__ import annotations
@@ -32,20 +33,23 @@ def sse(payload: dict | str) -> str:
 
 
 class CompletionLogprobs:
-    """Builds a completion choice's ``logprobs`` (tokens, token_logprobs, top_logprobs,
-    text_offset), prompt first when echoed."""
+    """Builds one completion choice's ``logprobs`` (tokens, token_logprobs, top_logprobs,
+    text_offset), prompt first when echoed. One per choice: ``text_offset`` counts from
+    the start of that choice's text (``text_offset``: where its generated text starts)."""
 
     def __init__(self, tok, text_offset: int = 0):
         self.tok = tok
         self.offset = text_offset
 
     def prompt(self, token_ids: list[int], scores) -> dict:
-        """First prompt token has no logprob (nothing precedes it)."""
+        """First prompt token has no logprob (nothing precedes it); each later one its
+        own log p, and its own token as its ``top_logprobs``."""
         values = [None] + [float(x) for x in scores]
-        return self._entries(token_ids, values, [None] * len(token_ids))
+        tops = [None] + [{self.tok.token_text(t): v} for t, v in zip(token_ids[1:], values[1:])]
+        return self._entries(token_ids, values, tops)
 
     def generated(self, token_ids: list[int], logprobs: list[TokenLogprobs]) -> dict:
-        tops = [{self.tok.token_text(t): lp for t, lp in e.top} for e in logprobs]
+        tops = [top_logprobs(self.tok, t, e) for t, e in zip(token_ids, logprobs)]
         return self._entries(token_ids, [e.logprob for e in logprobs], tops)
 
     def _entries(self, token_ids, values, tops) -> dict:
@@ -58,6 +62,38 @@ class CompletionLogprobs:
             out["text_offset"].append(self.offset)
             self.offset += len(text)
         return out
+
+
+def top_logprobs(tok, sampled: int, entry: TokenLogprobs) -> dict[str, float]:
+    """A legacy completion position's ``top_logprobs``: OpenAI's dict keyed by token
+    text, most likely first. The sampled token is always in it (as in vLLM, so k + 1
+    entries when it is not among the top k), and tokens whose texts are equal keep the
+    highest logprob (a later, less likely one never overwrites it)."""
+    out: dict[str, float] = {}
+    for token_id, value in (*entry.top, (sampled, entry.logprob)):
+        text = tok.token_text(token_id)
+        if text not in out or value > out[text]:
+            out[text] = value
+    return dict(sorted(out.items(), key=lambda kv: -kv[1]))
+
+
+def text_length(entries: dict | None) -> int:
+    """Characters of the tokens of a ``logprobs`` object (where the next one starts)."""
+    return sum(len(t) for t in entries["tokens"]) if entries else 0
+
+
+def stop_string(tok, token_ids: list[int], text: str, stops, skip_special_tokens: bool
+                ) -> str:
+    """The stop string that ended ``text`` (the engine cuts the text before it): what
+    ``include_stop_str_in_output`` puts back. "" when none did (EOS, a stop token, or
+    max_tokens ended it). ``tok``: the model's ``ModelTokenizer``."""
+    if not stops or not token_ids:
+        return ""
+    full = tok.tokenizer.decode(token_ids, skip_special_tokens=skip_special_tokens)
+    if not full.startswith(text):
+        return ""
+    tail = full[len(text):]
+    return next((s for s in stops if tail.startswith(s)), "")
 
 
 def token_logprobs(entries: list | None) -> list[TokenLogprobs] | None:

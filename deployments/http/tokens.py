@@ -46,17 +46,23 @@ class ModelTokenizer:
                 self.tokenizer(texts, add_special_tokens=True, verbose=False)["input_ids"]]
 
     def chat(self, messages: list[dict], add_generation_prompt: bool = True,
-             add_special_tokens: bool = False, tools: list[dict] | None = None) -> list[int]:
+             add_special_tokens: bool = False, tools: list[dict] | None = None,
+             continue_final_message: bool = False,
+             template_kwargs: dict | None = None) -> list[int]:
         """The chat template rendered with the assistant's turn opened, as token ids
         (``add_special_tokens``: the tokenizer's own BOS on top of the template's;
-        ``tools``: OpenAI tool definitions, which the template renders)."""
+        ``tools``: OpenAI tool definitions, which the template renders;
+        ``continue_final_message``: the last message left open, to be continued;
+        ``template_kwargs``: more variables for the template, vLLM's
+        ``chat_template_kwargs``)."""
         if not getattr(self.tokenizer, "chat_template", None):
             raise bad_request("this model's tokenizer has no chat template; use "
                               "/v1/completions with a prompt instead", param="messages")
         try:
             out = self.tokenizer.apply_chat_template(
                 messages, add_generation_prompt=add_generation_prompt, tokenize=True,
-                tools=tools or None,
+                tools=tools or None, **(template_kwargs or {}),
+                **({"continue_final_message": True} if continue_final_message else {}),
                 **({"add_special_tokens": True} if add_special_tokens else {}))
         except Exception as exc:  # noqa: BLE001 - a template error is the messages' fault
             raise bad_request(f"the chat template rejected these messages: {exc}",

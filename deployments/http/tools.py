@@ -19,7 +19,15 @@ which tells it to answer a call as::
 A response with calls has ``finish_reason: "tool_calls"`` and the text outside the
 blocks (if any) as ``content``. Streamed, content is sent as it comes except a tail that
 may be the start of ``<tool_call>``; from the first block on, the text is held and the
-calls go out as one ``tool_calls`` delta with the last chunk.
+calls go out as one ``tool_calls`` delta with the last chunk. A call cut by
+``max_tokens`` (finish ``length``: the text ends inside a block, or in a prefix of
+``<tool_call>``) is dropped: its markup never reaches ``content``, whole or streamed.
+
+A function's ``parameters`` may use ``$defs`` (or ``definitions``) and ``$ref`` (nested
+pydantic models: ``openai.pydantic_function_tool``, instructor): embedded under
+``arguments`` their ``#/$defs/...`` references would not resolve, so the definitions
+are hoisted to the root of the call's schema (as vLLM does) and other local references
+re-pointed under ``arguments``.
 """
 
 from __future__ import annotations
@@ -29,6 +37,7 @@ import re
 import secrets
 from dataclasses import dataclass
 
+from deployments.http.errors import bad_request
 from worker.params import Structured, closed
 
 OPEN, CLOSE = "<tool_call>", "</tool_call>"
@@ -43,9 +52,14 @@ def constraint(tools: list[dict], mode: str, parallel: bool,
     "named" (then ``named`` is the function)."""
     if mode in ("none", "auto"):
         return None
-    chosen = [t for t in tools if mode == "required" or t["name"] == named]
-    call = {"anyOf": [_call_schema(t) for t in chosen]} if len(chosen) > 1 \
-        else _call_schema(chosen[0])
+    chosen = [(i, t) for i, t in enumerate(tools) if mode == "required" or t["name"] == named]
+    defs: dict[str, dict] = {}
+    many = len(chosen) > 1
+    schemas = [_call_schema(t, i, f"#/anyOf/{j}/properties/arguments" if many
+                            else "#/properties/arguments", defs)
+               for j, (i, t) in enumerate(chosen)]
+    call = {"anyOf": schemas} if many else schemas[0]
+    call.update({key: value for key, value in defs.items() if value})
     call["x-guidance"] = _NO_WHITESPACE
     block = f'"{OPEN}\\n" %json {json.dumps(call)} "\\n{CLOSE}"'
     many = parallel and mode == "required"
@@ -54,20 +68,90 @@ def constraint(tools: list[dict], mode: str, parallel: bool,
     return Structured("lark", grammar)
 
 
-def _call_schema(tool: dict) -> dict:
+_DEFS = ("$defs", "definitions")
+
+
+def _call_schema(tool: dict, index: int, at: str, defs: dict[str, dict]) -> dict:
+    """The schema of one call of ``tool`` (``tools[index]``), its ``parameters``
+    embedded at the JSON pointer ``at``; their definitions go into ``defs`` (shared by
+    the calls of one grammar: a name two tools define differently is a 400)."""
     parameters = closed(tool.get("parameters") or {"type": "object", "properties": {}})
+    parameters = hoist_defs(parameters, at, defs, f"tools[{index}].function.parameters")
     return {"type": "object",
             "properties": {"name": {"const": tool["name"]}, "arguments": parameters},
             "required": ["name", "arguments"], "additionalProperties": False}
+
+
+def hoist_defs(schema: dict, at: str, defs: dict[str, dict], field: str) -> dict:
+    """``schema`` (to be embedded at the JSON pointer ``at`` of a larger one) without
+    its ``$defs``/``definitions``, which are merged into ``defs`` (keyed by
+    "$defs"/"definitions") for the root; its local ``$ref`` values that point elsewhere
+    in it are re-pointed under ``at``."""
+    if not isinstance(schema, dict) or not any(k in schema for k in _DEFS) and not _has_ref(
+            schema):
+        return schema
+    schema = dict(schema)
+    for key in _DEFS:
+        found = schema.pop(key, None)
+        if found is None:
+            continue
+        if not isinstance(found, dict):
+            raise bad_request(f"{field}.{key}: must be an object of schemas; got "
+                              f"{type(found).__name__}", param=field)
+        merged = defs.setdefault(key, {})
+        for name, sub in found.items():
+            sub = _repoint(sub, at)
+            if name in merged and merged[name] != sub:
+                raise bad_request(f"{field}.{key}.{name}: another tool defines {name!r} "
+                                  "differently; tool_choice required compiles every tool "
+                                  "into one grammar: rename one of them", param=field)
+            merged[name] = sub
+    return _repoint(schema, at)
+
+
+def _has_ref(value) -> bool:
+    if isinstance(value, dict):
+        return "$ref" in value or any(_has_ref(v) for v in value.values())
+    if isinstance(value, list):
+        return any(_has_ref(v) for v in value)
+    return False
+
+
+def _repoint(value, at: str):
+    """``$ref`` values of ``value`` that are local and not into the hoisted definitions
+    ("#", "#/properties/x") re-pointed under ``at``."""
+    if isinstance(value, list):
+        return [_repoint(v, at) for v in value]
+    if not isinstance(value, dict):
+        return value
+    out = {k: _repoint(v, at) for k, v in value.items()}
+    ref = out.get("$ref")
+    if isinstance(ref, str) and (ref == "#" or ref.startswith("#/")) and not any(
+            ref.startswith(f"#/{key}/") for key in _DEFS):
+        out["$ref"] = at + ref[1:]
+    return out
 
 
 def new_call_id() -> str:
     return f"call_{secrets.token_hex(12)}"
 
 
-def parse(text: str, names: set[str]) -> tuple[str | None, list[dict]]:
+def without_unfinished_call(text: str) -> str:
+    """``text`` without a tool call that ``max_tokens`` cut: from an opening tag with no
+    closing tag after it, or a trailing prefix of ``<tool_call>``."""
+    start = text.rfind(OPEN)
+    if start >= 0 and text.find(CLOSE, start) < 0:
+        return text[:start]
+    keep = _partial_open(text)
+    return text[:len(text) - keep] if keep else text
+
+
+def parse(text: str, names: set[str], cut: bool = False) -> tuple[str | None, list[dict]]:
     """(content, tool calls) of a whole answer. A block that is not a JSON object with a
-    known ``name`` and an object of ``arguments`` leaves the text as content, calls none."""
+    known ``name`` and an object of ``arguments`` leaves the text as content, calls none.
+    ``cut`` (finish ``length``): an unfinished call at the end is dropped first."""
+    if cut:
+        text = without_unfinished_call(text)
     calls = []
     for block in _BLOCK.findall(text):
         try:
@@ -110,10 +194,12 @@ class ToolStream:
         out, self.sent = self.text[self.sent:end], max(self.sent, end)
         return out
 
-    def finish(self) -> tuple[str, list[dict]]:
-        """(content left to send, tool calls) once the choice finished."""
-        _, calls = parse(self.text, self.names)
-        rest, self.sent = self.text[self.sent:], len(self.text)
+    def finish(self, cut: bool = False) -> tuple[str, list[dict]]:
+        """(content left to send, tool calls) once the choice finished; ``cut``
+        (finish ``length``): an unfinished call at the end is dropped, not sent."""
+        text = without_unfinished_call(self.text) if cut else self.text
+        _, calls = parse(text, self.names)
+        rest, self.sent = text[self.sent:], len(self.text)
         if not calls:
             return rest, []
         return _BLOCK.sub("", rest).strip(), calls

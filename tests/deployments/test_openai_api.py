@@ -194,8 +194,8 @@ def _post(url, path, body, *, raw=None, headers=None):
     ("/v1/completions", {"model": GEN, "prompt": "hi", "max_tokens": -3}, 400,
      ["max_tokens", "-3"]),
     ("/v1/completions", {"model": GEN, "prompt": "", "max_tokens": 3}, 400, ["empty"]),
-    ("/v1/completions", {"model": GEN, "prompt": "hi", "max_token": 3}, 400,
-     ["max_token", "unknown field"]),
+    ("/v1/completions", {"model": GEN, "prompt": "hi", "max_tokens": "3"}, 400,
+     ["max_tokens", "'3'"]),
     ("/v1/completions", {"model": GEN, "prompt": "hi", "n": 0}, 400, ["n", "0"]),
     ("/v1/completions", {"model": GEN, "prompt": [5, 99999]}, 400,
      ["prompt[1]", "99999", "vocabulary", "4096"]),
@@ -214,6 +214,15 @@ def test_bad_input_gets_a_clear_4xx(url, path, body, status, needles):
     message = r.json()["error"]["message"]
     for needle in needles:
         assert needle in message, message
+
+
+def test_an_unknown_field_is_accepted_ignored_and_named(url):
+    """A misspelt ``max_token`` runs with the default max_tokens, and the response names
+    it (``x-packserve-ignored-fields``; the ingress logs it as one WARNING line)."""
+    r = _post(url, "/v1/completions", {"model": GEN, "prompt": "hi", "max_token": 3})
+    assert r.status_code == 200, r.text
+    assert r.headers["x-packserve-ignored-fields"] == "max_token"
+    assert r.json()["usage"]["completion_tokens"] <= 16
 
 
 def test_malformed_json_and_oversize_body(url):
