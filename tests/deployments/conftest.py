@@ -47,6 +47,26 @@ def running_app(args: dict, name: str = APP, route_prefix: str = "/"):
         serve.delete(name)
 
 
+def decoder_args(name: str) -> dict:
+    """A smoke decoder with a 2,048-token context: room for tool definitions (two cost
+    about 500 tokens) and the replies; the API key on."""
+    return {"models": [{"name": name, "model": "smoke:decoder",
+                        "engine": {"max_model_len": 2048, "num_kv_blocks": 1024,
+                                   "max_num_batched_tokens": 2048}}],
+            "http": {"api_key": KEY}}
+
+
+@contextlib.contextmanager
+def drained_app(serve_url: str, args: dict, name: str, route_prefix: str):
+    """``running_app`` at ``route_prefix``, yielding its URL; after the module's tests,
+    check that it holds no lease, request, token or KV block."""
+    url = serve_url + route_prefix
+    with running_app(args, name, route_prefix):
+        yield url
+        wait_drained(url, [m["name"] for m in args["models"]],
+                     args.get("http", {}).get("api_key"), app=name)
+
+
 @pytest.fixture(scope="session")
 def shared_url(serve_url):
     """The shared app's base URL (``.../shared``); drained and deleted at the end."""

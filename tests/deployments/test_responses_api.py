@@ -16,7 +16,7 @@ import openai
 import pytest
 from openai.types.responses import Response
 
-from tests.deployments.conftest import KEY, running_app, wait_drained
+from tests.deployments.conftest import KEY, decoder_args, drained_app, wait_drained
 
 WEATHER = {"type": "object", "additionalProperties": False, "required": ["city", "unit"],
            "properties": {"city": {"type": "string", "maxLength": 10},
@@ -34,17 +34,13 @@ MOOD = {"type": "object", "additionalProperties": False, "required": ["mood", "n
                        "n": {"type": "integer", "minimum": 0, "maximum": 99}}}
 QUESTION = "What is the weather in Paris?"
 GEN, APP, PREFIX = "smoke-responses", "responses", "/responses"
-ARGS = {"models": [{"name": GEN, "model": "smoke:decoder",
-                    "engine": {"max_model_len": 2048, "num_kv_blocks": 1024,
-                               "max_num_batched_tokens": 2048}}],
-        "http": {"api_key": KEY}}
+ARGS = decoder_args(GEN)
 
 
 @pytest.fixture(scope="module")
 def url(serve_url):
-    with running_app(ARGS, APP, PREFIX):
-        yield serve_url + PREFIX
-        wait_drained(serve_url + PREFIX, [GEN], KEY, app=APP)
+    with drained_app(serve_url, ARGS, APP, PREFIX) as app_url:
+        yield app_url
 
 
 @pytest.fixture(scope="module")

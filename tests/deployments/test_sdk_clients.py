@@ -17,16 +17,13 @@ import openai
 import pytest
 from pydantic import BaseModel, Field
 
-from tests.deployments.conftest import KEY, running_app, wait_drained
+from tests.deployments.conftest import KEY, decoder_args, drained_app
 from tests.deployments.test_edge import eventually, node_metrics, serve_logs
 
 os.environ.setdefault("LITELLM_LOCAL_MODEL_COST_MAP", "True")  # no network for litellm
 
 GEN, APP, PREFIX = "smoke-sdk", "sdk", "/sdk"
-ARGS = {"models": [{"name": GEN, "model": "smoke:decoder",
-                    "engine": {"max_model_len": 2048, "num_kv_blocks": 1024,
-                               "max_num_batched_tokens": 2048}}],
-        "http": {"api_key": KEY}}
+ARGS = decoder_args(GEN)
 USER = [{"role": "user", "content": "Tell me about a person."}]
 
 
@@ -51,9 +48,8 @@ ADD = {"type": "function", "function": {
 
 @pytest.fixture(scope="module")
 def url(serve_url):
-    with running_app(ARGS, APP, PREFIX):
-        yield serve_url + PREFIX
-        wait_drained(serve_url + PREFIX, [GEN], KEY, app=APP)
+    with drained_app(serve_url, ARGS, APP, PREFIX) as app_url:
+        yield app_url
 
 
 @pytest.fixture(scope="module")

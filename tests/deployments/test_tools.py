@@ -15,7 +15,7 @@ import jsonschema
 import openai
 import pytest
 
-from tests.deployments.conftest import KEY, running_app, wait_drained
+from tests.deployments.conftest import KEY, decoder_args, drained_app, wait_drained
 
 WEATHER = {"type": "object", "additionalProperties": False, "required": ["city", "unit"],
            "properties": {"city": {"type": "string", "maxLength": 10},
@@ -30,17 +30,13 @@ TOOLS = [{"type": "function", "function": {"name": "get_weather", "description":
 SCHEMAS = {"get_weather": WEATHER, "add": ADD}
 MESSAGES = [{"role": "user", "content": "What is the weather in Paris?"}]
 GEN, APP = "smoke-tools", "tools"
-ARGS = {"models": [{"name": GEN, "model": "smoke:decoder",
-                    "engine": {"max_model_len": 2048, "num_kv_blocks": 1024,
-                               "max_num_batched_tokens": 2048}}],
-        "http": {"api_key": KEY}}
+ARGS = decoder_args(GEN)
 
 
 @pytest.fixture(scope="module")
 def url(serve_url):
-    with running_app(ARGS, APP, "/tools"):
-        yield serve_url + "/tools"
-        wait_drained(serve_url + "/tools", [GEN], KEY, app=APP)
+    with drained_app(serve_url, ARGS, APP, "/tools") as app_url:
+        yield app_url
 
 
 @pytest.fixture(scope="module")
