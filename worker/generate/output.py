@@ -30,6 +30,8 @@ from worker.generate.sequence import FinishReason, Sequence, TokenLogprobs
 from worker.generate.stops import StopStrings
 
 logger = logging.getLogger(__name__)
+_FAILED, _COMPLETE = GrammarState.FAILED, GrammarState.COMPLETE  # module globals: this
+#   runs per row per step, and an enum member read through its class costs more
 
 
 @dataclass(frozen=True)
@@ -70,14 +72,14 @@ class OutputProcessor:
         """Add row ``i`` of ``sampled`` to ``seq``; the reason it must finish, if any."""
         token = sampled.token_ids[i]
         state = None if seq.matcher is None else grammar.advance(seq.matcher, token)
-        if state is GrammarState.FAILED:
+        if state is _FAILED:
             return self._grammar_failed(seq)
         seq.token_ids.append(token)
         if seq.params.logprobs is not None:
             k = seq.params.logprobs
             top = tuple(zip(sampled.top_ids[i][:k], sampled.top_logprobs[i][:k])) if k else ()
             seq.logprobs.append(TokenLogprobs(sampled.logprobs[i], top))
-        if state is GrammarState.COMPLETE or token in seq.params.stop_token_ids or (
+        if state is _COMPLETE or token in seq.params.stop_token_ids or (
                 not seq.params.ignore_eos and token in self.eos_token_ids):
             self.update_text(seq)
             return FinishReason.STOP
