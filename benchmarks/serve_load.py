@@ -22,7 +22,11 @@ p99 as HTTP / in-process (the target for streams sent at once, e.g. ``--mode cei
 
 HTTP clients: ``trace`` uses the official ``openai`` client; ``ceiling`` a lean
 aiohttp reader that parses only the usage chunk, because at 256 streams on two cores the
-``openai`` client's per-chunk parsing would take the CPU the server is measured on.
+``openai`` client's per-chunk parsing would take the CPU the server is measured on;
+``--client`` picks either for either mode (at saturation in the trace mode the ``openai``
+client alone took 1.4 CPU seconds of a 5-second run on this VM's two cores). Each run also
+records the engine steps it took (``engine_steps``), which tells a slower step from more
+steps.
 
     python -m benchmarks.serve_load --mode trace --out benchmarks/results/serve_load_cpu.json
     python -m benchmarks.serve_load --mode ceiling --out benchmarks/results/serve_ceiling_cpu.json
@@ -161,8 +165,10 @@ def run_inprocess(args, model: str, plan) -> dict:
         send = engine_sender(engine)
         asyncio.run(replay(plan[0][1][:8], [0.0] * 8, send))  # warm-up
         for rate, reqs, times in plan:
+            steps = engine.stats.num_steps
             out[rate] = measured(lambda r=reqs, t=times: asyncio.run(replay(r, t, send)),
                                  f"inprocess-rate{rate}", None)
+            out[rate]["engine_steps"] = engine.stats.num_steps - steps
     return out
 
 
@@ -175,6 +181,7 @@ def run_http(args, model: str, plan) -> dict:
     from ray import serve
 
     from deployments import build_app
+    from deployments.app.builder import deployment_name
     from tests.ray_cluster import free_port
 
     os.environ.setdefault("RAY_AUTH_MODE", "disabled")
@@ -185,19 +192,28 @@ def run_http(args, model: str, plan) -> dict:
     serve.start(http_options={"host": "127.0.0.1", "port": port})
     serve.run(build_app(app_args(args, model)), name="packserve", route_prefix="/")
     base = f"http://127.0.0.1:{port}/v1"
-    make_sender = lean_sender if args.mode == "ceiling" else http_sender
+    client = args.client or ("lean" if args.mode == "ceiling" else "openai")
+    make_sender = lean_sender if client == "lean" else http_sender
     out = {}
+    loop = asyncio.new_event_loop()  # one loop for every call: Serve's handles bind to theirs
     try:
         async def go(batch, times):
             async with make_sender(base, MODEL, len(batch)) as send:
                 return await replay(batch, times, send)
 
-        asyncio.run(go(plan[0][1][:8], [0.0] * 8))  # warm-up
+        async def replica_steps() -> int:
+            replica = serve.get_deployment_handle(deployment_name(MODEL), "packserve")
+            return (await replica.state.remote())["num_engine_steps"]
+
+        loop.run_until_complete(go(plan[0][1][:8], [0.0] * 8))  # warm-up
         for rate, reqs, times in plan:
-            out[rate] = measured(lambda r=reqs, t=times: asyncio.run(go(r, t)),
+            steps = loop.run_until_complete(replica_steps())
+            out[rate] = measured(lambda r=reqs, t=times: loop.run_until_complete(go(r, t)),
                                  f"http-rate{rate}", args.profile)
+            out[rate]["engine_steps"] = loop.run_until_complete(replica_steps()) - steps
     finally:
-        serve.shutdown()
+        loop.run_until_complete(serve.shutdown_async())  # the handles' routers live on it
+        loop.close()
         ray.shutdown()
     return out
 
@@ -226,6 +242,8 @@ def main(argv=None) -> None:
     p.add_argument("--mode", choices=("trace", "ceiling"), default="trace")
     p.add_argument("--rates", default="2,0", help="offered requests/s, comma-separated; 0 = all at once")
     p.add_argument("--paths", default="inprocess,http", help="which paths to run")
+    p.add_argument("--client", choices=("openai", "lean"), default=None,
+                   help="the HTTP client (default: openai for trace, lean for ceiling)")
     p.add_argument("--stream-transport", choices=("channel", "serve_handle"), default="channel",
                    help="http.stream_transport of the app (serve_handle: one Ray object per "
                    "delta, the transport before the stream channel)")

@@ -77,6 +77,10 @@ class ModelArgs(_Strict):
     num_replicas: int = Field(1, ge=1)  # one per GPU on GPU nodes
     num_gpus: float = Field(0, ge=0)  # per replica: 1 on GPU nodes, 0 on CPU
     num_cpus: float = Field(0, ge=0)  # per replica; 0 so small machines can place them
+    # torch's threads in a CPU replica; None: num_cpus when >= 1, else every core this
+    # process may run on (Ray sets OMP_NUM_THREADS=1 in an actor of num_cpus 0, which left a
+    # CPU replica on one thread while the in-process engine used all of them)
+    cpu_threads: int | None = Field(None, ge=1)
     max_ongoing_requests: int = Field(1024, ge=1)  # Serve's per-replica cap (a backstop)
     pooling: Literal["mean", "last", "cls"] | None = None  # embeddings; None: model default
     normalize: bool = True  # embeddings are unit vectors, as OpenAI's are
@@ -91,6 +95,15 @@ class ModelArgs(_Strict):
                              "other: remove num_replicas (autoscaling.min_replicas and "
                              "max_replicas bound the replicas)")
         return self
+
+    def torch_threads(self) -> int:
+        """The intra-op threads a CPU replica runs torch with (see ``cpu_threads``)."""
+        if self.cpu_threads is not None:
+            return self.cpu_threads
+        if self.num_cpus >= 1:
+            return int(self.num_cpus)
+        return len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else (
+            os.cpu_count() or 1)
 
     def engine_config(self) -> EngineConfig:
         """The replica's ``EngineConfig``: CUDA when the replica holds a GPU, else CPU."""

@@ -27,6 +27,7 @@ import time
 from collections.abc import AsyncIterator
 
 import numpy as np
+import torch
 from ray import serve
 
 from deployments.app.config import AdmissionArgs, ModelArgs
@@ -62,7 +63,10 @@ class EngineReplica:
     async def __init__(self, model_args: dict, admission_args: dict, admission=None):
         self.args = ModelArgs.model_validate(model_args)
         self.admission_args = AdmissionArgs.model_validate(admission_args)
-        self.engine = await asyncio.to_thread(Engine, self.args.engine_config())
+        config = self.args.engine_config()
+        if config.device == "cpu":  # before the engine runs: torch's pool is per process
+            torch.set_num_threads(self.args.torch_threads())
+        self.engine = await asyncio.to_thread(Engine, config)
         self.info = await asyncio.to_thread(self._model_info)
         self._admission = admission
         self._rule = self.admission_args.make_lease_rule()
@@ -158,13 +162,14 @@ class EngineReplica:
     async def state(self) -> dict:
         """What this replica holds now (tests check it drains to zero): tokens and
         requests in service, KV blocks in use (after checking the block invariants),
-        engine steps run so far, resident memory."""
+        engine steps run so far, resident memory, torch's intra-op threads."""
         used_blocks = 0
         if self.info.can_generate:
             self.engine.check_kv_invariants()
             used_blocks = self.engine.generation.blocks.stats().num_used_blocks
         return {"replica_id": self.replica_id, **self.load(), "kv_used_blocks": used_blocks,
-                "num_engine_steps": self.engine.stats.num_steps, "rss_bytes": rss_bytes()}
+                "num_engine_steps": self.engine.stats.num_steps, "rss_bytes": rss_bytes(),
+                "torch_threads": torch.get_num_threads()}
 
     def load(self) -> dict:
         """What the replica holds: the same numbers go to the router, the autoscaler and

@@ -129,3 +129,17 @@ def test_packserve_serve_serves_a_model_and_stops_on_ctrl_c():
             os.killpg(proc.pid, signal.SIGKILL)
         except ProcessLookupError:
             pass
+
+
+def test_cpu_threads_follow_the_flag_then_num_cpus_then_the_cores(capsys):
+    from deployments.app.config import ModelArgs
+
+    config = dry_run(capsys, "smoke:decoder", "--cpu-threads", "3")
+    assert config["applications"][0]["args"]["models"][0]["cpu_threads"] == 3
+    assert ModelArgs(name="m", model="smoke:decoder", cpu_threads=3).torch_threads() == 3
+    assert ModelArgs(name="m", model="smoke:decoder", num_cpus=2.5).torch_threads() == 2
+    # num_cpus 0 (the default) reserves nothing: the replica runs on every core it may use
+    cores = len(os.sched_getaffinity(0))
+    assert ModelArgs(name="m", model="smoke:decoder").torch_threads() == cores
+    with pytest.raises(ValueError, match="cpu_threads"):
+        ModelArgs(name="m", model="smoke:decoder", cpu_threads=0)

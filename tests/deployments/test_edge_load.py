@@ -9,6 +9,7 @@ finish before the huge ones) and a generous bound."""
 
 from __future__ import annotations
 
+import os
 import threading
 import time
 
@@ -59,6 +60,12 @@ class Sender(threading.Thread):
         self.response = httpx.post(f"{self.url}{self.path}", json=self.body, headers=HEADERS,
                                    timeout=300)
         self.done_at = time.monotonic()
+
+
+def test_a_cpu_replica_runs_torch_on_every_core_it_may_use(shared_url):
+    """Ray sets OMP_NUM_THREADS=1 in an actor that reserves no CPU; the replica's torch
+    must not inherit it (the in-process engine uses every core: ModelArgs.torch_threads)."""
+    assert replica_state(GEN)["torch_threads"] == len(os.sched_getaffinity(0))
 
 
 def test_huge_prompts_never_stall_health_or_a_small_completion(shared_url, client):
