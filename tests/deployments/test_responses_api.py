@@ -17,13 +17,8 @@ import pytest
 from openai.types.responses import Response
 
 from tests.deployments.conftest import KEY, decoder_args, drained_app, wait_drained
+from tests.deployments.test_tools import ADD, WEATHER  # the same two tool schemas
 
-WEATHER = {"type": "object", "additionalProperties": False, "required": ["city", "unit"],
-           "properties": {"city": {"type": "string", "maxLength": 10},
-                          "unit": {"enum": ["celsius", "fahrenheit"]}}}
-ADD = {"type": "object", "additionalProperties": False, "required": ["a", "b"],
-       "properties": {"a": {"type": "integer", "minimum": -99, "maximum": 99},
-                      "b": {"type": "integer", "minimum": -99, "maximum": 99}}}
 TOOLS = [{"type": "function", "name": "get_weather", "description": "Weather",
           "parameters": WEATHER, "strict": True},
          {"type": "function", "name": "add", "description": "Add two numbers",
