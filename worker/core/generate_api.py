@@ -174,13 +174,13 @@ class GenerateAPI:
             raise
         if result is None:
             return self._recover_generation_oom(gen, out)
-        finished = gen.postprocess(out, result)
-        s = self._stats
+        s = self._stats  # the step is counted before any caller can see its results
         s.num_steps += 1
         s.num_tokens += out.num_tokens
         s.num_generated_tokens += len(result[0])
         s.prefix_cache_queries += out.num_prefix_queries
         s.prefix_cache_hits += out.num_prefix_hits
+        finished = gen.postprocess(out, result)
         s.prefix_cache_evictions = gen.blocks.pool.num_evictions
         s.num_requests_finished += len(finished)
         s.gen_token_budget = gen.scheduler.max_num_batched_tokens  # may have regrown
