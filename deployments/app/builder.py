@@ -69,7 +69,7 @@ def build_app(args: dict | None = None) -> serve.Application:
         num_replicas=app_args.http.num_replicas, ray_actor_options={"num_cpus": 0},
         max_ongoing_requests=app_args.http.max_ongoing_requests,
         # Serve's stop (a rolling upgrade, serve.delete) waits this long for the ingress's
-        # requests; the ingress ends its own at http.drain_timeout_s (guards.py), before
+        # requests; the ingress ends its own at http.drain_timeout_s (draining.py), before
         graceful_shutdown_timeout_s=app_args.http.drain_timeout_s + INGRESS_SHUTDOWN_MARGIN_S,
         graceful_shutdown_wait_loop_s=0.5)
     return ingress.bind(app_args.model_dump(), admission, models)

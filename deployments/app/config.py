@@ -154,8 +154,9 @@ class HTTPArgs(_Strict):
     stream_transport: Literal["channel", "serve_handle"] = "channel"
     num_replicas: int = Field(1, ge=1)  # ingress replicas (CPU only)
     max_ongoing_requests: int = Field(4096, ge=1)  # per ingress replica (Serve's default: 5)
-    # Slow and hostile clients (deployments/http/guards.py; HAProxy's config in throughput
-    # mode, deployments/app/haproxy_guard.py). Each is enforced in both modes unless noted.
+    # Slow and hostile clients (deployments/http/guards.py and uvicorn_guard.py; HAProxy's
+    # config in throughput mode, deployments/app/haproxy_guard.py). Each is enforced in both
+    # modes unless noted.
     header_timeout_s: float = Field(10.0, gt=0, le=3600)  # request line + headers: else 408
     body_timeout_s: float = Field(10.0, gt=0, le=3600)  # wait per body chunk: else 408
     # the whole body must come at least this fast (after body_timeout_s): else 408

@@ -1,6 +1,6 @@
 """The drain ``packserve serve`` runs on Ctrl-C / SIGTERM, before it deletes anything.
 
-Each ingress replica watches Ray's internal KV (``deployments/http/guards.py``,
+Each ingress replica watches Ray's internal KV (``deployments/http/draining.py``,
 ``watch_for_drain``); ``drain`` sets the application's key, so every ingress replica,
 however many, stops admitting (503 + Retry-After, ``/health`` 503 "draining") and lets
 its requests run for ``timeout_s``; at that deadline it ends what is left (streams with
@@ -10,7 +10,7 @@ ended streams to flush have passed). Then the CLI deletes the application as bef
 Serve's own graceful shutdown has nothing left to wait for.
 
 Serve stopping an ingress by itself (a KubeRay rolling upgrade, a scale-down) reaches the
-same drain from inside the replica (``guards._replica_stopping``), bounded by the ingress
+same drain from inside the replica (``draining._replica_stopping``), bounded by the ingress
 deployment's ``graceful_shutdown_timeout_s`` (``builder.py``: the drain timeout + 10 s).
 """
 
@@ -20,7 +20,7 @@ import json
 import sys
 import time
 
-from deployments.http.guards import DRAIN_KV_NAMESPACE, drain_key, in_flight_key
+from deployments.http.draining import DRAIN_KV_NAMESPACE, drain_key, in_flight_key
 
 FLUSH_MARGIN_S = 5.0  # after the deadline: the ingresses' last events reach the clients
 POLL_S = 0.2

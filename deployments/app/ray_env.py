@@ -24,8 +24,8 @@ from pathlib import Path
 
 THROUGHPUT_ENV = {"RAY_SERVE_THROUGHPUT_OPTIMIZED": "1", "RAY_SERVE_ENABLE_HA_PROXY": "1"}
 # Serve's proxy (default mode) runs this before its uvicorn starts: the header deadline,
-# header bytes and connection caps of deployments/http/guards.py
-PROXY_CALLBACK = "deployments.http.guards:proxy_callback"
+# header bytes and connection caps of deployments/http/uvicorn_guard.py
+PROXY_CALLBACK = "deployments.http.uvicorn_guard:proxy_callback"
 # A local Ray whose node IP is 127.0.0.1, so that its metrics agent binds loopback only
 # (it binds 127.0.0.1 for a loopback node IP, else all interfaces, and has no host
 # setting; ray.init(_node_ip_address="127.0.0.1") is turned back into the machine's IP).
@@ -62,7 +62,7 @@ def throughput_env(local: bool = True) -> dict[str, str]:
 
 def guard_env(limits) -> dict[str, str]:
     """Both modes: Serve's proxy installs the uvicorn guards with these limits
-    (``limits``: a ``deployments.http.guards.Limits``)."""
+    (``limits``: a ``deployments.http.client_limits.Limits``)."""
     return {"RAY_SERVE_HTTP_PROXY_CALLBACK_IMPORT_PATH": PROXY_CALLBACK, **limits.to_env()}
 
 

@@ -22,10 +22,10 @@ are served on ``--metrics-port`` (8080; ``dashboards/prometheus.yml`` scrapes it
 API's host (loopback by default; ``--metrics-host``), a locally started Ray runs Ray
 Serve's high-throughput mode (``deployments/app/ray_env.py``; ``--no-ray-throughput-mode``
 for the default one), both modes with the ``http`` section's client limits
-(``deployments/http/guards.py``), and Ctrl-C (or SIGTERM) drains (``deployments/app/drain.py``:
-new requests get 503, in-flight ones get ``--drain-timeout`` seconds, streams then end
-with an error event and ``[DONE]``), then deletes the application and stops what was
-started. A second Ctrl-C stops at once.
+(``deployments/http/guards.py``, ``deployments/http/uvicorn_guard.py``), and Ctrl-C (or
+SIGTERM) drains (``deployments/app/drain.py``: new requests get 503, in-flight ones get
+``--drain-timeout`` seconds, streams then end with an error event and ``[DONE]``), then
+deletes the application and stops what was started. A second Ctrl-C stops at once.
 """
 
 from __future__ import annotations
@@ -204,7 +204,7 @@ def run_serve(args: argparse.Namespace) -> int:
     args.metrics_loopback = _is_loopback(args.metrics_host or host)
     if args.address is None:  # a Ray of our own: its processes inherit these (before import)
         from deployments.app import ray_env
-        from deployments.http.guards import Limits
+        from deployments.http.client_limits import Limits
 
         limits = Limits.of(args.http_args)
         env = ray_env.guard_env(limits)
