@@ -5,6 +5,7 @@ strictly valid (Ray's schema, unknown Serve keys, packserve's args)."""
 from __future__ import annotations
 
 import copy
+import importlib
 import re
 import subprocess
 import sys
@@ -150,6 +151,46 @@ def test_drift_fails_with_a_diff_and_render_fixes_it(tmp_path, capsys):
     original = [line for line in MANIFEST.read_text().splitlines() if "max_replicas" not in line]
     assert outside == original  # only the changed line moved: comments and the rest kept
     assert kuberay.render(rendered, serve_config.read_text()) == rendered  # idempotent
+
+
+def test_every_ray_container_carries_the_proxy_guard_env(manifest):
+    """Serve's proxy reads its client limits from its environment at start; on KubeRay
+    that is the pod's, so the manifest carries what ``packserve serve`` would set."""
+    want = kuberay.guard_env_of(CLUSTER.read_text())
+    module, _, name = want["RAY_SERVE_HTTP_PROXY_CALLBACK_IMPORT_PATH"].partition(":")
+    assert callable(getattr(importlib.import_module(module), name))
+    assert {"PACKSERVE_GUARD_HEADER_TIMEOUT_S", "PACKSERVE_GUARD_DRAIN_TIMEOUT_S"} <= set(want)
+    for container in _containers(manifest):
+        env = {e["name"]: e.get("value") for e in container["env"]}
+        assert {k: env.get(k) for k in want} == want, container["name"]
+
+
+def test_a_guard_limit_changed_in_the_serve_config_fails_check_until_the_env_follows(
+        tmp_path, capsys):
+    serve_config = tmp_path / "cluster.yaml"
+    manifest = tmp_path / "rayservice.yaml"
+    text = CLUSTER.read_text()
+    line = next(ln for ln in text.splitlines() if ln.strip().startswith("max_body_bytes:"))
+    indent = line[:len(line) - len(line.lstrip())]
+    serve_config.write_text(text.replace(line, f"{line}\n{indent}header_timeout_s: 5.0"))
+    manifest.write_text(MANIFEST.read_text())
+    paths = ["--serve-config", str(serve_config), "--manifest", str(manifest)]
+    assert kuberay.main(["render", *paths]) == 0
+    capsys.readouterr()
+    assert kuberay.main(["check", *paths]) == 1  # serveConfigV2 matches; the env does not
+    stderr = capsys.readouterr().err
+    for container in ("ray-head", "ray-worker"):
+        assert (f"container {container}: env PACKSERVE_GUARD_HEADER_TIMEOUT_S is '10.0', "
+                "the Serve config gives '5.0'") in stderr
+    manifest.write_text(manifest.read_text().replace(
+        'PACKSERVE_GUARD_HEADER_TIMEOUT_S, value: "10.0"',
+        'PACKSERVE_GUARD_HEADER_TIMEOUT_S, value: "5.0"'))
+    assert kuberay.main(["check", *paths]) == 0
+    capsys.readouterr()
+    assert kuberay.main(["env", "--serve-config", str(serve_config)]) == 0  # for `ray start`
+    printed = dict(line.split("=", 1) for line in capsys.readouterr().out.splitlines())
+    assert printed == kuberay.guard_env_of(serve_config.read_text())
+    assert printed["PACKSERVE_GUARD_HEADER_TIMEOUT_S"] == "5.0"
 
 
 def test_extract_is_the_reverse_of_render(tmp_path):
