@@ -47,7 +47,7 @@ logger = logging.getLogger("ray.serve")
 
 app = FastAPI(title="packserve", description="OpenAI-compatible, padding-free LLM serving")
 BODY_METHODS = ("POST", "PUT", "PATCH")
-_EDGE: dict = {"api_key": None, "max_body_bytes": None}  # set once per ingress process
+_EDGE: dict = {"api_key": None, "max_body_bytes": None, "served": frozenset()}  # per process
 HEALTH_TIMEOUT_S = 5.0
 
 
@@ -61,10 +61,11 @@ def _package_version() -> str:
 VERSION = _package_version()
 
 
-def set_edge(api_key: str | None, max_body_bytes: int) -> None:
-    """The auth key and body limit of this process's ingress. (Serve runs a pickled copy
-    of ``app``; module functions, unlike module objects, resolve to this module there.)"""
-    _EDGE.update(api_key=api_key, max_body_bytes=max_body_bytes)
+def set_edge(api_key: str | None, max_body_bytes: int, served=()) -> None:
+    """The auth key, body limit and served model names of this process's ingress. (Serve
+    runs a pickled copy of ``app``; module functions, unlike module objects, resolve to
+    this module there.)"""
+    _EDGE.update(api_key=api_key, max_body_bytes=max_body_bytes, served=frozenset(served))
 
 
 def edge(name: str):
@@ -163,6 +164,11 @@ app.add_middleware(RequestMetrics)  # added last: outermost, it sees every statu
 
 @app.exception_handler(RequestValidationError)
 async def _invalid(request: Request, exc: RequestValidationError) -> JSONResponse:
+    """400 naming the field; counted under the body's model when it names a served one
+    (a refused ``stop`` is the client's error on that model, not an unknown model's)."""
+    body = exc.body
+    if isinstance(body, dict) and isinstance(body.get("model"), str):
+        timer(request.scope, body["model"], edge("served"))
     return _logged(request, validation_error(exc))
 
 
@@ -269,7 +275,8 @@ class OpenAIIngress:
 
     async def __init__(self, app_args: dict, admission, models: dict):
         self.args = AppArgs.parse(app_args)
-        set_edge(self.args.api_key(), self.args.http.max_body_bytes)
+        set_edge(self.args.api_key(), self.args.http.max_body_bytes,
+                 [m.name for m in self.args.models])
         guards.configure(self.args.http)  # client limits, drain watcher
         holder = serve.get_replica_context().replica_id.unique_id
         client = AdmissionClient(admission, holder, self.args.admission.heartbeat_s,

@@ -98,10 +98,8 @@ class OpenAIService:
             except Exception as exc:  # noqa: BLE001 - token-id requests still work
                 logger.warning("no tokenizer for %s: %s", m.name, exc)
             if self.metrics is not None:
-                endpoints = (("completions", "chat", "embeddings") if info.can_generate
-                             else ("embeddings",))
                 try:
-                    self.metrics.export_zeros({m.name: endpoints})
+                    self.metrics.export_zeros({m.name: tuple(info.tasks)})
                 except Exception:
                     logger.exception("ingress metrics failed")
 

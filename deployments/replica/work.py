@@ -85,8 +85,9 @@ class ModelInfo:
 
     @property
     def tasks(self) -> list[str]:
-        """What /v1/models lists; each name is an endpoint the model serves."""
+        """What /v1/models lists; each name is an endpoint the model serves (and the
+        metrics' ``endpoint`` label of its route, routes.py)."""
         if self.can_generate:
-            return ["completions", "chat", "embeddings"]
+            return ["completions", "chat", "responses", "embeddings"]
         tasks = ["classify", "embeddings"] if self.is_classifier else ["embeddings"]
         return tasks + (["score", "rerank"] if self.can_rerank else [])

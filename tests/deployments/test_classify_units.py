@@ -8,6 +8,7 @@ import pytest
 from pydantic import ValidationError
 
 from deployments.http.classify_protocol import RerankRequest, ScoreRequest
+from deployments.http.routes import ENDPOINTS
 from deployments.replica.work import ModelInfo
 from worker.models.labels import SIGMOID, SOFTMAX, LabelSpec
 
@@ -24,13 +25,14 @@ ONE = LabelSpec(("relevance",), SIGMOID, "cls")
 
 
 @pytest.mark.parametrize("model, tasks", [
-    (info(True), ["completions", "chat", "embeddings"]),
+    (info(True), ["completions", "chat", "responses", "embeddings"]),
     (info(False), ["embeddings", "score", "rerank"]),
     (info(False, THREE), ["classify", "embeddings"]),
     (info(False, ONE), ["classify", "embeddings", "score", "rerank"]),
 ])
 def test_what_each_model_serves(model, tasks):
     assert model.tasks == tasks
+    assert set(tasks) <= set(ENDPOINTS.values())  # each is a metered endpoint's label
     assert model.can_rerank == ("rerank" in tasks)
 
 

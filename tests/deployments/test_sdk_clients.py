@@ -261,13 +261,13 @@ REFUSED = [({"stop": ""}, "stop"), ({"stop": [""]}, "stop"),
 
 def test_engine_refusals_are_400s_naming_the_field_and_counted_as_400(url):
     """They were 500s (``SamplingParams.stop`` escaped the route with a traceback): now
-    the body's validation refuses them, so they count as 400 (under model "unknown", as
-    every body that does not validate) and log one WARNING line."""
+    the body's validation refuses them, so they count as 400 under the model the body
+    names (a body naming no served model counts under "unknown") and log one WARNING."""
     def count(status: str, model: str) -> float:
         return sum(node_metrics("ray_packserve_requests_total", status=status, model=model,
                                 endpoint="completions"))
 
-    before = count("400", "unknown")
+    before, unknown = count("400", GEN), count("400", "unknown")
     for fields, param in REFUSED:
         for path, body in (("/v1/completions", {"prompt": "hi"}),
                            ("/v1/chat/completions", {"messages": USER})):
@@ -275,7 +275,10 @@ def test_engine_refusals_are_400s_naming_the_field_and_counted_as_400(url):
             assert r.status_code == 400, r.text
             err = r.json()["error"]
             assert err["param"] == param and "SamplingParams" not in err["message"], err
-    assert eventually(lambda: count("400", "unknown") >= before + len(REFUSED))
+    assert eventually(lambda: count("400", GEN) >= before + len(REFUSED))
+    r = post(url, "/v1/completions", {"model": "no-such-model", "prompt": "hi", "stop": ""})
+    assert r.status_code == 400, r.text
+    assert eventually(lambda: count("400", "unknown") >= unknown + 1)
     assert not count("500", GEN) and not count("500", "unknown")
     for param in ("stop", "stop_token_ids"):
         assert eventually(lambda p=param: serve_logs(f"{p}: must be"))
