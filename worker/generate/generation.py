@@ -148,7 +148,7 @@ class Generation:
     def __init__(self, model, device, settings: GenerationSettings, *, max_model_len: int,
                  vocab_size: int, report=None, tokenizer=None, wake=None):
         dtype = next(model.parameters()).dtype
-        spec = KVCacheSpec.from_model_config(model.config, dtype, settings.kv_block_size)
+        spec = KVCacheSpec.for_model(model, dtype, settings.kv_block_size)
         self.backend = select_paged_backend(
             device.device.type, dtype, settings.kv_block_size, settings.paged_attention_backend,
             functools.partial(_self_check, model.config, spec, device.device),

@@ -40,6 +40,16 @@ class KVCacheSpec:
         kv_heads = getattr(config, "num_key_value_heads", None) or heads
         return cls(config.num_hidden_layers, kv_heads, head_dim, dtype, block_size)
 
+    @classmethod
+    def for_model(cls, model, dtype: torch.dtype, block_size: int) -> KVCacheSpec:
+        """The cache of this rank: a tensor-parallel rank holds only its KV heads
+        (``model.tp_layout``, worker.parallel.shard)."""
+        spec = cls.from_model_config(model.config, dtype, block_size)
+        layout = getattr(model, "tp_layout", None)
+        if layout is None or layout.size == 1:
+            return spec
+        return cls(spec.num_layers, layout.num_kv_heads, spec.head_dim, dtype, block_size)
+
     @property
     def bytes_per_token(self) -> int:
         """2 (K and V) * layers * kv heads * head dim * bytes per element."""

@@ -32,7 +32,8 @@ class LMHead:
 
     @property
     def vocab_size(self) -> int:
-        return int(self.linear.weight.shape[0])
+        """Columns of the logits (a vocabulary-parallel head says; its weight is a shard)."""
+        return int(getattr(self.linear, "vocab_size", None) or self.linear.weight.shape[0])
 
     def __call__(self, hidden: torch.Tensor, out: torch.Tensor | None = None) -> torch.Tensor:
         """Logits in fp32, into ``out`` when given (the CUDA graphs' static output)."""

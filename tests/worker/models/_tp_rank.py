@@ -1,0 +1,68 @@
+"""One rank of the tensor-parallel tests (tests/worker/models/test_tensor_parallel.py),
+run in its own process by ``torch.multiprocessing.spawn``: every rank builds the same
+engine over its shard of the model and runs the same requests, so the collectives of
+each step meet; rank 0 writes what came out."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import torch
+
+from worker import Engine, EngineConfig, SamplingParams
+from worker.core import engine as engine_module
+from worker.parallel.group import init_group
+from worker.parallel.shard import VocabParallelEmbedding, VocabParallelLMHead, shard_decoder
+
+
+def sharded_engine(path: str, tp, **config) -> Engine:
+    """An engine whose loaded model is sharded before anything else sees it."""
+    load = engine_module.load_model
+
+    def load_sharded(cfg, device):
+        model, spec = load(cfg, device)
+        shard_decoder(model, tp)
+        return model, spec
+
+    engine_module.load_model = load_sharded
+    try:
+        return Engine(EngineConfig(model=path, **config))
+    finally:
+        engine_module.load_model = load
+
+
+@torch.no_grad()
+def vocab_layers(tp) -> dict:
+    """An odd vocabulary (7 rows at 2 ranks: the last part padded) through both layers."""
+    torch.manual_seed(3)
+    emb, head = torch.nn.Embedding(7, 4), torch.nn.Linear(4, 7, bias=True)
+    ids = torch.tensor([[0, 3, 4, 6, 2]])
+    x = torch.randn(5, 4)
+    got_e = VocabParallelEmbedding(emb, tp)(ids)
+    got_h = VocabParallelLMHead(head, tp)(x)
+    return {"embed": float((got_e - emb(ids)).abs().max()),
+            "head": float((got_h - head(x)).abs().max()), "head_cols": got_h.shape[-1]}
+
+
+def run(rank: int, size: int, port: int, jobs: list[dict], out_dir: str) -> None:
+    torch.set_num_threads(1)
+    tp = init_group(rank, size, "127.0.0.1", port)
+    results = {"vocab": vocab_layers(tp)}
+    for job in jobs:
+        engine = sharded_engine(job["path"], tp, **job["config"])
+        params = [SamplingParams(**p) for p in job["params"]]
+        outs = engine.generate(job["prompts"], params)
+        engine.check_kv_invariants()
+        results[job["name"]] = {
+            "tokens": [o.token_ids for o in outs],
+            "kv_heads": engine.generation.runner.cache.spec.num_kv_heads,
+            "embed": engine.embed(job["packed"]).tolist(),
+            "score": [s.tolist() for s in engine.score(job["packed"])],
+            "steps": engine.stats.num_steps,
+        }
+        engine.shutdown()
+    torch.distributed.barrier()
+    if rank == 0:
+        Path(out_dir, "tp.json").write_text(json.dumps(results))
+    torch.distributed.destroy_process_group()

@@ -1,0 +1,1 @@
+"""Tensor parallelism: the ranks of one replica and the sharded layers."""

@@ -1,0 +1,169 @@
+"""Tensor-parallel sharding of a loaded Hugging Face decoder, in place.
+
+Each rank keeps its part of every weight; the modules' own forward code is unchanged
+(the HF attention and MLP classes still run, with fewer heads and columns), and plain
+tensors stay plain (no DTensor): packserve's attention (packed varlen, the paged KV cache,
+the Triton kernel) sees this rank's heads as ordinary tensors. Why not transformers'
+``tp_plan="auto"``: docs/decisions.md ("Tensor parallelism: our own parallel linears").
+
+| weight                     | split                      | collective after           |
+|----------------------------|----------------------------|----------------------------|
+| ``q_proj``                 | columns of output: whole query heads | none             |
+| ``k_proj``, ``v_proj``     | whole KV heads; replicated when KV heads < ranks | none   |
+| ``o_proj``                 | rows of input (row-parallel) | all-reduce, then the bias |
+| ``gate_proj``, ``up_proj`` | columns of output            | none                     |
+| ``down_proj``              | rows of input (row-parallel) | all-reduce, then the bias |
+| ``embed_tokens``           | vocabulary rows (padded to equal parts) | all-reduce    |
+| ``lm_head``                | vocabulary rows (tied: the embedding's shard) | all-gather: every rank has the full logits |
+
+When the model has fewer KV heads than ranks (Qwen2.5-7B: 4, at 8 ranks), rank ``r``
+keeps KV head ``r * kv_heads // ranks``, the one its query heads read, so the KV cache of
+a rank holds ``max(1, kv_heads // ranks)`` heads (``TPLayout.num_kv_heads``).
+
+Proven families (``TP_FAMILIES``): the Llama-style layout of separate q/k/v and
+gate/up projections. A family with fused projections, Conv1D layers or experts is refused
+by name until a test proves it.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from worker.core.config import ConfigError
+from worker.parallel.group import TPGroup
+
+TP_FAMILIES = frozenset({"llama", "qwen2", "qwen3", "mistral"})
+FIELD = "tensor_parallel_size"
+
+
+@dataclass(frozen=True)
+class TPLayout:
+    """What one rank holds of the model (``model.tp_layout`` once sharded)."""
+
+    rank: int
+    size: int
+    num_heads: int  # query heads on this rank
+    num_kv_heads: int  # KV heads on this rank (the KV cache's)
+    head_dim: int
+    vocab_size: int  # the whole vocabulary (the LM head's logits)
+
+
+class RowParallelLinear(nn.Module):
+    """``linear`` keeping the input columns ``[lo, hi)``: partial sums, all-reduced."""
+
+    def __init__(self, linear: nn.Linear, lo: int, hi: int, tp: TPGroup):
+        super().__init__()
+        self.weight = nn.Parameter(linear.weight.data[:, lo:hi].contiguous(),
+                                   requires_grad=False)
+        self.bias = linear.bias  # added once, after the reduce
+        self.in_features, self.out_features, self.tp = hi - lo, linear.out_features, tp
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        y = self.tp.all_reduce_(F.linear(x, self.weight))
+        return y if self.bias is None else y + self.bias
+
+
+class VocabParallelEmbedding(nn.Module):
+    """The rows ``[lo, lo + per)`` of the vocabulary (zero rows past its end); ids of
+    other ranks embed to 0 here, and the all-reduce sums the one rank that has each."""
+
+    def __init__(self, embedding: nn.Embedding, tp: TPGroup):
+        super().__init__()
+        self.num_embeddings, self.embedding_dim = embedding.num_embeddings, embedding.embedding_dim
+        self.per = -(-self.num_embeddings // tp.size)
+        self.lo = tp.rank * self.per
+        self.weight = nn.Parameter(_rows(embedding.weight.data, self.lo, self.per),
+                                   requires_grad=False)
+        self.tp = tp
+
+    def forward(self, ids: torch.Tensor) -> torch.Tensor:
+        local = ids - self.lo
+        inside = (local >= 0) & (local < self.per)
+        out = F.embedding(local * inside, self.weight) * inside.unsqueeze(-1).to(self.weight.dtype)
+        return self.tp.all_reduce_(out)
+
+
+class VocabParallelLMHead(nn.Module):
+    """Logits of this rank's vocabulary rows, all-gathered to ``[N, vocab_size]``."""
+
+    def __init__(self, linear: nn.Linear, tp: TPGroup, shared: nn.Parameter | None = None):
+        super().__init__()
+        self.vocab_size = linear.out_features
+        self.per = -(-self.vocab_size // tp.size)
+        self.weight = shared if shared is not None else nn.Parameter(
+            _rows(linear.weight.data, tp.rank * self.per, self.per), requires_grad=False)
+        self.bias = None if linear.bias is None else nn.Parameter(
+            _rows(linear.bias.data, tp.rank * self.per, self.per), requires_grad=False)
+        self.tp = tp
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.tp.all_gather_last(F.linear(x, self.weight, self.bias))[..., :self.vocab_size]
+
+
+def _rows(w: torch.Tensor, lo: int, per: int) -> torch.Tensor:
+    """``w[lo:lo + per]``, zero rows where it runs past ``w``'s end."""
+    out = torch.zeros((per, *w.shape[1:]), dtype=w.dtype, device=w.device)
+    part = w[lo:lo + per]
+    out[: part.shape[0]] = part
+    return out
+
+
+def _keep_rows(linear: nn.Linear, lo: int, hi: int) -> None:
+    linear.weight = nn.Parameter(linear.weight.data[lo:hi].contiguous(), requires_grad=False)
+    if linear.bias is not None:
+        linear.bias = nn.Parameter(linear.bias.data[lo:hi].contiguous(), requires_grad=False)
+    linear.out_features = hi - lo
+
+
+def plan(config, size: int) -> tuple[int, int, int]:
+    """(query heads, KV heads, intermediate columns) per rank; ``ConfigError`` naming
+    the number that does not split over ``size`` ranks."""
+    kind = config.model_type
+    if kind not in TP_FAMILIES:
+        raise ConfigError(FIELD, f"tensor parallelism is proven for {', '.join(sorted(TP_FAMILIES))}"
+                          f"; a {kind!r} model is refused at {size} ranks (run it at 1)")
+    heads, kv = config.num_attention_heads, config.num_key_value_heads or config.num_attention_heads
+    inter = config.intermediate_size
+    if heads % size:
+        raise ConfigError(FIELD, f"{heads} attention heads do not split over {size} ranks")
+    if kv % size and size % kv:
+        raise ConfigError(FIELD, f"{kv} KV heads neither split over {size} ranks nor divide it")
+    if inter % size:
+        raise ConfigError(FIELD, f"intermediate_size {inter} does not split over {size} ranks")
+    return heads // size, max(1, kv // size), inter // size
+
+
+def shard_decoder(model: nn.Module, tp: TPGroup) -> TPLayout:
+    """Keep this rank's part of every weight of a loaded causal LM (module table); sets
+    and returns ``model.tp_layout``. At one rank nothing changes."""
+    config = model.config
+    heads, kv_heads, inter = plan(config, tp.size)
+    head_dim = getattr(config, "head_dim", None) or config.hidden_size // config.num_attention_heads
+    layout = TPLayout(tp.rank, tp.size, heads, kv_heads, head_dim, config.vocab_size)
+    if tp.size == 1:
+        model.tp_layout = layout
+        return layout
+    total_kv = config.num_key_value_heads or config.num_attention_heads
+    kv_lo = tp.rank * kv_heads if total_kv >= tp.size else tp.rank * total_kv // tp.size
+    q_lo, i_lo = tp.rank * heads * head_dim, tp.rank * inter
+    for layer in model.model.layers:
+        attn, mlp = layer.self_attn, layer.mlp
+        _keep_rows(attn.q_proj, q_lo, q_lo + heads * head_dim)
+        for proj in (attn.k_proj, attn.v_proj):
+            _keep_rows(proj, kv_lo * head_dim, (kv_lo + kv_heads) * head_dim)
+        attn.o_proj = RowParallelLinear(attn.o_proj, q_lo, q_lo + heads * head_dim, tp)
+        attn.num_key_value_groups = heads // kv_heads  # HF's eager/sdpa repeat_kv reads it
+        _keep_rows(mlp.gate_proj, i_lo, i_lo + inter)
+        _keep_rows(mlp.up_proj, i_lo, i_lo + inter)
+        mlp.down_proj = RowParallelLinear(mlp.down_proj, i_lo, i_lo + inter, tp)
+    embed, head = model.model.embed_tokens, model.lm_head
+    tied = head.weight is embed.weight
+    model.model.embed_tokens = VocabParallelEmbedding(embed, tp)
+    model.lm_head = VocabParallelLMHead(
+        head, tp, shared=model.model.embed_tokens.weight if tied else None)
+    model.tp_layout = layout
+    return layout
