@@ -64,6 +64,9 @@ class GenRunner:
         # Test-only fault injection: called as fault_hook(num_tokens, num_seqs) before
         # every forward; raise torch.OutOfMemoryError from it to exercise OOM recovery.
         self.fault_hook: Callable[[int, int], None] | None = None
+        # Rank 0 of a tensor-parallel replica: a worker.parallel.steps.StepSender that
+        # broadcasts each staged step before its forward (None on one device).
+        self.step_sender = None
 
     def release(self, seq: Sequence) -> None:
         """Forget ``seq``'s row (it finished or was preempted)."""
@@ -88,6 +91,8 @@ class GenRunner:
         try:
             if self.fault_hook is not None:
                 self.fault_hook(out.num_tokens, len(out.seqs))
+            if self.step_sender is not None:  # tensor parallel: the other ranks follow
+                self.step_sender.send(meta, self.host, self.state.tables)
             dev = self._copy(meta.layout.words)
             apply_updates(self.table, dev, meta, self.state)
             if bucket:

@@ -24,10 +24,16 @@ class TPGroup:
     rank: int
     size: int
     group: object = None  # a torch.distributed ProcessGroup (None: the default one)
+    cpu_group: object = None  # gloo, for host tensors (each step's inputs); None: ``group``
 
     def __post_init__(self):
         if not 0 <= self.rank < self.size:
             raise ValueError(f"rank {self.rank} is not in a group of {self.size}")
+
+    @property
+    def host_group(self):
+        """Where host tensors travel (gloo: NCCL takes only device tensors)."""
+        return self.cpu_group if self.cpu_group is not None else self.group
 
     def all_reduce_(self, x: torch.Tensor) -> torch.Tensor:
         """Sum ``x`` over the ranks, in place."""
@@ -51,6 +57,8 @@ def backend_for(device: torch.device | str) -> str:
 def init_group(rank: int, size: int, host: str, port: int, device: torch.device | str = "cpu",
                timeout_s: float = 60.0) -> TPGroup:
     """Join the ``size`` ranks (rank 0 listens on ``host:port``) and return the group."""
-    dist.init_process_group(backend_for(device), init_method=f"tcp://{host}:{port}",
+    backend = backend_for(device)
+    dist.init_process_group(backend, init_method=f"tcp://{host}:{port}",
                             rank=rank, world_size=size, timeout=timedelta(seconds=timeout_s))
-    return TPGroup(rank, size, dist.group.WORLD)
+    cpu = dist.new_group(backend="gloo") if backend != "gloo" else None
+    return TPGroup(rank, size, dist.group.WORLD, cpu)

@@ -1,7 +1,8 @@
 """One rank of the tensor-parallel tests (tests/worker/models/test_tensor_parallel.py),
-run in its own process by ``torch.multiprocessing.spawn``: every rank builds the same
-engine over its shard of the model and runs the same requests, so the collectives of
-each step meet; rank 0 writes what came out."""
+run in its own process by ``torch.multiprocessing.spawn``. ``run``: every rank builds the
+same engine over its shard of the model and runs the same requests, so the collectives
+of each step meet (the sharding's test). ``run_leader``: rank 0 alone schedules and
+samples, the other ranks follow its steps (worker.parallel.steps)."""
 
 from __future__ import annotations
 
@@ -14,6 +15,7 @@ from worker import Engine, EngineConfig, SamplingParams
 from worker.core import engine as engine_module
 from worker.parallel.group import init_group
 from worker.parallel.shard import VocabParallelEmbedding, VocabParallelLMHead, shard_decoder
+from worker.parallel.steps import StepSender, follow
 
 
 def sharded_engine(path: str, tp, **config) -> Engine:
@@ -65,4 +67,35 @@ def run(rank: int, size: int, port: int, jobs: list[dict], out_dir: str) -> None
     torch.distributed.barrier()
     if rank == 0:
         Path(out_dir, "tp.json").write_text(json.dumps(results))
+    torch.distributed.destroy_process_group()
+
+
+def run_leader(rank: int, size: int, port: int, jobs: list[dict], out_dir: str) -> None:
+    """Rank 0 schedules and samples, sending each step (worker.parallel.steps); the other
+    ranks only follow. Each rank writes its own results."""
+    torch.set_num_threads(1)
+    tp = init_group(rank, size, "127.0.0.1", port)
+    results = {}
+    for job in jobs:
+        engine = sharded_engine(job["path"], tp, **job["config"])
+        runner = engine.generation.runner
+        if rank == 0:
+            sender = StepSender(tp)
+            runner.step_sender = sender
+            rounds = []
+            for _ in range(job["rounds"]):  # the later rounds find the prompts cached
+                outs = engine.generate(job["prompts"], [SamplingParams(**p)
+                                                        for p in job["params"]])
+                rounds.append({"tokens": [o.token_ids for o in outs],
+                               "preemptions": sum(o.num_preemptions for o in outs)})
+            sender.stop()
+            engine.check_kv_invariants()
+            results[job["name"]] = {"rounds": rounds, "sent": sender.num_sent,
+                                    "prefix_hits": engine.stats.prefix_cache_hits,
+                                    "kv_heads": runner.cache.spec.num_kv_heads}
+        else:
+            results[job["name"]] = {"followed": follow(runner, tp),
+                                    "kv_heads": runner.cache.spec.num_kv_heads}
+        engine.shutdown()
+    Path(out_dir, f"rank{rank}.json").write_text(json.dumps(results))
     torch.distributed.destroy_process_group()

@@ -43,7 +43,7 @@ def _free_port() -> int:
 
 @pytest.fixture(scope="module")
 def two_ranks(checkpoint, tmp_path_factory):
-    """The ranks' results (rank 0's) and the one-rank engines' on the same jobs."""
+    """Rank 0's results, every rank running the same engine on the same requests."""
     jobs = [dict(name=n, path=str(checkpoint(n)), config=dict(GEN), prompts=PROMPTS,
                  packed=PACKED, params=PARAMS) for n in FAMILIES]
     out = tmp_path_factory.mktemp("tp")
@@ -126,3 +126,37 @@ def test_one_rank_is_the_unsharded_model():
     assert TP_FAMILIES == {"llama", "qwen2", "qwen3", "mistral"}
     with pytest.raises(ValueError, match="rank 2 is not in a group of 2"):
         TPGroup(2, 2)
+
+
+# ---- one scheduler: rank 0 sends each step, rank 1 follows --------------------------
+
+LEADER_JOBS = {  # name: (family, engine config)
+    "llama": ("llama", dict(GEN, num_kv_blocks=64)),
+    "qwen2": ("qwen2", dict(GEN, num_kv_blocks=64)),  # 1 KV head, replicated
+    "mistral": ("mistral", dict(GEN, num_kv_blocks=64)),  # sliding window 24 < 70
+    # 13 + 52 + 82 tokens of KV need 4 + 13 + 21 blocks of 4: 24 force a preemption
+    "llama-crowded": ("llama", dict(GEN, kv_block_size=4, num_kv_blocks=24)),
+}
+
+
+@pytest.fixture(scope="module")
+def leader_follower(checkpoint, tmp_path_factory):
+    jobs = [dict(name=n, path=str(checkpoint(fam)), config=cfg, prompts=PROMPTS,
+                 params=PARAMS, rounds=2) for n, (fam, cfg) in LEADER_JOBS.items()]
+    out = tmp_path_factory.mktemp("tp_leader")
+    mp.spawn(_tp_rank.run_leader, args=(2, _free_port(), jobs, str(out)), nprocs=2, join=True)
+    return [json.loads((out / f"rank{r}.json").read_text()) for r in (0, 1)]
+
+
+@pytest.mark.parametrize("name", list(LEADER_JOBS))
+def test_rank_zero_schedules_and_the_other_rank_follows_each_step(name, leader_follower,
+                                                                 one_rank):
+    leader, follower = leader_follower[0][name], leader_follower[1][name]
+    want = one_rank[LEADER_JOBS[name][0]]["tokens"]
+    for r in leader["rounds"]:
+        assert r["tokens"] == want  # greedy and seeded, first round and prefix-cached round
+    assert follower["followed"] == leader["sent"] > 2 * 12  # every step, nothing else
+    assert leader["prefix_hits"] > 0  # the second round found its prompts cached
+    assert leader["kv_heads"] == follower["kv_heads"] == max(1, KV_HEADS[LEADER_JOBS[name][0]] // 2)
+    crowded = name.endswith("crowded")
+    assert (sum(r["preemptions"] for r in leader["rounds"]) > 0) == crowded
