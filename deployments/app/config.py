@@ -90,6 +90,11 @@ class ModelArgs(_Strict):
     @model_validator(mode="after")
     def _engine_config_valid(self) -> ModelArgs:
         self.engine_config()
+        tp = self.engine.tensor_parallel_size or 1
+        if tp > 1 and self.num_gpus and self.num_gpus != tp:
+            raise ValueError(f"num_gpus ({self.num_gpus:g}) must equal engine."
+                             f"tensor_parallel_size ({tp}): a GPU replica holds one GPU per "
+                             "rank (or 0 for ranks on the CPU)")
         if self.autoscaling is not None and self.num_replicas > 1:
             raise ValueError(f"num_replicas ({self.num_replicas}) and autoscaling exclude each "
                              "other: remove num_replicas (autoscaling.min_replicas and "

@@ -69,6 +69,9 @@ def _flag(section: str, key: str) -> str:
     return "--" + renamed.get(key, prefix + key.replace("_", "-"))
 
 
+ALIASES = {"engine.tensor_parallel_size": ("-tp",)}  # vLLM's short flag
+
+
 def _argument(group, section: str, key: str, annotation) -> None:
     """One generated flag; its dest is ``section.key`` and its default None (unset)."""
     args = [a for a in typing.get_args(annotation) if a is not type(None)] or [annotation]
@@ -81,7 +84,8 @@ def _argument(group, section: str, key: str, annotation) -> None:
         group.add_argument(_flag(section, key), dest=dest, default=None,
                            choices=[str(c) for c in typing.get_args(kind)])
     else:
-        group.add_argument(_flag(section, key), dest=dest, default=None,
+        flags = [_flag(section, key), *ALIASES.get(dest, ())]
+        group.add_argument(*flags, dest=dest, default=None,
                            type=kind if kind in (int, float) else str, metavar=key.upper())
 
 

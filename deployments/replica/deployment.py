@@ -229,7 +229,8 @@ class EngineReplica:
             hidden_size=engine.spec.hidden_size, capacity_tokens=int(capacity),
             token_budget=cfg.max_num_batched_tokens, smoke_test=is_smoke_test(self.args.model),
             device=cfg.device, attention_backend=cfg.attention_backend, labels=engine.labels,
-            model_type=engine.spec.model_type, unproven=engine.spec.unproven)
+            model_type=engine.spec.model_type, unproven=engine.spec.unproven,
+            tensor_parallel_size=cfg.tensor_parallel_size)
 
     async def _report_forever(self) -> None:
         """Every ``heartbeat_s``: the budget gauges, and the report to admission (if on)."""

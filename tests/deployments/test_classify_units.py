@@ -13,11 +13,11 @@ from deployments.replica.work import ModelInfo
 from worker.models.labels import SIGMOID, SOFTMAX, LabelSpec
 
 
-def info(can_generate: bool, labels: LabelSpec | None = None) -> ModelInfo:
+def info(can_generate: bool, labels: LabelSpec | None = None, **more) -> ModelInfo:
     return ModelInfo(name="m", is_decoder=can_generate, can_generate=can_generate,
                      max_model_len=512, vocab_size=100, hidden_size=8, capacity_tokens=64,
                      token_budget=32, smoke_test=False, device="cpu",
-                     attention_backend="reference", labels=labels)
+                     attention_backend="reference", labels=labels, **more)
 
 
 THREE = LabelSpec(("a", "b", "c"), SOFTMAX, "cls")
@@ -26,6 +26,7 @@ ONE = LabelSpec(("relevance",), SIGMOID, "cls")
 
 @pytest.mark.parametrize("model, tasks", [
     (info(True), ["completions", "chat", "responses", "embeddings"]),
+    (info(True, tensor_parallel_size=2), ["completions", "chat", "responses"]),
     (info(False), ["embeddings", "score", "rerank"]),
     (info(False, THREE), ["classify", "embeddings"]),
     (info(False, ONE), ["classify", "embeddings", "score", "rerank"]),

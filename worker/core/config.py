@@ -59,6 +59,9 @@ class EngineConfig:
     #   every step eager, vLLM's enforce_eager)
     enable_prefix_caching: bool = True  # reuse the KV of full blocks seen before (vLLM's
     #   automatic prefix caching, on by default as there)
+    tensor_parallel_size: int = 1  # ranks of one replica, one process (and GPU) each: rank 0
+    #   schedules, the others follow its steps on their shards (worker/parallel/); generation
+    #   only, for the families of worker.parallel.shard.TP_FAMILIES
     # Structured outputs: what one constraint may cost to compile (GrammarLimits; a
     # constraint over a limit is a 400 naming it):
     max_grammar_bytes: int = 262_144  # of the constraint's text (schema JSON, regex, ...)
@@ -90,6 +93,10 @@ class EngineConfig:
             if not isinstance(getattr(self, name), bool):
                 raise ConfigError(name, f"must be a bool, got {getattr(self, name)!r}")
         check_int("max_num_running_seqs", self.max_num_running_seqs, 1)
+        check_int("tensor_parallel_size", self.tensor_parallel_size, 1)
+        if self.tensor_parallel_size > 1 and re.fullmatch(r"cuda:\d+", self.device):
+            raise ConfigError("tensor_parallel_size", f"takes device 'cuda' (rank r runs on "
+                              f"cuda:r), not one GPU ({self.device!r})")
         check_int("max_prefill_chunk", self.max_prefill_chunk, 0)
         check_choice("paged_attention_backend", self.paged_attention_backend,
                      PAGED_ATTENTION_BACKENDS)

@@ -25,7 +25,12 @@ from worker.budget.limits import resolve_budget, resolve_max_model_len, staging_
 from worker.core.classify_api import ClassifyAPI
 from worker.core.config import EngineConfig
 from worker.core.device import make_device
-from worker.core.errors import EngineDeadError, InvalidRequestError, RequestOutOfMemoryError
+from worker.core.errors import (
+    EngineDeadError,
+    InvalidRequestError,
+    RequestOutOfMemoryError,
+    UnsupportedTaskError,
+)
 from worker.core.generate_api import GenerateAPI
 from worker.core.loop import StepLoop
 from worker.core.observe import ObserveAPI
@@ -42,9 +47,14 @@ from worker.core.request import (
 )
 from worker.core.request import validate as validate_request
 from worker.models.loader import load_model
+from worker.models.sources import resolve_model
 from worker.packed.runner import ModelRunner, StepResult
 from worker.packed.scheduler import Scheduler, SchedulerOutput
 from worker.packed.staging import Staging
+from worker.parallel import launch
+from worker.parallel.group import TPGroup, init_group
+from worker.parallel.shard import shard_decoder
+from worker.parallel.steps import StepSender, follow
 
 logger = logging.getLogger(__name__)
 
@@ -70,9 +80,30 @@ class EngineStats:
 class Engine(GenerateAPI, ClassifyAPI, ObserveAPI):
     """Packed, padding-free forwards over one device. See the module docstring."""
 
-    def __init__(self, config: EngineConfig):
-        self.device = make_device(config.device)
+    def __init__(self, config: EngineConfig, tp: TPGroup | None = None):
+        """``tp``: this rank's group when it is a follower (``follow_rank``); rank 0 of a
+        ``tensor_parallel_size`` > 1 engine starts the followers itself."""
+        self._followers = None
+        if tp is None and config.tensor_parallel_size > 1:
+            # the followers load what rank 0 resolved (a smoke model built once, here)
+            resolved = dataclasses.replace(config, model=str(resolve_model(config.model)))
+            self._followers = launch.start(resolved, follow_rank)
+            tp = self._followers.group
+        self.tp = tp
+        try:
+            self._build(config, tp)
+        except BaseException:
+            if self._followers is not None:  # they fail alike, or wait for a step: end them
+                self._followers.stop(0.0)
+                launch.leave_group()
+            raise
+
+    def _build(self, config: EngineConfig, tp: TPGroup | None) -> None:
+        self.device = make_device(config.device if tp is None
+                                  else launch.rank_device(config.device, tp.rank))
         model, self.spec = load_model(config, self.device.device)
+        if tp is not None:
+            shard_decoder(model, tp)  # refuses a family or shape it does not split, by name
         max_model_len = resolve_max_model_len(config, self.spec)
         max_tokens, max_seqs = staging_capacity(config, max_model_len)
         self.staging = Staging(max_tokens, max_seqs, self.device,
@@ -98,6 +129,10 @@ class Engine(GenerateAPI, ClassifyAPI, ObserveAPI):
         self._state_lock = threading.Lock()
         self._loop: StepLoop | None = None
         self._dead: BaseException | None = None
+        if tp is not None:  # every rank allocates its KV cache now, all sized alike
+            runner = self.generation.runner
+            if tp.rank == 0:
+                runner.step_sender = StepSender(tp)
         logger.info("engine ready: %s", self.config)
 
     # ---- sync API -------------------------------------------------------------------
@@ -216,10 +251,18 @@ class Engine(GenerateAPI, ClassifyAPI, ObserveAPI):
         return self._dead is None and (self._loop is None or self._loop.is_alive())
 
     def shutdown(self, timeout: float | None = 30.0) -> None:
-        """Stop the step loop, fail whatever is still queued. Idempotent."""
+        """Stop the step loop, fail whatever is still queued, stop the follower ranks.
+        Idempotent."""
         if self._loop is not None:
             self._loop.stop(timeout)
+        clean = self._dead is None  # no step died inside a collective
         self._die(EngineDeadError("the engine was shut down"))
+        followers, self._followers = self._followers, None
+        if followers is not None:
+            if clean and followers.alive():
+                self.generation.runner.step_sender.stop()
+            followers.stop(launch.JOIN_TIMEOUT_S if clean else 0.0)
+            launch.leave_group()
 
     def __enter__(self) -> Engine:
         return self
@@ -231,6 +274,10 @@ class Engine(GenerateAPI, ClassifyAPI, ObserveAPI):
 
     def _make(self, token_ids, task: Task, pooling, normalize: bool,
               token_type_ids=None) -> Request:
+        if self.tp is not None:
+            raise UnsupportedTaskError(
+                f"{task} is not served under tensor parallelism yet (tensor_parallel_size="
+                f"{self.tp.size}): only generation is", value=str(task), setting="model")
         if task is not Task.EMBED and (pooling is not None or normalize):
             raise InvalidRequestError(f"{task} takes no pooling or normalize",
                                       setting="pooling")
@@ -331,3 +378,21 @@ def _settle(future: asyncio.Future, request: Request) -> None:
 def _mark_cancelled(request: Request, future: asyncio.Future) -> None:
     if future.cancelled():
         request.cancelled = True
+
+
+def follow_rank(config: EngineConfig, rank: int, size: int, port: int) -> None:
+    """A follower rank's process (``worker.parallel.launch``): the same engine on this
+    rank's shard, running rank 0's steps until it says stop."""
+    import os
+
+    import torch
+
+    if not config.is_cuda:  # the node's cores, shared among the ranks
+        torch.set_num_threads(max(1, (os.cpu_count() or 1) // size))
+    tp = init_group(rank, size, "127.0.0.1", port, launch.rank_device(config.device, rank))
+    engine = Engine(config, tp=tp)
+    try:
+        follow(engine.generation.runner, tp)
+    finally:
+        engine.shutdown()
+        launch.leave_group()

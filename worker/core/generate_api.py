@@ -232,7 +232,8 @@ class GenerateAPI:
         model = self.runner.model
         return Generation(model, self.device, settings, max_model_len=self.config.max_model_len,
                           vocab_size=self.spec.vocab_size, report=report,
-                          tokenizer=_load_tokenizer(self.config), wake=self._wake_loop)
+                          tokenizer=_load_tokenizer(self.config), wake=self._wake_loop,
+                          tp=self.tp)
 
     def _wake_loop(self) -> None:
         """A compile ended (on its thread): the step loop admits or fails its requests."""

@@ -35,6 +35,14 @@ class TPGroup:
         """Where host tensors travel (gloo: NCCL takes only device tensors)."""
         return self.cpu_group if self.cpu_group is not None else self.group
 
+    def min_int(self, value: int) -> int:
+        """The smallest ``value`` over the ranks (the KV blocks every rank can hold)."""
+        if self.size == 1:
+            return value
+        t = torch.tensor([value], dtype=torch.int64)
+        dist.all_reduce(t, op=dist.ReduceOp.MIN, group=self.host_group)
+        return int(t.item())
+
     def all_reduce_(self, x: torch.Tensor) -> torch.Tensor:
         """Sum ``x`` over the ranks, in place."""
         if self.size > 1:

@@ -10,6 +10,7 @@ of issue 22, not this test's subject."""
 
 from __future__ import annotations
 
+import asyncio
 import json
 import socket
 import types
@@ -160,3 +161,46 @@ def test_rank_zero_schedules_and_the_other_rank_follows_each_step(name, leader_f
     assert leader["kv_heads"] == follower["kv_heads"] == max(1, KV_HEADS[LEADER_JOBS[name][0]] // 2)
     crowded = name.endswith("crowded")
     assert (sum(r["preemptions"] for r in leader["rounds"]) > 0) == crowded
+
+
+# ---- the engine's own ranks: tensor_parallel_size ------------------------------------
+
+def _rank_processes() -> list:
+    return [p for p in mp.active_children() if p.name.startswith("packserve-tp-rank")]
+
+
+def test_an_engine_of_two_ranks_starts_its_follower_and_stops_it(checkpoint, one_rank):
+    from worker import Engine, EngineConfig
+    from worker.core.errors import UnsupportedTaskError
+
+    engine = Engine(EngineConfig(model=str(checkpoint("qwen2")), tensor_parallel_size=2,
+                                 num_kv_blocks=64, **GEN))
+    procs = _rank_processes()
+    assert len(procs) == 1 and procs[0].is_alive()
+    params = [SamplingParams(**p) for p in PARAMS]
+    assert [o.token_ids for o in engine.generate(PROMPTS, params)] == one_rank["qwen2"]["tokens"]
+    streamed = asyncio.run(engine.generate_async(PROMPTS, params))  # the step-loop thread
+    assert [o.token_ids for o in streamed] == one_rank["qwen2"]["tokens"]
+    with pytest.raises(UnsupportedTaskError, match="tensor_parallel_size=2"):
+        engine.embed([[1, 2, 3]])
+    assert engine.generation.runner.cache.spec.num_kv_heads == 1  # its 1 KV head, replicated
+    engine.shutdown()
+    assert not procs[0].is_alive() and procs[0].exitcode == 0  # stopped, not killed
+    assert _rank_processes() == []
+
+
+def test_a_family_the_ranks_cannot_split_is_refused_and_no_rank_is_left(checkpoint):
+    from worker import Engine, EngineConfig
+
+    with pytest.raises(ConfigError, match="'phi3' model is refused at 2 ranks"):
+        Engine(EngineConfig(model=str(checkpoint("phi3")), tensor_parallel_size=2, **GEN))
+    assert _rank_processes() == []
+
+
+def test_the_rank_count_is_checked():
+    from worker import EngineConfig
+
+    with pytest.raises(ConfigError, match="tensor_parallel_size: must be an integer >= 1"):
+        EngineConfig(model="m", tensor_parallel_size=0)
+    with pytest.raises(ConfigError, match="takes device 'cuda'"):
+        EngineConfig(model="m", tensor_parallel_size=2, device="cuda:1")

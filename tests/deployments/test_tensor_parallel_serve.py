@@ -1,0 +1,67 @@
+"""``packserve serve MODEL --tensor-parallel-size 2`` on CPU (issue 22): the engine replica
+starts its second rank as a process of its own, streamed completions through the openai
+client equal the one-rank engine's greedy tokens, embeddings are refused by name, and
+Ctrl-C leaves no rank process behind."""
+
+from __future__ import annotations
+
+import os
+import signal
+from pathlib import Path
+
+import openai
+
+from tests.deployments.serve_process import packserve_serve
+
+
+def _descendants(root: int) -> dict[int, str]:
+    """Every live process under ``root`` (by /proc parent links): pid -> command line."""
+    parents, cmds = {}, {}
+    for entry in Path("/proc").iterdir():
+        if not entry.name.isdigit():
+            continue
+        try:
+            stat = (entry / "stat").read_text()
+            parents[int(entry.name)] = int(stat.rsplit(")", 1)[1].split()[1])
+            cmds[int(entry.name)] = (entry / "cmdline").read_bytes().replace(b"\0", b" ").decode()
+        except (OSError, ValueError, IndexError):
+            continue
+    found, frontier = {}, [root]
+    while frontier:
+        pid = frontier.pop()
+        for child, parent in parents.items():
+            if parent == pid and child not in found:
+                found[child] = cmds.get(child, "")
+                frontier.append(child)
+    return found
+
+
+def _alive(pid: int) -> bool:
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    return Path(f"/proc/{pid}").exists() and "Z" not in (
+        Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()[:1] or [""])[0]
+
+
+def test_two_ranks_serve_streamed_completions_and_stop_with_ctrl_c():
+    with packserve_serve("--tensor-parallel-size", "2") as s:
+        ranks = [p for p, cmd in _descendants(s.proc.pid).items() if "spawn_main" in cmd]
+        assert len(ranks) == 1, _descendants(s.proc.pid)  # rank 1, a process of the replica
+        client = openai.OpenAI(base_url=f"{s.url}/v1", api_key="none", max_retries=0)
+        whole = client.completions.create(model="tiny", prompt="The capital of France is",
+                                          max_tokens=12, temperature=0)
+        text = "".join(c.choices[0].text for c in client.completions.create(
+            model="tiny", prompt="The capital of France is", max_tokens=12, temperature=0,
+            stream=True))
+        assert whole.usage.completion_tokens == 12 and text == whole.choices[0].text
+        try:
+            client.embeddings.create(model="tiny", input="hi")
+            raise AssertionError("embeddings under tensor parallelism were served")
+        except openai.BadRequestError as err:
+            assert "tensor_parallel_size=2" in err.body["message"], err.body
+        s.proc.send_signal(signal.SIGINT)
+        assert s.wait_exit(120) in (0, 130)
+        assert "stopped in" in s.output(), s.output()[-3000:]
+        assert not [p for p in ranks if _alive(p)]
