@@ -204,3 +204,29 @@ def test_the_rank_count_is_checked():
         EngineConfig(model="m", tensor_parallel_size=0)
     with pytest.raises(ConfigError, match="takes device 'cuda'"):
         EngineConfig(model="m", tensor_parallel_size=2, device="cuda:1")
+
+
+def test_a_rank_that_dies_kills_the_engine_and_fails_its_requests(checkpoint):
+    """What a replica sees when a follower is killed: the next step fails at once (gloo
+    reports the closed connection), the request gets ``EngineDeadError``, the engine is no
+    longer alive (the replica's health check), and a new engine can form its ranks."""
+    import os
+    import signal
+
+    from worker import Engine, EngineConfig
+    from worker.core.errors import EngineDeadError
+
+    config = EngineConfig(model=str(checkpoint("llama")), tensor_parallel_size=2,
+                          num_kv_blocks=64, **GEN)
+    engine = Engine(config)
+    (rank,) = _rank_processes()
+    os.kill(rank.pid, signal.SIGKILL)
+    rank.join(10)
+    with pytest.raises(EngineDeadError, match="a generation step failed"):
+        asyncio.run(engine.generate_async(PROMPTS, SamplingParams(temperature=0, max_tokens=4)))
+    assert not engine.is_alive()
+    engine.shutdown()
+    assert _rank_processes() == []
+    again = Engine(config)  # the dead group was left: a new one forms
+    assert len(again.generate(PROMPTS[:1], SamplingParams(max_tokens=2))[0].token_ids) == 2
+    again.shutdown()
