@@ -6,7 +6,7 @@ PIP := $(PY) -m pip --disable-pip-version-check
 STAMP := $(VENV)/.installed
 PYTEST_ARGS ?=
 
-.PHONY: install serve prometheus test test-packing-pure bench bench-packer bench-forward bench-generate bench-decode bench-batch bench-serve bench-pooled bench-structured bench-moe bench-admission clean
+.PHONY: install serve prometheus test test-packing-pure bench bench-packer bench-forward bench-generate bench-decode bench-batch bench-serve bench-pooled bench-structured bench-moe bench-admission bench-tp clean
 
 install: $(STAMP)
 
@@ -61,7 +61,7 @@ test: install prometheus
 test-packing-pure: install
 	PACKSERVE_PURE_PYTHON=1 $(PY) -m pytest -q tests/packing
 
-bench: bench-packer bench-forward bench-generate bench-decode bench-batch bench-serve bench-pooled bench-structured bench-moe bench-admission
+bench: bench-packer bench-forward bench-generate bench-decode bench-batch bench-serve bench-pooled bench-structured bench-moe bench-admission bench-tp
 
 bench-packer: install
 	$(PY) -m benchmarks.packer --out benchmarks/results/packer.json
@@ -110,6 +110,10 @@ bench-pooled: install
 		--out benchmarks/results/pooled_cpu.json
 	$(PY) -m benchmarks.pooled --tasks decoder --num-seqs 256 --repeats 2 \
 		--out benchmarks/results/pooled_decoder_cpu.json
+
+# Tensor parallelism: 2 ranks against 1 on the smoke decoder, rank 0's collectives per step.
+bench-tp: install
+	$(PY) -m benchmarks.tp --device cpu --out benchmarks/results/tp_cpu.json
 
 # Structured outputs: batch 64 with and without a JSON-schema constraint (benchmarks/structured.py).
 bench-structured: install

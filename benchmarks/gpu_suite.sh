@@ -22,6 +22,7 @@
 #   forward.json, .png      packed vs padded prefill, Qwen2.5-7B shape (budget 65,536)
 #   family_matrix.log      the family matrix on the GPU, junit_family.xml its junit
 #   generate_baselines.json the 128-request run's HF baselines, if time is left
+#   tp.json                 benchmarks/tp.py: TP=2 against TP=1 (skipped with one GPU)
 #
 # Optional: a folder .gpu_pydeps/ at the repository root (`pip install --target .gpu_pydeps
 # pytest hypothesis pytest-timeout`, pure-Python wheels) is put on PYTHONPATH when the
@@ -170,6 +171,10 @@ run_step family_matrix 90 bash -c "$PY -m pytest ${FAMILY_ARGS[*]} \
 run_step generate_baselines 400 $PY -m benchmarks.generate --shape $GEN_SHAPE --device $DEVICE \
   --num-requests $SHORT --systems hf_static,generate_batch --batch-sizes 32 \
   --out "$OUT/generate_baselines.json"
+
+# 10. Tensor parallelism at 2 ranks against 1, the smoke decoder (benchmarks/tp.py): skips
+#     itself (SKIP, exit 0) on a machine with one GPU; the dry run runs it on the CPU.
+run_step tp 60 $PY -m benchmarks.tp --device $DEVICE --tp 2 --out "$OUT/tp.json"
 
 echo
 echo "=== steps (deadline ${DEADLINE_S}s, total ${SECONDS}s)"
