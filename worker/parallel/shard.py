@@ -142,6 +142,9 @@ def shard_decoder(model: nn.Module, tp: TPGroup) -> TPLayout:
     and returns ``model.tp_layout``. At one rank nothing changes."""
     config = model.config
     heads, kv_heads, inter = plan(config, tp.size)
+    if getattr(model, "lm_head", None) is None or not hasattr(model, "model"):
+        raise ConfigError(FIELD, f"tensor parallelism serves causal LMs; a {type(model).__name__}"
+                          f" is refused at {tp.size} ranks (run it at 1)")
     head_dim = getattr(config, "head_dim", None) or config.hidden_size // config.num_attention_heads
     layout = TPLayout(tp.rank, tp.size, heads, kv_heads, head_dim, config.vocab_size)
     if tp.size == 1:

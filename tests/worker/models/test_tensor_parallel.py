@@ -122,6 +122,18 @@ def test_what_does_not_shard_is_refused_by_name(config, match):
     assert "llama" in str(err.value) or config.model_type == "llama"
 
 
+def test_a_sequence_classifier_is_refused_before_any_collective():
+    from transformers import LlamaConfig, LlamaForSequenceClassification
+
+    from worker.parallel.shard import shard_decoder
+
+    model = LlamaForSequenceClassification(LlamaConfig(
+        hidden_size=64, intermediate_size=128, num_hidden_layers=1, num_attention_heads=4,
+        num_key_value_heads=2, vocab_size=64, num_labels=2))
+    with pytest.raises(ConfigError, match="LlamaForSequenceClassification is refused at 2"):
+        shard_decoder(model, TPGroup(0, 2))  # no process group: nothing was sent
+
+
 def test_one_rank_is_the_unsharded_model():
     assert TPGroup(0, 1).all_gather_last(torch.ones(2, 3)).shape == (2, 3)
     assert TP_FAMILIES == {"llama", "qwen2", "qwen3", "mistral"}
