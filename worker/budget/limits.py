@@ -51,12 +51,14 @@ def staging_capacity(config: EngineConfig, max_model_len: int) -> tuple[int, int
     return tokens, min(config.max_num_seqs or by_align, by_align)
 
 
-def resolve_budget(config: EngineConfig, runner, device,
-                   max_model_len: int) -> tuple[int, object | None]:
-    """(budget, the probe's BudgetReport or None)."""
+def resolve_budget(config: EngineConfig, runner, device, max_model_len: int,
+                   probe: bool = True) -> tuple[int, object | None]:
+    """(budget, the probe's BudgetReport or None). ``probe=False`` (a tensor-parallel
+    rank): ``CPU_DEFAULT_BUDGET`` on CUDA too, and no report (the KV cache then takes a
+    fraction of the free memory)."""
     if config.max_num_batched_tokens is not None:
         return config.max_num_batched_tokens, None
-    if not config.is_cuda:
+    if not config.is_cuda or not probe:
         return _cpu_default(config.align), None
     return _measure(config, runner, device, max_model_len)
 

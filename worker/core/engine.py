@@ -46,7 +46,6 @@ from worker.core.request import (
     parse_task,
 )
 from worker.core.request import validate as validate_request
-from worker.models.lm_head import lm_head
 from worker.models.loader import load_model
 from worker.models.sources import resolve_model
 from worker.packed.runner import ModelRunner, StepResult
@@ -54,7 +53,6 @@ from worker.packed.scheduler import Scheduler, SchedulerOutput
 from worker.packed.staging import Staging
 from worker.parallel import launch
 from worker.parallel.group import TPGroup, init_group
-from worker.parallel.shard import plan as plan_shards
 from worker.parallel.shard import shard_decoder
 from worker.parallel.steps import StepSender, follow
 
@@ -103,22 +101,17 @@ class Engine(GenerateAPI, ClassifyAPI, ObserveAPI):
     def _build(self, config: EngineConfig, tp: TPGroup | None) -> None:
         self.device = make_device(config.device if tp is None
                                   else launch.rank_device(config.device, tp.rank))
-        model, self.spec = load_model(config, self.device.device)
-        if tp is not None:
-            plan_shards(model.config, tp.size)  # refuses what it cannot split, by name
+        shard = None if tp is None else functools.partial(shard_decoder, tp=tp)
+        model, self.spec = load_model(config, self.device.device, shard)
         max_model_len = resolve_max_model_len(config, self.spec)
         max_tokens, max_seqs = staging_capacity(config, max_model_len)
         self.staging = Staging(max_tokens, max_seqs, self.device,
                                token_types=self.spec.takes_token_type_ids)
         self.runner = ModelRunner(model, self.spec, self.staging, self.device)
         budget, self.budget_report = resolve_budget(config, self.runner, self.device,
-                                                    max_model_len)
-        if tp is not None:
-            # The probe ran on the whole model, before any collective (a rank's probe may
-            # take other steps than another's): conservative, and the same on every rank.
-            budget = tp.min_int(budget)
-            shard_decoder(model, tp)
-            self.runner.head = lm_head(model)  # the sharded head; the whole one is freed
+                                                    max_model_len, probe=tp is None)
+        if tp is not None:  # no probe under TP (its forwards, collectives included, could
+            budget = tp.min_int(budget)  # take other steps on each rank): the same budget
         self.config = dataclasses.replace(  # every None resolved
             config, max_num_batched_tokens=budget, max_model_len=max_model_len,
             dtype=str(self.spec.dtype).removeprefix("torch."),

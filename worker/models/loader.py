@@ -103,8 +103,11 @@ def resolve_dtype(requested: str, hf_config, device_type: str) -> torch.dtype:
     return saved if saved in (torch.float16, torch.bfloat16) else torch.bfloat16
 
 
-def load_model(config: EngineConfig, device: torch.device) -> tuple[torch.nn.Module, ModelSpec]:
-    """``from_pretrained`` on ``device`` in eval mode with our attention registered."""
+def load_model(config: EngineConfig, device: torch.device, shard=None
+               ) -> tuple[torch.nn.Module, ModelSpec]:
+    """``from_pretrained`` on ``device`` in eval mode with our attention registered.
+    ``shard(model)`` (a tensor-parallel rank's, worker.parallel.shard) runs on the host
+    copy before anything moves to ``device``: the device receives only this rank's part."""
     remote = config.trust_remote_code
     path = resolve_model(config.model)  # packaged:, smoke: specs -> a local directory
     hf_config = AutoConfig.from_pretrained(path, trust_remote_code=remote)
@@ -123,6 +126,8 @@ def load_model(config: EngineConfig, device: torch.device) -> tuple[torch.nn.Mod
         path, config=hf_config, dtype=dtype, trust_remote_code=remote,
         attn_implementation=register(backend),
     )
+    if shard is not None:
+        shard(model)
     model.to(device).eval()
     install_grouped_experts(model)  # MoE layers: grouped_mm if it passes its start-up check
     base = model.base_model

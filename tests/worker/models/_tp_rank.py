@@ -22,10 +22,8 @@ def sharded_engine(path: str, tp, **config) -> Engine:
     """An engine whose loaded model is sharded before anything else sees it."""
     load = engine_module.load_model
 
-    def load_sharded(cfg, device):
-        model, spec = load(cfg, device)
-        shard_decoder(model, tp)
-        return model, spec
+    def load_sharded(cfg, device, shard=None):
+        return load(cfg, device, lambda model: shard_decoder(model, tp))
 
     engine_module.load_model = load_sharded
     try:

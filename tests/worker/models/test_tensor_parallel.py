@@ -19,6 +19,7 @@ import numpy as np
 import pytest
 import torch
 import torch.multiprocessing as mp
+from transformers import AutoModelForCausalLM
 
 from tests.factories import token_lists
 from tests.worker.models import _tp_rank
@@ -196,6 +197,9 @@ def test_an_engine_of_two_ranks_starts_its_follower_and_stops_it(checkpoint, one
     with pytest.raises(UnsupportedTaskError, match="tensor_parallel_size=2"):
         engine.embed([[1, 2, 3]])
     assert engine.generation.runner.cache.spec.num_kv_heads == 1  # its 1 KV head, replicated
+    whole = AutoModelForCausalLM.from_pretrained(checkpoint("qwen2"))
+    held = sum(p.numel() for p in engine.runner.model.parameters())
+    assert held < 0.6 * sum(p.numel() for p in whole.parameters())  # its shard, not the whole
     engine.shutdown()
     assert not procs[0].is_alive() and procs[0].exitcode == 0  # stopped, not killed
     assert _rank_processes() == []
