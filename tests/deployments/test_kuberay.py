@@ -22,6 +22,8 @@ ROOT = Path(__file__).resolve().parents[2]
 MANIFEST = ROOT / "cluster" / "rayservice.yaml"
 CLUSTER = ROOT / "cluster" / "cluster.yaml"
 CRD = ROOT / "tests" / "data" / "kuberay" / "ray.io_rayservices.yaml"
+TP_MANIFEST = ROOT / "cluster" / "rayservice-tp4.yaml"  # one TP=4 replica per 4-GPU pod
+TP_CLUSTER = ROOT / "cluster" / "cluster-tp4.yaml"
 Loader = getattr(yaml, "CSafeLoader", yaml.SafeLoader)
 
 
@@ -193,6 +195,23 @@ def test_a_guard_limit_changed_in_the_serve_config_fails_check_until_the_env_fol
     assert printed["PACKSERVE_GUARD_HEADER_TIMEOUT_S"] == "5.0"
 
 
+def test_the_tensor_parallel_example_validates_and_fits_one_replica_per_pod(validator):
+    """cluster/rayservice-tp4.yaml: valid against the CRD, its serveConfigV2 rendered from
+    cluster-tp4.yaml with the guard env (kuberay check), and each worker pod holds exactly
+    one TP=4 replica's GPUs, so Ray places a replica on one pod whole."""
+    manifest = yaml.safe_load(TP_MANIFEST.read_text())
+    assert errors(validator, manifest) == []
+    assert kuberay.main(["check", "--serve-config", str(TP_CLUSTER),
+                         "--manifest", str(TP_MANIFEST)]) == 0
+    (model,) = yaml.safe_load(TP_CLUSTER.read_text())["applications"][0]["args"]["models"]
+    tp = model["engine"]["tensor_parallel_size"]
+    assert tp == 4 == model["num_gpus"]
+    (group,) = manifest["spec"]["rayClusterConfig"]["workerGroupSpecs"]
+    (container,) = group["template"]["spec"]["containers"]
+    assert int(container["resources"]["limits"]["nvidia.com/gpu"]) == tp
+    assert model["num_replicas"] == group["replicas"] == group["maxReplicas"]
+
+
 def test_extract_is_the_reverse_of_render(tmp_path):
     serve_config = tmp_path / "cluster.yaml"
     assert kuberay.main(["extract", "--serve-config", str(serve_config),
@@ -202,7 +221,8 @@ def test_extract_is_the_reverse_of_render(tmp_path):
 
 # ---- strict Serve configs -----------------------------------------------------------
 
-@pytest.mark.parametrize("path", [MANIFEST, CLUSTER, ROOT / "cluster" / "local.yaml"])
+@pytest.mark.parametrize("path", [MANIFEST, CLUSTER, ROOT / "cluster" / "local.yaml",
+                                  TP_MANIFEST, TP_CLUSTER])
 def test_shipped_serve_configs_are_strictly_valid(path):
     assert validate_serve_config(load_serve_config(path)) == []
 
