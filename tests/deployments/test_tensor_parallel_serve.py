@@ -65,3 +65,45 @@ def test_two_ranks_serve_streamed_completions_and_stop_with_ctrl_c():
         assert s.wait_exit(120) in (0, 130)
         assert "stopped in" in s.output(), s.output()[-3000:]
         assert not [p for p in ranks if _alive(p)]
+
+
+def test_a_rank_killed_mid_stream_ends_the_stream_with_an_error_and_the_replica_returns():
+    """Rank 1 dies while a stream is open: the stream ends with an error event and
+    ``[DONE]`` (never a cut body), Serve's health check replaces the replica, whose new
+    rank 1 serves the next completion."""
+    import time
+
+    import httpx
+
+    with packserve_serve("--tensor-parallel-size", "2") as s:
+        (rank,) = [p for p, cmd in _descendants(s.proc.pid).items() if "spawn_main" in cmd]
+        events = []
+        with httpx.stream("POST", f"{s.url}/v1/completions", timeout=120, json={
+                "model": "tiny", "prompt": "hi", "max_tokens": 200, "stream": True,
+                "ignore_eos": True}) as r:
+            assert r.status_code == 200
+            for line in r.iter_lines():
+                if not line.startswith("data: "):
+                    continue
+                events.append(line[6:])
+                if len(events) == 3:
+                    os.kill(rank, signal.SIGKILL)
+        assert events[-1] == "[DONE]", events[-3:]
+        assert '"error"' in events[-2] and len(events) < 200, events[-3:]
+        client = openai.OpenAI(base_url=f"{s.url}/v1", api_key="none", max_retries=0)
+        deadline, got = time.monotonic() + 180, None
+        while time.monotonic() < deadline and got is None:
+            try:
+                got = client.completions.create(model="tiny", prompt="hi", max_tokens=4)
+            except openai.APIError:
+                time.sleep(2)  # 503 until Serve has replaced the replica
+        assert got is not None and got.usage.completion_tokens == 4, s.output()[-3000:]
+        assert not _alive(rank)
+        assert len([p for p, cmd in _descendants(s.proc.pid).items() if "spawn_main" in cmd]) == 1
+        deadline, pool = time.monotonic() + 60, None
+        while time.monotonic() < deadline:  # the dead replica's lease is dropped
+            pool = httpx.get(f"{s.url}/v1/admission", timeout=30).json()["tiny"]
+            if not pool["reserved"] and not pool["num_leases"]:
+                break
+            time.sleep(1)
+        assert not pool["reserved"] and not pool["num_leases"], pool
