@@ -12,7 +12,6 @@ from __future__ import annotations
 
 import asyncio
 import json
-import socket
 import types
 
 import numpy as np
@@ -26,6 +25,7 @@ from tests.worker.models import _tp_rank
 from worker import SamplingParams
 from worker.core.config import ConfigError
 from worker.parallel.group import TPGroup
+from worker.parallel.launch import free_port
 from worker.parallel.shard import TP_FAMILIES, plan
 
 FAMILIES = ["llama", "qwen2", "qwen3", "mistral"]  # qwen2 and mistral: 1 KV head (replicated)
@@ -37,19 +37,13 @@ PARAMS = [dict(temperature=0, max_tokens=12), dict(temperature=0, max_tokens=12)
 KV_HEADS = {"llama": 2, "qwen2": 1, "qwen3": 2, "mistral": 1}
 
 
-def _free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
-
-
 @pytest.fixture(scope="module")
 def two_ranks(checkpoint, tmp_path_factory):
     """Rank 0's results, every rank running the same engine on the same requests."""
     jobs = [dict(name=n, path=str(checkpoint(n)), config=dict(GEN), prompts=PROMPTS,
                  packed=PACKED, params=PARAMS) for n in FAMILIES]
     out = tmp_path_factory.mktemp("tp")
-    mp.spawn(_tp_rank.run, args=(2, _free_port(), jobs, str(out)), nprocs=2, join=True)
+    mp.spawn(_tp_rank.run, args=(2, free_port(), jobs, str(out)), nprocs=2, join=True)
     return json.loads((out / "tp.json").read_text())
 
 
@@ -158,7 +152,7 @@ def leader_follower(checkpoint, tmp_path_factory):
     jobs = [dict(name=n, path=str(checkpoint(fam)), config=cfg, prompts=PROMPTS,
                  params=PARAMS, rounds=2) for n, (fam, cfg) in LEADER_JOBS.items()]
     out = tmp_path_factory.mktemp("tp_leader")
-    mp.spawn(_tp_rank.run_leader, args=(2, _free_port(), jobs, str(out)), nprocs=2, join=True)
+    mp.spawn(_tp_rank.run_leader, args=(2, free_port(), jobs, str(out)), nprocs=2, join=True)
     return [json.loads((out / f"rank{r}.json").read_text()) for r in (0, 1)]
 
 
