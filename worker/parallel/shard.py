@@ -46,10 +46,7 @@ class TPLayout:
 
     rank: int
     size: int
-    num_heads: int  # query heads on this rank
-    num_kv_heads: int  # KV heads on this rank (the KV cache's)
-    head_dim: int
-    vocab_size: int  # the whole vocabulary (the LM head's logits)
+    num_kv_heads: int  # KV heads on this rank (its KV cache's)
 
 
 class RowParallelLinear(nn.Module):
@@ -146,9 +143,8 @@ def shard_decoder(model: nn.Module, tp: TPGroup) -> TPLayout:
         raise ConfigError(FIELD, f"tensor parallelism serves causal LMs; a {type(model).__name__}"
                           f" is refused at {tp.size} ranks (run it at 1)")
     head_dim = getattr(config, "head_dim", None) or config.hidden_size // config.num_attention_heads
-    layout = TPLayout(tp.rank, tp.size, heads, kv_heads, head_dim, config.vocab_size)
+    model.tp_layout = layout = TPLayout(tp.rank, tp.size, kv_heads)
     if tp.size == 1:
-        model.tp_layout = layout
         return layout
     total_kv = config.num_key_value_heads or config.num_attention_heads
     kv_lo = tp.rank * kv_heads if total_kv >= tp.size else tp.rank * total_kv // tp.size
@@ -168,5 +164,4 @@ def shard_decoder(model: nn.Module, tp: TPGroup) -> TPLayout:
     model.model.embed_tokens = VocabParallelEmbedding(embed, tp)
     model.lm_head = VocabParallelLMHead(
         head, tp, shared=model.model.embed_tokens.weight if tied else None)
-    model.tp_layout = layout
     return layout
