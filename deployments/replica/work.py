@@ -71,7 +71,7 @@ class ModelInfo:
     labels: LabelSpec | None = None  # a sequence classifier (cross-encoder: one label)
     model_type: str = ""  # transformers' model_type (the family)
     unproven: tuple[str, ...] = ()  # outside the family matrix (allow_untested_model)
-    tensor_parallel_size: int = 1  # ranks of the replica (generation only above 1)
+    tensor_parallel_size: int = 1  # ranks of the replica
 
     @property
     def is_classifier(self) -> bool:
@@ -89,7 +89,6 @@ class ModelInfo:
         """What /v1/models lists; each name is an endpoint the model serves (and the
         metrics' ``endpoint`` label of its route, routes.py)."""
         if self.can_generate:
-            pooled = ["embeddings"] if self.tensor_parallel_size == 1 else []
-            return ["completions", "chat", "responses", *pooled]
+            return ["completions", "chat", "responses", "embeddings"]
         tasks = ["classify", "embeddings"] if self.is_classifier else ["embeddings"]
         return tasks + (["score", "rerank"] if self.can_rerank else [])

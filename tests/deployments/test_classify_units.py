@@ -26,7 +26,7 @@ ONE = LabelSpec(("relevance",), SIGMOID, "cls")
 
 @pytest.mark.parametrize("model, tasks", [
     (info(True), ["completions", "chat", "responses", "embeddings"]),
-    (info(True, tensor_parallel_size=2), ["completions", "chat", "responses"]),
+    (info(True, tensor_parallel_size=2), ["completions", "chat", "responses", "embeddings"]),
     (info(False), ["embeddings", "score", "rerank"]),
     (info(False, THREE), ["classify", "embeddings"]),
     (info(False, ONE), ["classify", "embeddings", "score", "rerank"]),

@@ -1,6 +1,6 @@
 """``packserve serve MODEL --tensor-parallel-size 2`` on CPU (issue 22): the engine replica
-starts its second rank as a process of its own and serves streamed completions through
-the openai client; a killed rank fails its streams cleanly and the replica comes back;
+starts its second rank as a process of its own and serves streamed completions and
+embeddings through the openai client; a killed rank fails its streams cleanly and the replica comes back;
 Ctrl-C leaves no rank process behind."""
 
 from __future__ import annotations
@@ -53,8 +53,8 @@ def _ranks(root: int) -> list[int]:
 
 
 def test_two_ranks_serve_fail_a_killed_rank_cleanly_and_stop_with_ctrl_c():
-    """One server (each start costs most of a minute): streamed completions, embeddings
-    refused by name; rank 1 killed mid-stream ends the stream with an error event and
+    """One server (each start costs most of a minute): streamed completions and packed
+    embeddings across both ranks; rank 1 killed mid-stream ends the stream with an error event and
     ``[DONE]`` (never a cut body), Serve's health check replaces the replica, whose new
     rank 1 serves the next completion, with no admission lease left; Ctrl-C then leaves
     no rank process."""
@@ -67,9 +67,12 @@ def test_two_ranks_serve_fail_a_killed_rank_cleanly_and_stop_with_ctrl_c():
             model="tiny", prompt="The capital of France is", max_tokens=12, temperature=0,
             stream=True))
         assert whole.usage.completion_tokens == 12 and text == whole.choices[0].text
-        with pytest.raises(openai.BadRequestError) as err:
-            client.embeddings.create(model="tiny", input="hi")
-        assert "tensor_parallel_size=2" in err.value.body["message"], err.value.body
+        facts = {m.id: m for m in client.models.list().data}["tiny"].model_extra["packserve"]
+        assert "embeddings" in facts["tasks"], facts
+        vectors = client.embeddings.create(model="tiny", input=["hi", "hello there", "hi"])
+        first, _, again = (d.embedding for d in vectors.data)
+        assert len(first) == facts["dimensions"]
+        assert first == pytest.approx(again, abs=1e-5)  # the same text, elsewhere in a bin
 
         events = []
         with httpx.stream("POST", f"{s.url}/v1/completions", timeout=120, json={

@@ -62,6 +62,9 @@ class EngineConfig:
     tensor_parallel_size: int = 1  # ranks of one replica, one process (and GPU) each: rank 0
     #   schedules, the others follow its steps on their shards (worker/parallel/); generation
     #   only, for the families of worker.parallel.shard.TP_FAMILIES
+    tp_step_timeout_s: float = 60.0  # a step's collectives wait this long for a hung rank,
+    #   then the engine dies (its requests fail; Serve restarts the replica). Idle waits
+    #   between steps are unbounded (worker/parallel/group.py)
     # Structured outputs: what one constraint may cost to compile (GrammarLimits; a
     # constraint over a limit is a 400 naming it):
     max_grammar_bytes: int = 262_144  # of the constraint's text (schema JSON, regex, ...)
@@ -97,6 +100,11 @@ class EngineConfig:
         if self.tensor_parallel_size > 1 and re.fullmatch(r"cuda:\d+", self.device):
             raise ConfigError("tensor_parallel_size", f"takes device 'cuda' (rank r runs on "
                               f"cuda:r), not one GPU ({self.device!r})")
+        if (isinstance(self.tp_step_timeout_s, bool)
+                or not isinstance(self.tp_step_timeout_s, int | float)
+                or not self.tp_step_timeout_s > 0):
+            raise ConfigError("tp_step_timeout_s", f"must be a number of seconds > 0, got "
+                              f"{self.tp_step_timeout_s!r}")
         check_int("max_prefill_chunk", self.max_prefill_chunk, 0)
         check_choice("paged_attention_backend", self.paged_attention_backend,
                      PAGED_ATTENTION_BACKENDS)

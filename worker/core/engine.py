@@ -29,7 +29,6 @@ from worker.core.errors import (
     EngineDeadError,
     InvalidRequestError,
     RequestOutOfMemoryError,
-    UnsupportedTaskError,
 )
 from worker.core.generate_api import GenerateAPI
 from worker.core.loop import StepLoop
@@ -133,7 +132,7 @@ class Engine(GenerateAPI, ClassifyAPI, ObserveAPI):
         if tp is not None:  # every rank allocates its KV cache now, all sized alike
             runner = self.generation.runner
             if tp.rank == 0:
-                runner.step_sender = StepSender(tp)
+                runner.step_sender = self.runner.step_sender = StepSender(tp)
         logger.info("engine ready: %s", self.config)
 
     # ---- sync API -------------------------------------------------------------------
@@ -261,7 +260,11 @@ class Engine(GenerateAPI, ClassifyAPI, ObserveAPI):
         followers, self._followers = self._followers, None
         if followers is not None:
             if clean and followers.alive():
-                self.generation.runner.step_sender.stop()
+                try:
+                    self.generation.runner.step_sender.stop()
+                except RuntimeError as exc:  # a rank hung while idle: it is killed below
+                    logger.warning("a tensor-parallel rank did not take the stop: %s", exc)
+                    clean = False
             followers.stop(launch.JOIN_TIMEOUT_S if clean else 0.0)
             launch.leave_group()
 
@@ -275,10 +278,6 @@ class Engine(GenerateAPI, ClassifyAPI, ObserveAPI):
 
     def _make(self, token_ids, task: Task, pooling, normalize: bool,
               token_type_ids=None) -> Request:
-        if self.tp is not None:
-            raise UnsupportedTaskError(
-                f"{task} is not served under tensor parallelism yet (tensor_parallel_size="
-                f"{self.tp.size}): only generation is", value=str(task), setting="model")
         if task is not Task.EMBED and (pooling is not None or normalize):
             raise InvalidRequestError(f"{task} takes no pooling or normalize",
                                       setting="pooling")
@@ -391,10 +390,11 @@ def follow_rank(config: EngineConfig, rank: int, size: int, port: int) -> None:
 
     if not config.is_cuda:  # the node's cores, shared among the ranks
         torch.set_num_threads(max(1, (os.cpu_count() or 1) // size))
-    tp = init_group(rank, size, "127.0.0.1", port, launch.rank_device(config.device, rank))
+    tp = init_group(rank, size, "127.0.0.1", port, launch.rank_device(config.device, rank),
+                    config.tp_step_timeout_s)
     engine = Engine(config, tp=tp)
     try:
-        follow(engine.generation.runner, tp)
+        follow(engine.generation.runner, tp, engine.runner)
     finally:
         engine.shutdown()
         launch.leave_group()

@@ -101,7 +101,9 @@ class GenRunner:
             else:
                 logits = self.forward(dev, meta)
         except RuntimeError as exc:  # torch.OutOfMemoryError is a RuntimeError
-            if not is_out_of_memory(exc):
+            # Tensor parallel: the other ranks are inside this step's collectives; no
+            # retry can meet them, so the step fails, and the engine, on every rank.
+            if not is_out_of_memory(exc) or self.step_sender is not None:
                 raise
             return None  # leaving the except block frees the traceback's tensors
         raw = None

@@ -75,6 +75,9 @@ class ModelRunner:
         # every forward; raise torch.OutOfMemoryError from it to exercise the split path.
         self.fault_hook: Callable[[int, int], None] | None = None
         self.timer: StepTimer | None = None  # set only while the engine is observed
+        # Tensor parallel rank 0: a worker.parallel.steps.StepSender that sends every bin
+        # to the other ranks before its forward (they run it with ``follow_bin``).
+        self.step_sender = None
 
     @torch.inference_mode()
     def run(self, batch: StepBatch) -> StepResult:
@@ -105,7 +108,9 @@ class ModelRunner:
             result.num_bins += 1
             return
         except (torch.OutOfMemoryError, RuntimeError) as exc:
-            if not is_out_of_memory(exc):
+            # Tensor parallel: the other ranks ran this bin's collectives, not the halves';
+            # an out-of-memory bin fails the step, and the engine, on every rank.
+            if not is_out_of_memory(exc) or self.step_sender is not None:
                 raise
         # Recover outside the except block: its traceback pins the failed bin's tensors.
         lengths = batch.lengths[bin]
@@ -132,6 +137,9 @@ class ModelRunner:
         try:
             if self.fault_hook is not None:
                 self.fault_hook(staged.num_tokens, staged.num_seqs)
+            if self.step_sender is not None:
+                self.step_sender.send_bin(self.staging.host_words(staged), staged,
+                                          int(cu[num_score]) if num_score else 0)
             if timer is not None:
                 timer.forward.begin(self.device.compute_stream())
             hidden = self.forward(staged)
@@ -143,6 +151,18 @@ class ModelRunner:
         finally:
             self.staging.release(staged)
         return _BinOutput(bin, modes, pooled, logprobs, cu[: num_score + 1])
+
+    @torch.inference_mode()
+    def follow_bin(self, staged: StagedBin, score_end: int) -> None:
+        """A tensor-parallel follower's part of rank 0's bin: the forward and the scoring
+        rows' LM head, whose collectives meet rank 0's (pooling has none: rank 0 alone
+        pools and returns)."""
+        try:
+            hidden = self.forward(staged)
+            if score_end:
+                self._score(hidden, staged, score_end)
+        finally:
+            self.staging.release(staged)
 
     def forward(self, staged: StagedBin) -> torch.Tensor:
         """The base model over the packed bin -> last hidden states [T, hidden]."""

@@ -100,6 +100,29 @@ class Staging:
                          None if types is None else types.view(1, -1),
                          num_tokens, max_seqlen, index)
 
+    def host_words(self, staged: StagedBin) -> torch.Tensor:
+        """The host words ``staged`` was filled from (a tensor-parallel rank 0 sends them to
+        the other ranks); valid until its slot is restaged."""
+        used = self.num_rows * staged.num_tokens + (staged.num_seqs + 2) // 2
+        return self._slots[staged.slot].host[:used]
+
+    def stage_words(self, words: torch.Tensor, num_tokens: int, num_seqs: int,
+                    max_seqlen: int) -> StagedBin:
+        """Stage a bin from another rank's ``host_words``: the same bin, on this device."""
+        index, slot = self._next, self._slots[self._next]
+        self._next ^= 1
+        if num_tokens > self.max_num_tokens or num_seqs > self.max_num_seqs:
+            raise ValueError(f"bin of {num_tokens} tokens / {num_seqs} sequences exceeds the "
+                             f"staging buffers ({self.max_num_tokens} / {self.max_num_seqs})")
+        slot.copy_done.synchronize()
+        host_cu = _views(slot.host, num_tokens, num_seqs, self.num_rows)[3]
+        slot.host[: words.numel()].copy_(words)
+        self._copy(slot, words.numel())
+        ids, pos, types, cu = _views(slot.dev, num_tokens, num_seqs, self.num_rows)
+        return StagedBin(ids.view(1, -1), pos.view(1, -1), cu, host_cu.numpy(),
+                         None if types is None else types.view(1, -1),
+                         num_tokens, max_seqlen, index)
+
     def release(self, staged: StagedBin) -> None:
         """Call once the forward that reads ``staged`` is enqueued (or failed)."""
         slot = self._slots[staged.slot]

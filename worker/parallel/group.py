@@ -8,6 +8,16 @@ single-device engine: no layer is sharded and no collective runs.
 ``init_group`` joins the ranks over TCP (``host:port`` of rank 0), as ``torchrun`` does
 with ``MASTER_ADDR``/``MASTER_PORT``; it starts nothing: whoever launches the ranks (a test,
 the Serve layer) runs it once in each rank process.
+
+Two timeouts. A step's collectives (its inputs' broadcast, the all-reduces, the all-gather)
+run on groups that give up after ``step_timeout_s``: a rank that hangs mid-step fails the
+step on every other rank in bounded time, and the engine then dies (its requests end with
+an error, Serve restarts the replica). Waiting for the next step is not bounded: a
+follower may wait for hours while the replica is idle, so the step's first message and the
+start-up agreements (``min_int``) travel on ``idle_group``, a gloo group whose timeout is
+``IDLE_TIMEOUT`` (one found with a single timeout died after 60 idle seconds). Rank 0's
+send on it is still bounded: it waits ``step_timeout_s`` for the others to take the step
+(``StepSender``), since a hung rank never posts its receive.
 """
 
 from __future__ import annotations
@@ -25,6 +35,8 @@ class TPGroup:
     size: int
     group: object = None  # a torch.distributed ProcessGroup (None: the default one)
     cpu_group: object = None  # gloo, for host tensors (each step's inputs); None: ``group``
+    idle_group: object = None  # gloo, unbounded: the wait for the next step; None: host
+    step_timeout_s: float = 60.0  # what rank 0 waits for the others to take a step
 
     def __post_init__(self):
         if not 0 <= self.rank < self.size:
@@ -35,12 +47,18 @@ class TPGroup:
         """Where host tensors travel (gloo: NCCL takes only device tensors)."""
         return self.cpu_group if self.cpu_group is not None else self.group
 
+    @property
+    def wait_group(self):
+        """Where a rank waits without a bound (the next step, the other ranks' start-up)."""
+        return self.idle_group if self.idle_group is not None else self.host_group
+
     def min_int(self, value: int) -> int:
-        """The smallest ``value`` over the ranks (the KV blocks every rank can hold)."""
+        """The smallest ``value`` over the ranks (the KV blocks every rank can hold). Ranks
+        reach it as they finish loading, minutes apart for a large model: no bound."""
         if self.size == 1:
             return value
         t = torch.tensor([value], dtype=torch.int64)
-        dist.all_reduce(t, op=dist.ReduceOp.MIN, group=self.host_group)
+        dist.all_reduce(t, op=dist.ReduceOp.MIN, group=self.wait_group)
         return int(t.item())
 
     def all_reduce_(self, x: torch.Tensor) -> torch.Tensor:
@@ -62,11 +80,19 @@ def backend_for(device: torch.device | str) -> str:
     return "nccl" if torch.device(device).type == "cuda" else "gloo"
 
 
+IDLE_TIMEOUT = timedelta(days=365)
+START_TIMEOUT = timedelta(seconds=120)  # the ranks' rendezvous: fresh interpreters import
+
+
 def init_group(rank: int, size: int, host: str, port: int, device: torch.device | str = "cpu",
-               timeout_s: float = 60.0) -> TPGroup:
-    """Join the ``size`` ranks (rank 0 listens on ``host:port``) and return the group."""
+               step_timeout_s: float = 60.0) -> TPGroup:
+    """Join the ``size`` ranks (rank 0 listens on ``host:port``) and return the group:
+    step collectives bounded by ``step_timeout_s``, the wait between steps unbounded."""
     backend = backend_for(device)
+    step = timedelta(seconds=step_timeout_s)
     dist.init_process_group(backend, init_method=f"tcp://{host}:{port}",
-                            rank=rank, world_size=size, timeout=timedelta(seconds=timeout_s))
-    cpu = dist.new_group(backend="gloo") if backend != "gloo" else None
-    return TPGroup(rank, size, dist.group.WORLD, cpu)
+                            rank=rank, world_size=size, timeout=START_TIMEOUT)
+    group = dist.new_group(backend=backend, timeout=step)
+    cpu = dist.new_group(backend="gloo", timeout=step) if backend != "gloo" else None
+    idle = dist.new_group(backend="gloo", timeout=IDLE_TIMEOUT)
+    return TPGroup(rank, size, group, cpu, idle, step_timeout_s)

@@ -47,7 +47,7 @@ class Followers:
 
     def stop(self, timeout_s: float = JOIN_TIMEOUT_S) -> None:
         """Wait ``timeout_s`` for each to exit (0: rank 0 failed, do not wait), then
-        terminate what is left and wait for that."""
+        terminate what is left, and kill what ignores that."""
         for p in self.processes:
             p.join(timeout_s)
             if p.is_alive():
@@ -55,6 +55,10 @@ class Followers:
                     logger.warning("tensor-parallel rank %s did not stop in %.0f s; "
                                    "terminated", p.name, timeout_s)
                 p.terminate()
+                p.join(JOIN_TIMEOUT_S)
+            if p.is_alive():  # a hung rank (stopped, or stuck in a kernel) ignores SIGTERM
+                logger.warning("tensor-parallel rank %s ignored SIGTERM; killed", p.name)
+                p.kill()
                 p.join(JOIN_TIMEOUT_S)
 
 
@@ -75,7 +79,8 @@ def start(config, target) -> Followers:
     for p in processes:
         p.start()
     try:
-        group = init_group(0, size, "127.0.0.1", port, rank_device(config.device, 0))
+        group = init_group(0, size, "127.0.0.1", port, rank_device(config.device, 0),
+                           config.tp_step_timeout_s)
     except BaseException:
         for p in processes:
             p.terminate()

@@ -15,14 +15,22 @@ the Triton kernel) sees this rank's heads as ordinary tensors. Why not transform
 | ``down_proj``              | rows of input (row-parallel) | all-reduce, then the bias |
 | ``embed_tokens``           | vocabulary rows (padded to equal parts) | all-reduce    |
 | ``lm_head``                | vocabulary rows (tied: the embedding's shard) | all-gather: every rank has the full logits |
+| MoE ``experts``            | every expert's intermediate columns (``gate_up_proj`` rows of both halves, ``down_proj`` columns) | all-reduce of the block's output |
+| MoE router ``gate``        | replicated: every rank routes the same rows alike | none |
 
 When the model has fewer KV heads than ranks (Qwen2.5-7B: 4, at 8 ranks), rank ``r``
 keeps KV head ``r * kv_heads // ranks``, the one its query heads read, so the KV cache of
 a rank holds ``max(1, kv_heads // ranks)`` heads (``TPLayout.num_kv_heads``).
 
+MoE layers are split like a dense MLP, inside every expert (vLLM's default for MoE under
+TP, not expert parallelism): each rank holds all experts at 1/N of their width, so routing
+is the same everywhere and no token moves between ranks; the block's output is one
+all-reduce, as a dense MLP's ``down_proj``.
+
 Proven families (``TP_FAMILIES``): the Llama-style layout of separate q/k/v and
-gate/up projections. A family with fused projections, Conv1D layers or experts is refused
-by name until a test proves it.
+gate/up projections, and Mixtral / Qwen3-MoE experts (transformers 5's 3-D
+``gate_up_proj`` / ``down_proj``). A family with fused projections, Conv1D layers, shared
+experts or expert biases is refused by name until a test proves it.
 """
 
 from __future__ import annotations
@@ -36,7 +44,7 @@ from torch import nn
 from worker.core.config import ConfigError
 from worker.parallel.group import TPGroup
 
-TP_FAMILIES = frozenset({"llama", "qwen2", "qwen3", "mistral"})
+TP_FAMILIES = frozenset({"llama", "qwen2", "qwen3", "mistral", "mixtral", "qwen3_moe"})
 FIELD = "tensor_parallel_size"
 
 
@@ -101,6 +109,43 @@ class VocabParallelLMHead(nn.Module):
         return self.tp.all_gather_last(F.linear(x, self.weight, self.bias))[..., :self.vocab_size]
 
 
+class AllReducedOutput(nn.Module):
+    """``block``'s output summed over the ranks (an MoE block of width-sharded experts)."""
+
+    def __init__(self, block: nn.Module, tp: TPGroup):
+        super().__init__()
+        self.block, self.tp = block, tp
+
+    def forward(self, hidden_states: torch.Tensor) -> torch.Tensor:
+        return self.tp.all_reduce_(self.block(hidden_states))
+
+
+def _shard_experts(experts: nn.Module, rank: int, size: int) -> None:
+    """Keep columns ``[r * I/N, (r + 1) * I/N)`` of every expert's intermediate width."""
+    width = experts.intermediate_dim
+    per = width // size
+    lo = rank * per
+    gate_up = experts.gate_up_proj.data  # [E, 2I, H]: gate rows, then up rows
+    experts.gate_up_proj = nn.Parameter(torch.cat(
+        [gate_up[:, lo:lo + per], gate_up[:, width + lo:width + lo + per]], dim=1).contiguous(),
+        requires_grad=False)
+    experts.down_proj = nn.Parameter(experts.down_proj.data[:, :, lo:lo + per].contiguous(),
+                                     requires_grad=False)  # [E, H, I]: input columns
+    experts.intermediate_dim = per
+
+
+def _check_experts(experts: nn.Module, size: int, kind: str) -> None:
+    names = {n for n, _ in experts.named_parameters()}
+    if (names != {"gate_up_proj", "down_proj"} or getattr(experts, "is_transposed", False)
+            or not getattr(experts, "has_gate", True)):
+        raise ConfigError(FIELD, f"the experts of this {kind!r} model ({type(experts).__name__}:"
+                          f" {', '.join(sorted(names))}) are not the layout tensor parallelism"
+                          f" is proven for; run it at 1 rank")
+    if experts.intermediate_dim % size:
+        raise ConfigError(FIELD, f"the experts' intermediate width {experts.intermediate_dim}"
+                          f" does not split over {size} ranks")
+
+
 def _rows(w: torch.Tensor, lo: int, per: int) -> torch.Tensor:
     """``w[lo:lo + per]``, zero rows where it runs past ``w``'s end."""
     out = torch.zeros((per, *w.shape[1:]), dtype=w.dtype, device=w.device)
@@ -131,6 +176,9 @@ def plan(config, size: int) -> tuple[int, int, int]:
         raise ConfigError(FIELD, f"{kv} KV heads neither split over {size} ranks nor divide it")
     if inter % size:
         raise ConfigError(FIELD, f"intermediate_size {inter} does not split over {size} ranks")
+    moe = getattr(config, "moe_intermediate_size", None)  # Qwen3-MoE's expert width
+    if moe and moe % size:
+        raise ConfigError(FIELD, f"moe_intermediate_size {moe} does not split over {size} ranks")
     return heads // size, max(1, kv // size), inter // size
 
 
@@ -149,13 +197,25 @@ def shard_decoder(model: nn.Module, tp: TPGroup) -> TPLayout:
     total_kv = config.num_key_value_heads or config.num_attention_heads
     kv_lo = tp.rank * kv_heads if total_kv >= tp.size else tp.rank * total_kv // tp.size
     q_lo, i_lo = tp.rank * heads * head_dim, tp.rank * inter
-    for layer in model.model.layers:
-        attn, mlp = layer.self_attn, layer.mlp
+    mlps = [layer.mlp for layer in model.model.layers]
+    for mlp in mlps:  # every refusal before any weight is cut
+        if hasattr(mlp, "experts"):
+            if set(dict(mlp.named_children())) != {"experts", "gate"}:
+                raise ConfigError(FIELD, f"an MoE block with {', '.join(dict(mlp.named_children()))}"
+                                  f" (shared experts?) is not proven under tensor parallelism;"
+                                  f" run this {config.model_type!r} model at 1 rank")
+            _check_experts(mlp.experts, tp.size, config.model_type)
+    for layer, mlp in zip(model.model.layers, mlps):
+        attn = layer.self_attn
         _keep_rows(attn.q_proj, q_lo, q_lo + heads * head_dim)
         for proj in (attn.k_proj, attn.v_proj):
             _keep_rows(proj, kv_lo * head_dim, (kv_lo + kv_heads) * head_dim)
         attn.o_proj = RowParallelLinear(attn.o_proj, q_lo, q_lo + heads * head_dim, tp)
         attn.num_key_value_groups = heads // kv_heads  # HF's eager/sdpa repeat_kv reads it
+        if hasattr(mlp, "experts"):
+            _shard_experts(mlp.experts, tp.rank, tp.size)
+            layer.mlp = AllReducedOutput(mlp, tp)
+            continue
         _keep_rows(mlp.gate_proj, i_lo, i_lo + inter)
         _keep_rows(mlp.up_proj, i_lo, i_lo + inter)
         mlp.down_proj = RowParallelLinear(mlp.down_proj, i_lo, i_lo + inter, tp)

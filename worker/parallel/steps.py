@@ -1,5 +1,5 @@
-"""One scheduler for all ranks: rank 0 sends each generation step's inputs, the other
-ranks run the same forward on their shards.
+"""One scheduler for all ranks: rank 0 sends each step's inputs, the other ranks run the
+same forward on their shards.
 
 Rank 0's engine schedules, stages and samples as on one device. Just before its forward,
 ``GenRunner.run`` hands the staged step to a ``StepSender``, which broadcasts it from rank
@@ -11,22 +11,30 @@ row-parallel all-reduces, the LM head's all-gather) meet rank 0's. A follower ho
 KV cache of its heads and its own block table; it never schedules, samples or sees a
 request: the words and the table updates are the whole step.
 
-| header word | what                                   |
-|-------------|----------------------------------------|
-| 0           | kind: ``STEP`` or ``STOP``             |
-| 1-4         | the step layout: t, s, b, u            |
-| 5-7         | max_seqlen_q, num_real, width          |
-| 8           | upload_table (1: the whole table follows the words) |
-| 9           | payload words                          |
+| header word | ``STEP`` (a generation step)      | ``BIN`` (a packed bin)             |
+|-------------|-----------------------------------|------------------------------------|
+| 0           | kind: ``STEP``, ``BIN`` or ``STOP`` | kind                             |
+| 1-4         | the step layout: t, s, b, u       | tokens, sequences, max_seqlen, the scoring rows' end (0: none) |
+| 5-7         | max_seqlen_q, num_real, width     | 0                                  |
+| 8           | upload_table (1: the whole table follows the words) | 0                |
+| 9           | payload words                     | payload words                      |
 
-Payload: ``cu_seqlens_q`` [b + 1], ``seqlens_k`` [b], the step's buffer words
-[``layout.words``], then the block table when ``upload_table``.
+``STEP`` payload: ``cu_seqlens_q`` [b + 1], ``seqlens_k`` [b], the step's buffer words
+[``layout.words``], then the block table when ``upload_table``. ``BIN`` payload: the bin's
+staging words (``Staging.host_words``: ids, positions, cu_seqlens); the follower runs
+the forward and, for scoring rows, the LM head (``ModelRunner.follow_bin``): embeddings
+and scores are served under TP, pooled and returned by rank 0 alone.
 
-Not yet under a sender: the packed path (embed, score, classify), CUDA graphs, and an
-out-of-memory forward on one rank (issue 22 lists them).
+The header travels on the group without a timeout (a follower waits for it as long as the
+replica idles), the payload and the forward's collectives on the bounded ones
+(``worker.parallel.group``). An out-of-memory forward on any rank fails the step, and the
+engine, on every rank: the others are inside collectives that no retry could meet.
+Not yet under a sender: CUDA graphs (a TP engine's decode steps run eager).
 """
 
 from __future__ import annotations
+
+from datetime import timedelta
 
 import numpy as np
 import torch
@@ -35,7 +43,7 @@ import torch.distributed as dist
 from worker.generate.inputs import HostMeta, StepLayout, apply_updates
 from worker.parallel.group import TPGroup
 
-STOP, STEP = 0, 1
+STOP, STEP, BIN = 0, 1, 2
 HEADER = 10
 
 
@@ -61,27 +69,44 @@ class StepSender:
         header = torch.tensor([STEP, lay.t, lay.s, lay.b, lay.u, meta.max_seqlen_q,
                                meta.num_real, meta.width, int(meta.upload_table),
                                payload.numel()], dtype=torch.int64)
-        group = self.tp.host_group
-        dist.broadcast(header, src=0, group=group)
-        dist.broadcast(payload, src=0, group=group)
+        self._announce(header)
+        dist.broadcast(payload, src=0, group=self.tp.host_group)  # mid-step: bounded
+        self.num_sent += 1
+
+    def send_bin(self, words: torch.Tensor, staged, score_end: int) -> None:
+        """``words``: the bin's staging words; ``staged``: its ``StagedBin``;
+        ``score_end``: the end of its scoring rows (0: it scores nothing)."""
+        header = torch.tensor([BIN, staged.num_tokens, staged.num_seqs, staged.max_seqlen,
+                               score_end, 0, 0, 0, 0, words.numel()], dtype=torch.int64)
+        self._announce(header)
+        dist.broadcast(words.contiguous(), src=0, group=self.tp.host_group)
         self.num_sent += 1
 
     def stop(self) -> None:
         """Tell the followers there are no more steps (they return from ``follow``)."""
         header = torch.zeros(HEADER, dtype=torch.int64)
         header[0] = STOP
-        dist.broadcast(header, src=0, group=self.tp.host_group)
+        self._announce(header)
+
+    def _announce(self, header: torch.Tensor) -> None:
+        """The header, on the group the followers idle on; a follower that does not take
+        it within the step timeout (hung: its receive is never posted) fails the step."""
+        work = dist.broadcast(header, src=0, group=self.tp.wait_group, async_op=True)
+        work.wait(timeout=timedelta(seconds=self.tp.step_timeout_s))
 
 
 def receive(tp: TPGroup, table_shape: tuple[int, int]):
-    """The next step from rank 0 as ``(meta, words, table | None)``; None at ``STOP``."""
+    """The next message from rank 0: ``(STEP, meta, words, table | None)``,
+    ``(BIN, words, (tokens, seqs, max_seqlen, score_end))``, or None at ``STOP``."""
     header = torch.empty(HEADER, dtype=torch.int64)
-    dist.broadcast(header, src=0, group=tp.host_group)
+    dist.broadcast(header, src=0, group=tp.wait_group)  # as long as the replica is idle
     kind, t, s, b, u, max_q, num_real, width, upload, n = header.tolist()
     if kind == STOP:
         return None
     payload = torch.empty(n, dtype=torch.int64)
     dist.broadcast(payload, src=0, group=tp.host_group)
+    if kind == BIN:
+        return BIN, payload, (t, s, b, u)
     lay = StepLayout(t, s, b, u)
     cu, seqlens = payload[: b + 1].numpy(), payload[b + 1: 2 * b + 1].numpy()
     words = payload[2 * b + 1: 2 * b + 1 + lay.words]
@@ -89,21 +114,30 @@ def receive(tp: TPGroup, table_shape: tuple[int, int]):
     if upload:
         table = payload[2 * b + 1 + lay.words:].numpy().astype(np.int32).reshape(table_shape)
     meta = HostMeta(lay, cu, seqlens, max_q, num_real, width, bool(upload))
-    return meta, words, table
+    return STEP, meta, words, table
 
 
-def follow(runner, tp: TPGroup) -> int:
-    """Run rank 0's steps on this rank's shard until ``STOP``; returns the steps run.
-    ``runner``: this rank's ``GenRunner`` (its model sharded, its cache of its heads)."""
+def follow(runner, tp: TPGroup, packed=None) -> int:
+    """Run rank 0's steps on this rank's shard until ``STOP``; returns the messages run.
+    ``runner``: this rank's ``GenRunner`` (its model sharded, its cache of its heads);
+    ``packed``: its packed ``ModelRunner`` (the same model), for ``BIN`` messages."""
     num_steps = 0
     with torch.inference_mode():
-        while (step := receive(tp, runner.state.tables.shape)) is not None:
-            meta, words, table = step
+        while (message := receive(tp, runner.state.tables.shape)) is not None:
+            num_steps += 1
+            if message[0] == BIN:
+                _, words, (tokens, seqs, max_seqlen, score_end) = message
+                if packed is None:
+                    raise RuntimeError("rank 0 sent a packed bin to a follower without a "
+                                       "packed runner")
+                packed.follow_bin(packed.staging.stage_words(words, tokens, seqs, max_seqlen),
+                                  score_end)
+                continue
+            _, meta, words, table = message
             if table is not None:
                 runner.state.tables[:] = table
             runner.host[: meta.layout.words].copy_(words)
             dev = runner._copy(meta.layout.words)
             apply_updates(runner.table, dev, meta, runner.state)
             runner.forward(dev, meta)
-            num_steps += 1
     return num_steps

@@ -57,6 +57,7 @@ def run(rank: int, size: int, port: int, jobs: list[dict], out_dir: str) -> None
         results[job["name"]] = {
             "tokens": [o.token_ids for o in outs],
             "kv_heads": engine.generation.runner.cache.spec.num_kv_heads,
+            "held": sum(p.numel() for p in engine.runner.model.parameters()),
             "embed": engine.embed(job["packed"]).tolist(),
             "score": [s.tolist() for s in engine.score(job["packed"])],
             "steps": engine.stats.num_steps,

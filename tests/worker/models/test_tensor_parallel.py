@@ -28,13 +28,14 @@ from worker.parallel.group import TPGroup
 from worker.parallel.launch import free_port
 from worker.parallel.shard import TP_FAMILIES, plan
 
-FAMILIES = ["llama", "qwen2", "qwen3", "mistral"]  # qwen2 and mistral: 1 KV head (replicated)
+FAMILIES = ["llama", "qwen2", "qwen3", "mistral", "mixtral", "qwen3_moe"]  # qwen2, mistral:
+#   1 KV head (replicated); mixtral, qwen3_moe: 4 experts, each split across the ranks
 PROMPTS = token_lists([1, 40, 70], seed=21)
 PACKED = token_lists([5, 17, 30, 64], seed=4)  # embed / score: bins of the 64-token budget
 GEN = dict(max_num_batched_tokens=64, max_num_running_seqs=8, max_prefill_chunk=16)
 PARAMS = [dict(temperature=0, max_tokens=12), dict(temperature=0, max_tokens=12),
           dict(temperature=1.0, top_p=0.9, seed=7, max_tokens=12)]  # the last one seeded
-KV_HEADS = {"llama": 2, "qwen2": 1, "qwen3": 2, "mistral": 1}
+KV_HEADS = {"llama": 2, "qwen2": 1, "qwen3": 2, "mistral": 1, "mixtral": 2, "qwen3_moe": 2}
 
 
 @pytest.fixture(scope="module")
@@ -56,6 +57,7 @@ def one_rank(checkpoint):
         engine = Engine(EngineConfig(model=str(checkpoint(name)), **GEN))
         outs = engine.generate(PROMPTS, [SamplingParams(**p) for p in PARAMS])
         got[name] = {"tokens": [o.token_ids for o in outs],
+                     "held": sum(p.numel() for p in engine.runner.model.parameters()),
                      "kv_heads": engine.generation.runner.cache.spec.num_kv_heads,
                      "embed": engine.embed(PACKED), "score": engine.score(PACKED)}
         engine.shutdown()
@@ -71,9 +73,11 @@ def test_two_ranks_generate_what_one_rank_generates(name, two_ranks, one_rank):
 
 
 @pytest.mark.parametrize("name", FAMILIES)
-def test_each_rank_caches_only_its_kv_heads(name, two_ranks, one_rank):
+def test_each_rank_caches_only_its_kv_heads_and_holds_its_shard(name, two_ranks, one_rank):
     assert one_rank[name]["kv_heads"] == KV_HEADS[name]
     assert two_ranks[name]["kv_heads"] == max(1, KV_HEADS[name] // 2)
+    # about half: only the norms (and a replicated KV head) are on both ranks whole
+    assert two_ranks[name]["held"] < 0.6 * one_rank[name]["held"]
 
 
 @pytest.mark.parametrize("name", FAMILIES)
@@ -103,18 +107,21 @@ def test_the_plan_splits_heads_and_replicates_kv_heads_below_the_rank_count():
 
 @pytest.mark.parametrize("config, match", [
     (_config("phi3"), "'phi3' model is refused at 2 ranks"),
-    (_config("mixtral"), "'mixtral' model is refused"),
+    (_config("qwen2_moe"), "'qwen2_moe' model is refused"),  # shared experts: unproven
     (_config("gpt2"), "'gpt2' model is refused"),
     (_config("llama", heads=6, kv=2), "6 attention heads do not split over 4 ranks"),
     (_config("llama", heads=12, kv=3), "3 KV heads neither split over 4 ranks"),
     (_config("llama", inter=130), "intermediate_size 130 does not split over 4 ranks"),
+    (types.SimpleNamespace(**vars(_config("qwen3_moe")), moe_intermediate_size=33),
+     "moe_intermediate_size 33 does not split over 2 ranks"),
 ])
 def test_what_does_not_shard_is_refused_by_name(config, match):
     size = 4 if config.model_type == "llama" else 2
     with pytest.raises(ConfigError, match=match) as err:
         plan(config, size)
     assert err.value.field == "tensor_parallel_size"
-    assert "llama" in str(err.value) or config.model_type == "llama"
+    if config.model_type not in TP_FAMILIES:  # a family refusal lists the proven ones
+        assert "llama" in str(err.value)
 
 
 def test_a_sequence_classifier_is_refused_before_any_collective():
@@ -142,6 +149,7 @@ LEADER_JOBS = {  # name: (family, engine config)
     "llama": ("llama", dict(GEN, num_kv_blocks=64)),
     "qwen2": ("qwen2", dict(GEN, num_kv_blocks=64)),  # 1 KV head, replicated
     "mistral": ("mistral", dict(GEN, num_kv_blocks=64)),  # sliding window 24 < 70
+    "mixtral": ("mixtral", dict(GEN, num_kv_blocks=64)),  # experts at half width per rank
     # 13 + 52 + 82 tokens of KV need 4 + 13 + 21 blocks of 4: 24 force a preemption
     "llama-crowded": ("llama", dict(GEN, kv_block_size=4, num_kv_blocks=24)),
 }
@@ -178,7 +186,6 @@ def _rank_processes() -> list:
 
 def test_an_engine_of_two_ranks_starts_its_follower_and_stops_it(checkpoint, one_rank):
     from worker import Engine, EngineConfig
-    from worker.core.errors import UnsupportedTaskError
 
     engine = Engine(EngineConfig(model=str(checkpoint("qwen2")), tensor_parallel_size=2,
                                  num_kv_blocks=64, **GEN))
@@ -188,8 +195,14 @@ def test_an_engine_of_two_ranks_starts_its_follower_and_stops_it(checkpoint, one
     assert [o.token_ids for o in engine.generate(PROMPTS, params)] == one_rank["qwen2"]["tokens"]
     streamed = asyncio.run(engine.generate_async(PROMPTS, params))  # the step-loop thread
     assert [o.token_ids for o in streamed] == one_rank["qwen2"]["tokens"]
-    with pytest.raises(UnsupportedTaskError, match="tensor_parallel_size=2"):
-        engine.embed([[1, 2, 3]])
+    # the packed path: rank 0 sends each bin, the follower runs its forward (and LM head)
+    ref = one_rank["qwen2"]
+    np.testing.assert_allclose(engine.embed(PACKED), ref["embed"], rtol=1e-4, atol=1e-4)
+    for got, want in zip(engine.score(PACKED), ref["score"], strict=True):
+        np.testing.assert_allclose(got, want, rtol=1e-4, atol=1e-4)
+    pooled = asyncio.run(engine.embed_async(PACKED))  # through the step loop, as served
+    np.testing.assert_allclose(pooled, ref["embed"], rtol=1e-4, atol=1e-4)
+    assert engine.runner.step_sender.num_sent > engine.stats.num_steps  # bins and steps
     assert engine.generation.runner.cache.spec.num_kv_heads == 1  # its 1 KV head, replicated
     whole = AutoModelForCausalLM.from_pretrained(checkpoint("qwen2"))
     held = sum(p.numel() for p in engine.runner.model.parameters())
@@ -240,3 +253,39 @@ def test_a_rank_that_dies_kills_the_engine_and_fails_its_requests(checkpoint):
     again = Engine(config)  # the dead group was left: a new one forms
     assert len(again.generate(PROMPTS[:1], SamplingParams(max_tokens=2))[0].token_ids) == 2
     again.shutdown()
+
+
+def test_an_idle_engine_outlives_its_step_timeout_and_a_hung_rank_fails_the_step(checkpoint):
+    """The wait for the next step has no bound (a follower idles as long as the replica
+    does: with one timeout for everything, an engine idle for 60 s died); a rank that hangs
+    mid-step fails the step after ``tp_step_timeout_s``, and the engine is dead, not hung."""
+    import os
+    import signal
+    import time
+
+    from worker import Engine, EngineConfig
+    from worker.core.errors import EngineDeadError
+
+    engine = Engine(EngineConfig(model=str(checkpoint("llama")), tensor_parallel_size=2,
+                                 num_kv_blocks=64, tp_step_timeout_s=2.0, **GEN))
+    (rank,) = _rank_processes()
+    greedy = SamplingParams(temperature=0, max_tokens=4)
+    first = engine.generate(PROMPTS[:1], greedy)[0].token_ids
+    time.sleep(3.0)  # idle past the step timeout
+    assert engine.generate(PROMPTS[:1], greedy)[0].token_ids == first
+    os.kill(rank.pid, signal.SIGSTOP)  # hung: alive, holding its sockets, never answering
+    try:
+        with pytest.raises(EngineDeadError, match="a generation step failed"):
+            asyncio.run(engine.generate_async(PROMPTS, greedy))
+        assert not engine.is_alive()
+    finally:
+        engine.shutdown()  # a stopped rank ignores SIGTERM: it is killed
+    assert not rank.is_alive() and _rank_processes() == []
+
+
+def test_the_step_timeout_is_checked():
+    from worker import EngineConfig
+
+    for bad in (0, -1.0, True, "5"):
+        with pytest.raises(ConfigError, match="tp_step_timeout_s: must be a number"):
+            EngineConfig(model="m", tp_step_timeout_s=bad)
