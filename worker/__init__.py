@@ -44,7 +44,7 @@ __all__ = [
 
 def __getattr__(name: str):  # the names that import torch, loaded on first use
     if name == "Engine":
-        from worker.core.engine import Engine
+        from worker.engine.engine import Engine
 
         return Engine
     if name == "SamplingParams":

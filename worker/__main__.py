@@ -52,7 +52,7 @@ def main(argv: list[str] | None = None) -> int:
         sequences = [tokenizer(line)["input_ids"] for line in lines]
     else:
         sequences = [[int(tok) for tok in line.split()] for line in lines]
-    from worker.core.engine import Engine
+    from worker.engine.engine import Engine
 
     with Engine(config) as engine:
         if args.task == "classify":

@@ -27,7 +27,7 @@ from dataclasses import dataclass
 from typing import TYPE_CHECKING
 
 if TYPE_CHECKING:
-    from worker.core.observe import StepRecord
+    from worker.engine.observe import StepRecord
 
 PREFIX = "packserve_"
 RAY_PREFIX = "ray_"  # added by Ray's metrics agent to every application metric
@@ -115,7 +115,7 @@ _SPECS = [
                ("model",)),
     MetricSpec("packserve_rejections", _C, "Requests refused admission, by reason.",
                ("model", "reason")),
-    # engine replica: per step (worker.core.observe.StepRecord)
+    # engine replica: per step (worker.engine.observe.StepRecord)
     MetricSpec("packserve_real_tokens", _C, "Tokens computed by forwards (no padding).",
                _STEP),
     MetricSpec("packserve_padding_tokens_avoided", _C, "Padded-equivalent minus real "
@@ -199,7 +199,7 @@ class ReplicaMetrics:
             export_zero(counter)
 
     def observe_step(self, record: StepRecord) -> None:
-        """Record one engine step (``worker.core.observe.StepRecord``)."""
+        """Record one engine step (``worker.engine.observe.StepRecord``)."""
         tags = self._kind_tags[record.kind]
         if record.num_tokens:
             self._real.inc(record.num_tokens, tags)

@@ -46,8 +46,8 @@ from deployments.replica.work import (
 )
 from worker import Engine
 from worker.core.errors import InvalidRequestError
-from worker.core.generate_api import Progress
-from worker.core.observe import StepKind, StepRecord
+from worker.engine.generate_api import Progress
+from worker.engine.observe import StepKind, StepRecord
 from worker.generate.output import GenerationDelta, GenerationOutput
 from worker.models.sources import is_smoke_test
 

@@ -23,7 +23,7 @@ def _recorder_actor():
     class Recorder:
         def __init__(self):
             from deployments.app.metrics import AdmissionMetrics, IngressMetrics, ReplicaMetrics
-            from worker.core.observe import StepKind, StepRecord
+            from worker.engine.observe import StepKind, StepRecord
 
             self.replica = ReplicaMetrics("tiny", "r1")
             self.ingress, self.admission = IngressMetrics(), AdmissionMetrics()

@@ -14,7 +14,7 @@ from deployments.app.metrics import (
     RejectReason,
     ReplicaMetrics,
 )
-from worker.core.observe import StepKind, StepRecord
+from worker.engine.observe import StepKind, StepRecord
 
 
 def record(**overrides) -> StepRecord:

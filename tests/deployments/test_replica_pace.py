@@ -6,7 +6,7 @@ to new work for good."""
 from __future__ import annotations
 
 from deployments.replica.deployment import ReplicaPace
-from worker.core.observe import StepKind, StepRecord
+from worker.engine.observe import StepKind, StepRecord
 
 
 def record(decodes: int = 8, waiting: int = 0, preempted: int = 0,

@@ -1,4 +1,5 @@
-"""``worker/`` as a map: no import cycle, no Ray, one front door.
+"""``worker/`` as a map: folders layered one way, no import cycle, no Ray, nothing from
+``benchmarks/``, one front door.
 
 The graph is built from the source with ``ast``, so an import inside a function (a
 lazy import) counts as much as one at the top of a module: a cycle that only closes at
@@ -18,7 +19,7 @@ ROOT = Path(worker.__file__).parent
 
 
 def _modules() -> dict[str, Path]:
-    """``worker.core.engine`` -> its file, for every module of the package."""
+    """``worker.engine.engine`` -> its file, for every module of the package."""
     found = {}
     for path in sorted(ROOT.rglob("*.py")):
         parts = path.relative_to(ROOT.parent).with_suffix("").parts
@@ -75,15 +76,71 @@ def test_the_cycle_finder_finds_a_lazy_cycle():
     graph = {"a": {"b"}, "b": {"c"}, "c": {"a"}, "d": {"a"}}
     assert find_cycle(graph) == ["a", "b", "c", "a"]
     assert find_cycle({"a": {"b"}, "b": set()}) is None
-    tree = ast.parse("def f():\n    from worker.core import engine\n")
-    assert _imports(tree, _modules()) == {"worker.core.engine"}
+    tree = ast.parse("def f():\n    from worker.engine import engine\n")
+    assert _imports(tree, _modules()) == {"worker.engine.engine"}
 
 
 def test_worker_has_no_import_cycle():
     graph = import_graph()
-    assert len(graph) > 40 and "worker.core.engine" in graph
+    assert len(graph) > 40 and "worker.engine.engine" in graph
     cycle = find_cycle(graph)
     assert cycle is None, "import cycle in worker/: " + " -> ".join(cycle)
+
+
+# Bottom to top: a module imports only from its own folder and the folders before it.
+LAYERS = ("core", "params", "kv", "attention", "models", "budget", "packed", "generate",
+          "parallel", "engine")
+
+
+def _folder(module: str) -> str:
+    return module.split(".")[1]
+
+
+def _is_program(module: str) -> bool:
+    """An entry point (``python -m``): it stands above every layer."""
+    return module.rsplit(".", 1)[-1] in ("cli", "__main__")
+
+
+def layer_violations(graph: dict[str, set[str]]) -> list[str]:
+    """Every import that goes up the layers, or into a program, as ``a -> b``."""
+    rank = {name: i for i, name in enumerate(LAYERS)}
+    bad = []
+    for a, deps in sorted(graph.items()):
+        if a == "worker":  # the front door, lazily over everything
+            continue
+        for b in sorted(deps):
+            if _is_program(b):
+                bad.append(f"{a} -> {b} (a program)")
+            elif not _is_program(a) and rank[_folder(b)] > rank[_folder(a)]:
+                bad.append(f"{a} -> {b} ({_folder(a)} is below {_folder(b)})")
+    return bad
+
+
+def test_the_folders_are_layered_one_way():
+    """The bottom (config, errors, requests, device, memory: ``worker/core/``) imports no
+    other folder, the engine (``worker/engine/``) is the top, and nothing imports up."""
+    graph = import_graph()
+    folders = {_folder(m) for m in graph if m != "worker" and not _is_program(m)}
+    assert folders == set(LAYERS), "a folder of worker/ is missing from LAYERS"
+    assert layer_violations(graph) == []
+    assert {_folder(d) for m, deps in graph.items() if m.startswith("worker.core.")
+            for d in deps} <= {"core"}
+
+
+def test_the_layer_check_fails_on_an_upward_import():
+    graph = {"worker.core.config": {"worker.generate.grammar"}, "worker.generate.grammar": set(),
+             "worker.engine.engine": {"worker.budget.cli"}, "worker.budget.cli": set()}
+    assert layer_violations(graph) == [
+        "worker.core.config -> worker.generate.grammar (core is below generate)",
+        "worker.engine.engine -> worker.budget.cli (a program)"]
+
+
+def test_worker_imports_nothing_from_benchmarks():
+    for name, path in _modules().items():
+        for node in ast.walk(ast.parse(path.read_text())):
+            names = ([a.name for a in node.names] if isinstance(node, ast.Import) else
+                     [node.module or ""] if isinstance(node, ast.ImportFrom) else [])
+            assert not any(n == "benchmarks" or n.startswith("benchmarks.") for n in names), name
 
 
 def test_worker_imports_no_ray():
@@ -109,5 +166,5 @@ def test_the_front_door():
             "                    FinishReason, TokenLogprobs)\n"
             "import worker\n"
             "assert all(hasattr(worker, name) for name in worker.__all__)\n"
-            "assert Engine.__module__ == 'worker.core.engine'\n")
+            "assert Engine.__module__ == 'worker.engine.engine'\n")
     subprocess.run([sys.executable, "-c", code], check=True, timeout=300)

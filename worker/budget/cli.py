@@ -1,7 +1,7 @@
 """``python -m worker.budget.cli``: print the token budget report for a model on this machine.
 
     python -m worker.budget.cli --model PATH [--dtype bfloat16] [--device cuda]
-    python -m worker.budget.cli --shape qwen2.5-7b --dtype bfloat16      # random weights
+    python -m benchmarks.probe --shape qwen2.5-7b --dtype bfloat16       # random weights
 
 On CUDA without probe flags this is exactly what the engine does at start-up: it builds
 ``Engine(EngineConfig(...))`` and prints ``engine.budget_report``. With ``--cap``,
@@ -10,8 +10,9 @@ On CUDA without probe flags this is exactly what the engine does at start-up: it
 and runs ``measure_budget`` itself over the engine's synthetic packed forward.
 On CPU nothing is measured: the budget comes from configuration.
 
-``--shape`` borrows the random-weight shapes of ``benchmarks/_common.py`` (a checkout
-convenience; an installed package passes ``--model``).
+Random weights of a benchmark shape: ``python -m benchmarks.probe --shape NAME`` builds
+the checkpoint (``benchmarks/_common.py``) and runs this CLI on it (``worker/`` imports
+nothing from ``benchmarks/``).
 """
 
 from __future__ import annotations
@@ -32,9 +33,7 @@ _PROBE_FLAGS = ("cap", "margin_gib", "override", "reserve_kv", "max_budget_token
 def _parse(argv) -> argparse.Namespace:
     p = argparse.ArgumentParser(prog="python -m worker.budget.cli",
                                 description=__doc__.splitlines()[0])
-    src = p.add_mutually_exclusive_group(required=True)
-    src.add_argument("--model", help="hub id or local checkpoint directory")
-    src.add_argument("--shape", help="random weights of a benchmark shape: tiny, qwen2.5-7b")
+    p.add_argument("--model", required=True, help="hub id or local checkpoint directory")
     p.add_argument("--dtype", default="auto", help="auto, bfloat16, float16, float32")
     p.add_argument("--device", default=None, help="cuda[:N] or cpu (default: cuda if available)")
     p.add_argument("--align", type=int, default=16)
@@ -82,18 +81,6 @@ def measure_engine(engine, settings: ProbeSettings, *, nvml=None, memory=None) -
     )
 
 
-def resolve_model(args, device: str) -> str:
-    if args.model:
-        return args.model
-    try:
-        from benchmarks import _common
-    except ImportError as exc:
-        raise SystemExit(f"--shape needs the repository's benchmarks/ folder ({exc}); "
-                         "pass --model PATH instead") from exc
-    dtype = args.dtype if args.dtype != "auto" else _common.default_dtype(device)
-    return str(_common.ensure_checkpoint(args.shape, dtype, device))
-
-
 def cpu_report(args, model: str) -> BudgetReport:
     from transformers import AutoConfig
 
@@ -107,7 +94,7 @@ def cpu_report(args, model: str) -> BudgetReport:
 
 def cuda_report(args, model: str, device: str) -> BudgetReport:
     from worker.budget.limits import probe_settings
-    from worker.core.engine import Engine
+    from worker.engine.engine import Engine
 
     config = EngineConfig(model=model, device=device, dtype=args.dtype, align=args.align,
                           allow_untested_model=args.allow_untested_model)
@@ -130,7 +117,7 @@ def main(argv=None) -> int:
     import torch
 
     device = args.device or ("cuda" if torch.cuda.is_available() else "cpu")
-    model = resolve_model(args, device)
+    model = args.model
     from transformers import AutoConfig
 
     from worker.models.families import describe
@@ -140,7 +127,7 @@ def main(argv=None) -> int:
         report = cpu_report(args, model)
     else:
         report = cuda_report(args, model, device)
-    print(f"model: {args.model or args.shape} ({model}), dtype {args.dtype}, device {device}")
+    print(f"model: {model}, dtype {args.dtype}, device {device}")
     print("\n".join(report.to_log_lines()))
     if args.json:
         with open(args.json, "w") as f:

@@ -1,2 +1,3 @@
-"""The engine core: the configuration, the ``Engine`` and its step loop, requests, errors,
-per-step observation, and the out-of-memory rules every other folder shares."""
+"""The bottom of ``worker/``: the configuration, the errors, requests and their limits,
+the device, the out-of-memory rules and step timing. It imports no other folder of
+``worker/`` (``tests/worker/test_import_graph.py`` checks the folders' order)."""

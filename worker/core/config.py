@@ -7,7 +7,7 @@ validate an ``EngineConfig`` without loading the engine.
 from __future__ import annotations
 
 import re
-from dataclasses import dataclass
+from dataclasses import dataclass, fields
 
 DEVICES = re.compile(r"^(cpu|cuda(:\d+)?)$")
 DTYPES = ("auto", "float32", "bfloat16", "float16")
@@ -22,6 +22,35 @@ class ConfigError(ValueError):
     def __init__(self, field: str, message: str):
         super().__init__(f"EngineConfig.{field}: {message}")
         self.field = field
+
+
+@dataclass(frozen=True)
+class GrammarLimits:
+    """What one constraint may cost to compile. The defaults pass normal schemas
+    (hundreds of properties) and choice lists of thousands (10,000 options compile in
+    under 0.2 s here), and refuse a 50,000-option choice (2.5 s) or a 5,000-property
+    object (2 s, and masks up to 84 ms a step) with a 400 naming the limit."""
+
+    max_grammar_bytes: int = 262_144  # of the constraint's text (schema JSON, regex, ...)
+    max_grammar_choices: int = 10_000  # options of a choice constraint
+    max_grammar_object_properties: int = 2_000  # properties one object of a JSON schema lists
+    grammar_compile_timeout_s: float = 5.0  # seconds one compile may run (~14x the 0.36 s measured
+    #   for the costliest shape the other limits allow: 2,000 optional properties)
+    max_num_grammar_threads: int = 2  # compiles at once
+
+    def __post_init__(self) -> None:
+        for f in fields(self):
+            value = getattr(self, f.name)
+            if isinstance(value, bool) or not isinstance(value, (int, float)) or value <= 0 \
+                    or (f.name != "grammar_compile_timeout_s" and not isinstance(value, int)):
+                kind = "a number" if f.name == "grammar_compile_timeout_s" else "an integer"
+                raise ValueError(f"engine.{f.name}: must be {kind} > 0, got {value!r}")
+
+    @property
+    def max_items_in_row(self) -> int:
+        """llguidance's ``LLParserLimits.max_items_in_row``: room for ``max_grammar_choices``
+        options (one item each) and ``max_grammar_object_properties`` optional properties (4)."""
+        return max(self.max_grammar_choices, 4 * self.max_grammar_object_properties) + 1
 
 
 @dataclass(frozen=True)
@@ -134,10 +163,8 @@ class EngineConfig:
         return self.device.startswith("cuda")
 
     @property
-    def grammar_limits(self):
-        """The ``worker.generate.grammar_compile.GrammarLimits`` these fields make."""
-        from worker.generate.grammar_compile import GrammarLimits
-
+    def grammar_limits(self) -> GrammarLimits:
+        """The ``GrammarLimits`` these fields make."""
         return GrammarLimits(self.max_grammar_bytes, self.max_grammar_choices,
                              self.max_grammar_object_properties,
                              self.grammar_compile_timeout_s)

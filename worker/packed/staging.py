@@ -65,7 +65,7 @@ class Staging:
         words = self.num_rows * max_num_tokens + (max_num_seqs + 2) // 2
         self._slots = [_Slot(words, device), _Slot(words, device)]
         self._next = 0
-        self.timer = None  # a worker.core.observe.StepTimer while the engine is observed
+        self.timer = None  # a worker.core.timing.StepTimer while the engine is observed
 
     def stage(self, token_ids: np.ndarray, offsets: np.ndarray, bin: np.ndarray,
               token_type_ids: np.ndarray | None = None) -> StagedBin:

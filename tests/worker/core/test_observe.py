@@ -1,4 +1,4 @@
-"""Step observers (``worker.core.observe``): a record after every pooled and generation step,
+"""Step observers (``worker.engine.observe``): a record after every pooled and generation step,
 its numbers consistent with what was submitted, and observers that cannot hurt."""
 
 from __future__ import annotations
@@ -12,7 +12,7 @@ import pytest
 import torch
 
 from tests.factories import mixed_lengths, token_lists
-from worker.core.observe import StepKind, StepRecord, padded_equivalent
+from worker.engine.observe import StepKind, StepRecord, padded_equivalent
 from worker.generate.sampling import SamplingParams
 
 GREEDY = SamplingParams(temperature=0, max_tokens=6, ignore_eos=True)
@@ -181,7 +181,7 @@ def test_a_raising_observer_is_dropped_and_the_engine_steps_on(tiny_model, make_
     engine.add_step_observer(broken)
     engine.add_step_observer(good)
     lists = token_lists(mixed_lengths(n=30, longest=60, seed=4), seed=9)
-    with caplog.at_level(logging.ERROR, logger="worker.core.observe"):
+    with caplog.at_level(logging.ERROR, logger="worker.engine.observe"):
         first = engine.embed(lists)
     assert len(calls) == 1 and "observer bug" in caplog.text
     assert len(good.records) == engine.stats.num_steps > 1  # the good one kept going

@@ -12,7 +12,7 @@ from pathlib import Path
 import torch
 
 from worker import Engine, EngineConfig, SamplingParams
-from worker.core import engine as engine_module
+from worker.engine import engine as engine_module
 from worker.parallel.group import init_group
 from worker.parallel.shard import VocabParallelEmbedding, VocabParallelLMHead, shard_decoder
 from worker.parallel.steps import StepSender, follow

@@ -2,8 +2,8 @@
 
 The sync API (``embed``, ``score``, ``classify``, ``generate``) queues its requests and
 drives steps on the caller's thread until they are done. Generation
-(``worker.core.generate_api``) is a second policy behind the same three step calls;
-classification (``worker.core.classify_api``) is one more pooled task of the packed path.
+(``worker.engine.generate_api``) is a second policy behind the same three step calls;
+classification (``worker.engine.classify_api``) is one more pooled task of the packed path.
 The async API (``submit``, ``embed_async``, ``score_async``, ``classify_async``) queues and
 returns futures; a background ``StepLoop`` thread steps.
 Both may be used at once: one lock serializes steps.
@@ -22,7 +22,7 @@ from collections.abc import Sequence
 import numpy as np
 
 from worker.budget.limits import resolve_budget, resolve_max_model_len, staging_capacity
-from worker.core.classify_api import ClassifyAPI
+from worker.engine.classify_api import ClassifyAPI
 from worker.core.config import EngineConfig
 from worker.core.device import make_device
 from worker.core.errors import (
@@ -30,9 +30,9 @@ from worker.core.errors import (
     InvalidRequestError,
     RequestOutOfMemoryError,
 )
-from worker.core.generate_api import GenerateAPI
-from worker.core.loop import StepLoop
-from worker.core.observe import ObserveAPI
+from worker.engine.generate_api import GenerateAPI
+from worker.engine.loop import StepLoop
+from worker.engine.observe import ObserveAPI
 from worker.core.request import (
     Pooling,
     Request,
