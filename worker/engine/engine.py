@@ -46,14 +46,13 @@ from worker.core.request import (
 )
 from worker.core.request import validate as validate_request
 from worker.models.loader import load_model
-from worker.models.sources import resolve_model
 from worker.packed.runner import ModelRunner, StepResult
 from worker.packed.scheduler import Scheduler, SchedulerOutput
 from worker.packed.staging import Staging
+from worker.engine.executor import make_executor
 from worker.parallel import launch
 from worker.parallel.group import TPGroup, init_group
-from worker.parallel.shard import shard_decoder
-from worker.parallel.steps import StepSender, follow
+from worker.parallel.steps import follow
 
 logger = logging.getLogger(__name__)
 
@@ -81,36 +80,29 @@ class Engine(GenerateAPI, ClassifyAPI, ObserveAPI):
 
     def __init__(self, config: EngineConfig, tp: TPGroup | None = None):
         """``tp``: this rank's group when it is a follower (``follow_rank``); rank 0 of a
-        ``tensor_parallel_size`` > 1 engine starts the followers itself."""
-        self._followers = None
-        if tp is None and config.tensor_parallel_size > 1:
-            # the followers load what rank 0 resolved (a smoke model built once, here)
-            resolved = dataclasses.replace(config, model=str(resolve_model(config.model)))
-            self._followers = launch.start(resolved, follow_rank)
-            tp = self._followers.group
-        self.tp = tp
+        ``tensor_parallel_size`` > 1 engine starts the followers itself (its executor)."""
+        self.executor = make_executor(config, tp, follow_rank)
+        self.tp = self.executor.tp
         try:
-            self._build(config, tp)
+            self._build(config)
         except BaseException:
-            if self._followers is not None:  # they fail alike, or wait for a step: end them
-                self._followers.stop(0.0)
-                launch.leave_group()
+            self.executor.stop(clean=False)  # the followers fail alike, or wait: end them
             raise
 
-    def _build(self, config: EngineConfig, tp: TPGroup | None) -> None:
-        self.device = make_device(config.device if tp is None
-                                  else launch.rank_device(config.device, tp.rank))
-        shard = None if tp is None else functools.partial(shard_decoder, tp=tp)
-        model, self.spec = load_model(config, self.device.device, shard)
+    def _build(self, config: EngineConfig) -> None:
+        executor = self.executor
+        self.device = make_device(executor.device)
+        model, self.spec = load_model(config, self.device.device, executor.shard)
         max_model_len = resolve_max_model_len(config, self.spec)
         max_tokens, max_seqs = staging_capacity(config, max_model_len)
         self.staging = Staging(max_tokens, max_seqs, self.device,
                                token_types=self.spec.takes_token_type_ids)
         self.runner = ModelRunner(model, self.spec, self.staging, self.device)
+        # No probe under TP (its forwards, collectives included, could take other steps on
+        # each rank); every rank agrees on the smallest budget.
         budget, self.budget_report = resolve_budget(config, self.runner, self.device,
-                                                    max_model_len, probe=tp is None)
-        if tp is not None:  # no probe under TP (its forwards, collectives included, could
-            budget = tp.min_int(budget)  # take other steps on each rank): the same budget
+                                                    max_model_len, probe=self.tp is None)
+        budget = executor.agree(budget)
         self.config = dataclasses.replace(  # every None resolved
             config, max_num_batched_tokens=budget, max_model_len=max_model_len,
             dtype=str(self.spec.dtype).removeprefix("torch."),
@@ -129,10 +121,8 @@ class Engine(GenerateAPI, ClassifyAPI, ObserveAPI):
         self._state_lock = threading.Lock()
         self._loop: StepLoop | None = None
         self._dead: BaseException | None = None
-        if tp is not None:  # every rank allocates its KV cache now, all sized alike
-            runner = self.generation.runner
-            if tp.rank == 0:
-                runner.step_sender = self.runner.step_sender = StepSender(tp)
+        if self.tp is not None:  # every rank allocates its KV cache now, all sized alike
+            executor.attach(self.runner, self.generation.runner)
         logger.info("engine ready: %s", self.config)
 
     # ---- sync API -------------------------------------------------------------------
@@ -257,16 +247,7 @@ class Engine(GenerateAPI, ClassifyAPI, ObserveAPI):
             self._loop.stop(timeout)
         clean = self._dead is None  # no step died inside a collective
         self._die(EngineDeadError("the engine was shut down"))
-        followers, self._followers = self._followers, None
-        if followers is not None:
-            if clean and followers.alive():
-                try:
-                    self.generation.runner.step_sender.stop()
-                except RuntimeError as exc:  # a rank hung while idle: it is killed below
-                    logger.warning("a tensor-parallel rank did not take the stop: %s", exc)
-                    clean = False
-            followers.stop(launch.JOIN_TIMEOUT_S if clean else 0.0)
-            launch.leave_group()
+        self.executor.stop(clean)
 
     def __enter__(self) -> Engine:
         return self

@@ -233,7 +233,7 @@ class GenerateAPI:
         return Generation(model, self.device, settings, max_model_len=self.config.max_model_len,
                           vocab_size=self.spec.vocab_size, report=report,
                           tokenizer=_load_tokenizer(self.config), wake=self._wake_loop,
-                          tp=self.tp)
+                          agree=self.executor.agree if self.tp is not None else None)
 
     def _wake_loop(self) -> None:
         """A compile ended (on its thread): the step loop admits or fails its requests."""

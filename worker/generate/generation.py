@@ -146,7 +146,7 @@ class Generation:
     """Continuous batching for one model on one device (see the module docstring)."""
 
     def __init__(self, model, device, settings: GenerationSettings, *, max_model_len: int,
-                 vocab_size: int, report=None, tokenizer=None, wake=None, tp=None):
+                 vocab_size: int, report=None, tokenizer=None, wake=None, agree=None):
         dtype = next(model.parameters()).dtype
         spec = KVCacheSpec.for_model(model, dtype, settings.kv_block_size)
         self.backend = select_paged_backend(
@@ -155,13 +155,13 @@ class Generation:
             softcap=attention_softcap(model.config) is not None)
         buckets = graph_buckets(settings.max_num_running_seqs)
         graphs = (settings.cuda_graphs and device.device.type == "cuda"
-                  and self.backend in GRAPH_BACKENDS and tp is None)  # TP: eager steps
+                  and self.backend in GRAPH_BACKENDS and agree is None)  # TP: eager steps
         reserve = graph_memory_estimate(model.config, dtype, buckets[-1], getattr(
             report, "activation_bytes_per_token", None)) if graphs else 0
         num_blocks = resolve_num_kv_blocks(settings, spec, device, report, max_model_len,
                                            reserve)
-        if tp is not None:  # a worker.parallel.group.TPGroup: what every rank can hold
-            num_blocks = tp.min_int(num_blocks)
+        if agree is not None:  # tensor parallel: the blocks every rank can hold
+            num_blocks = agree(num_blocks)
         self.settings, self.max_model_len, self.vocab_size = settings, max_model_len, vocab_size
         self.device = device
         self.blocks = BlockManager(num_blocks, settings.kv_block_size)

@@ -1,0 +1,109 @@
+"""Where the engine's steps run: on this process's device, or on a tensor-parallel group.
+
+The engine schedules and postprocesses; its runners (the packed ``ModelRunner`` and the
+generation ``GenRunner``) stage each step and run its forward. An executor owns what lies
+under that: the ranks, the device each computes on, how the model is cut for them, how
+their numbers are agreed, and how they are stopped.
+
+| executor             | ranks                     | each step                                         |
+|----------------------|---------------------------|---------------------------------------------------|
+| ``LocalExecutor``    | this process              | the runner's forward, nothing else                |
+| ``LeaderExecutor``   | rank 0 of N; spawns 1..N-1 | the runner sends the staged step (``StepSender``) before its forward |
+| ``FollowerExecutor`` | rank r > 0 (``follow_rank``) | ``worker.parallel.steps.follow``: rank 0's steps on this shard |
+
+vLLM v1 draws the same line (Executor -> Worker -> ModelRunner, rank 0 driving, as in
+nano-vllm's ``ModelRunner``); here the worker and the model runner are one, the engine's
+runners, and the executor hands them their ``step_sender``.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import functools
+import logging
+from collections.abc import Callable
+
+from worker.core.config import EngineConfig
+from worker.models.sources import resolve_model
+from worker.parallel import launch
+from worker.parallel.group import TPGroup
+from worker.parallel.shard import shard_decoder
+from worker.parallel.steps import StepSender
+
+logger = logging.getLogger(__name__)
+
+
+class LocalExecutor:
+    """One rank, this process: nothing is sharded, agreed or sent."""
+
+    tp: TPGroup | None = None
+
+    def __init__(self, config: EngineConfig):
+        self.device = config.device
+
+    @property
+    def num_ranks(self) -> int:
+        return 1 if self.tp is None else self.tp.size
+
+    @property
+    def shard(self) -> Callable | None:
+        """What ``load_model`` applies to the host copy of the model (None: keep it whole)."""
+        return None if self.tp is None else functools.partial(shard_decoder, tp=self.tp)
+
+    def agree(self, value: int) -> int:
+        """The smallest ``value`` over the ranks (a budget, a KV block count)."""
+        return value if self.tp is None else self.tp.min_int(value)
+
+    def attach(self, *runners) -> None:
+        """Wire the runners for this executor's ranks (one rank: nothing to wire)."""
+
+    def stop(self, clean: bool) -> None:
+        """End the other ranks (``clean``: no step died inside a collective)."""
+
+
+class FollowerExecutor(LocalExecutor):
+    """Rank r > 0 of a tensor-parallel engine: its shard, on ``cuda:r`` (CUDA)."""
+
+    def __init__(self, config: EngineConfig, tp: TPGroup):
+        self.tp = tp
+        self.device = launch.rank_device(config.device, tp.rank)
+
+
+class LeaderExecutor(LocalExecutor):
+    """Rank 0 of ``tensor_parallel_size`` N: spawns ranks 1..N-1 running ``follower``
+    (``worker.parallel.launch``), and sends every step its runners run."""
+
+    def __init__(self, config: EngineConfig, follower: Callable):
+        # the followers load what rank 0 resolved (a smoke model is built once, here)
+        resolved = dataclasses.replace(config, model=str(resolve_model(config.model)))
+        self._followers = launch.start(resolved, follower)
+        self.tp = self._followers.group
+        self.device = launch.rank_device(config.device, 0)
+        self.sender: StepSender | None = None
+
+    def attach(self, *runners) -> None:
+        self.sender = StepSender(self.tp)
+        for runner in runners:
+            runner.step_sender = self.sender
+
+    def stop(self, clean: bool) -> None:
+        followers, self._followers = self._followers, None
+        if followers is None:
+            return
+        if clean and self.sender is not None and followers.alive():
+            try:
+                self.sender.stop()
+            except RuntimeError as exc:  # a rank hung while idle: it is killed below
+                logger.warning("a tensor-parallel rank did not take the stop: %s", exc)
+                clean = False
+        followers.stop(launch.JOIN_TIMEOUT_S if clean else 0.0)
+        launch.leave_group()
+
+
+def make_executor(config: EngineConfig, tp: TPGroup | None, follower: Callable):
+    """``tp``: this rank's group on a follower; else rank 0 of ``tensor_parallel_size``."""
+    if tp is not None:
+        return FollowerExecutor(config, tp)
+    if config.tensor_parallel_size > 1:
+        return LeaderExecutor(config, follower)
+    return LocalExecutor(config)
