@@ -55,6 +55,8 @@ def add_batch_parser(sub) -> argparse.ArgumentParser:
     e.add_argument("--max-num-batched-tokens", type=int)
     e.add_argument("--max-model-len", type=int)
     e.add_argument("--trust-remote-code", action="store_true")
+    e.add_argument("--tensor-parallel-size", "-tp", type=int, default=1,
+                   help="ranks per engine actor (one GPU each; the actor spawns them)")
     e.add_argument("--allow-untested-model", action="store_true",
                    help="run a family the family matrix has not proven (docs/models.md)")
     c = p.add_argument_group("cluster")
@@ -109,7 +111,7 @@ def config_from_args(args: argparse.Namespace) -> JobConfig:
             max_num_batched_tokens=args.max_num_batched_tokens,
             max_model_len=args.max_model_len, trust_remote_code=args.trust_remote_code,
             allow_untested_model=args.allow_untested_model,
-            address=args.address, num_actors=args.num_actors,
+            tensor_parallel_size=args.tensor_parallel_size, address=args.address, num_actors=args.num_actors,
             num_cpus_per_actor=args.num_cpus_per_actor, pooling=args.pooling,
             normalize=args.normalize, sampling=sampling, progress=args.progress)
     except ValueError as exc:  # worker.core.config.ConfigError names the EngineConfig field

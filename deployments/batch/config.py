@@ -59,6 +59,7 @@ class JobConfig:
     max_model_len: int | None = None
     trust_remote_code: bool = False
     allow_untested_model: bool = False  # EngineConfig.allow_untested_model
+    tensor_parallel_size: int = 1  # ranks per engine actor (EngineConfig); GPUs per actor
     # cluster
     address: str | None = None  # join this Ray cluster; None: a new local one
     num_actors: int | None = None  # None: one per GPU (GPU), 1 (CPU)
@@ -123,7 +124,8 @@ class JobConfig:
                             max_num_batched_tokens=self.max_num_batched_tokens,
                             max_model_len=self.max_model_len,
                             trust_remote_code=self.trust_remote_code,
-                            allow_untested_model=self.allow_untested_model)
+                            allow_untested_model=self.allow_untested_model,
+                            tensor_parallel_size=self.tensor_parallel_size)
 
     def fingerprint(self) -> dict:
         """What a resumed run must share with the run that wrote the parts."""

@@ -102,13 +102,16 @@ def _ray_connection(config: JobConfig):
 
 def actor_layout(config: JobConfig, resources: dict) -> tuple[int, bool]:
     """``(number of engine actors, whether each takes a GPU)`` for a cluster with
-    ``resources`` (``ray.cluster_resources()``): one per GPU, unless told otherwise."""
+    ``resources`` (``ray.cluster_resources()``): one per GPU (per ``tensor_parallel_size``
+    GPUs), unless told otherwise."""
     gpus, cpus = int(resources.get("GPU", 0)), float(resources.get("CPU", 0))
+    tp = config.tensor_parallel_size
     use_gpu = config.device == "cuda" or (config.device == "auto" and gpus > 0)
-    num_actors = config.num_actors or (gpus if use_gpu else 1)
-    if use_gpu and num_actors > gpus:
-        raise JobError(f"{num_actors} engine actors need {num_actors} GPUs; the cluster has "
-                       f"{gpus} (lower --num-actors, or --device cpu)")
+    num_actors = config.num_actors or (max(1, gpus // tp) if use_gpu else 1)
+    if use_gpu and num_actors * tp > gpus:
+        raise JobError(f"{num_actors} engine actors of {tp} ranks need {num_actors * tp} GPUs;"
+                       f" the cluster has {gpus} (lower --num-actors or --tensor-parallel-size,"
+                       " or --device cpu)")
     need = num_actors * config.num_cpus_per_actor + TOKENIZE_CPUS
     if cpus < need:
         raise JobError(f"{num_actors} engine actors of --num-cpus-per-actor "
@@ -137,7 +140,8 @@ def _start_actors(config: JobConfig, plan: Plan) -> tuple[list, dict]:
 
     num_actors, use_gpu = actor_layout(config, ray.cluster_resources())
     cls = ray.remote(BatchWorker).options(num_cpus=config.num_cpus_per_actor,
-                                          num_gpus=1 if use_gpu else 0,
+                                          num_gpus=config.tensor_parallel_size if use_gpu
+                                          else 0,
                                           max_restarts=1, max_task_retries=1)
     actors = [cls.remote(config, plan.id_type, use_gpu) for _ in range(num_actors)]
     warm = ray.remote(warm_up).options(num_cpus=TOKENIZE_CPUS)

@@ -53,7 +53,6 @@ from worker.models.sources import is_smoke_test
 
 logger = logging.getLogger("ray.serve")
 
-EMBED_STEPS_IN_FLIGHT = 2
 TRIM_AFTER_TOKENS = 8192  # after a request this large, give freed heap back to the OS
 
 
@@ -219,10 +218,8 @@ class EngineReplica:
         engine, cfg = self.engine, self.engine.config
         can_generate = engine.spec.is_decoder and not engine.spec.is_classifier
         if can_generate:
-            blocks = engine.generation.blocks  # allocates the KV cache now, sized by the probe
-            capacity = blocks.num_blocks * blocks.block_size
-        else:
-            capacity = EMBED_STEPS_IN_FLIGHT * cfg.max_num_bins_per_step * cfg.max_num_batched_tokens
+            engine.generation  # allocate the KV cache now (the plan's blocks), not mid-request
+        capacity = engine.capacity_tokens
         return ModelInfo(
             name=self.args.name, is_decoder=engine.spec.is_decoder, can_generate=can_generate,
             max_model_len=cfg.max_model_len, vocab_size=engine.spec.vocab_size,

@@ -187,3 +187,25 @@ def test_a_model_without_a_tokenizer_is_refused(ray_cluster, tiny_model, tmp_pat
     assert run_cli(tiny_model("llama"), "embed", inp, tmp_path / "out.jsonl",
                    "--no-progress") == 1
     assert "no tokenizer could be loaded" in capsys.readouterr().err
+
+
+def test_generate_and_embed_on_an_engine_of_two_ranks(ray_cluster, model_dir, tmp_path):
+    """``packserve batch -tp 2``: the engine actor spawns its second rank; generated tokens
+    and embeddings equal one rank's."""
+    docs = make_docs(40, seed=5)
+    inp = tmp_path / "docs.jsonl"
+    write_jsonl(inp, docs)
+    ids = token_ids(model_dir, docs)
+    assert run_cli(model_dir, "generate", inp, tmp_path / "gen.jsonl", "-tp", "2",
+                   "--max-tokens", "4", "--temperature", "0", "--no-progress") == 0
+    assert run_cli(model_dir, "embed", inp, tmp_path / "emb.jsonl", "-tp", "2",
+                   "--no-progress") == 0
+    from worker.generate.sampling import SamplingParams
+
+    with reference_engine(model_dir) as engine:
+        want = engine.generate(ids, SamplingParams(max_tokens=4, temperature=0))
+        vectors = engine.embed(ids)
+    got = read_output(tmp_path / "gen.jsonl")
+    assert [r["token_ids"] for r in got] == [w.token_ids for w in want]
+    embedded = read_output(tmp_path / "emb.jsonl")
+    np.testing.assert_allclose([r["embedding"] for r in embedded], vectors, rtol=1e-4, atol=1e-4)

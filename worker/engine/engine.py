@@ -21,7 +21,7 @@ from collections.abc import Sequence
 
 import numpy as np
 
-from worker.budget.limits import resolve_budget, resolve_max_model_len, staging_capacity
+from worker.budget.limits import resolve_max_model_len, staging_capacity
 from worker.engine.classify_api import ClassifyAPI
 from worker.core.config import EngineConfig
 from worker.core.device import make_device
@@ -50,6 +50,7 @@ from worker.packed.runner import ModelRunner, StepResult
 from worker.packed.scheduler import Scheduler, SchedulerOutput
 from worker.packed.staging import Staging
 from worker.engine.executor import make_executor
+from worker.engine.memory_plan import plan_memory
 from worker.parallel import launch
 from worker.parallel.group import TPGroup, init_group
 from worker.parallel.steps import follow
@@ -98,24 +99,24 @@ class Engine(GenerateAPI, ClassifyAPI, ObserveAPI):
         self.staging = Staging(max_tokens, max_seqs, self.device,
                                token_types=self.spec.takes_token_type_ids)
         self.runner = ModelRunner(model, self.spec, self.staging, self.device)
-        # No probe under TP (its forwards, collectives included, could take other steps on
-        # each rank); every rank agrees on the smallest budget.
-        budget, self.budget_report = resolve_budget(config, self.runner, self.device,
-                                                    max_model_len, probe=self.tp is None)
-        budget = executor.agree(budget)
+        self.memory = plan = plan_memory(config, self.runner, self.device, executor,
+                                         max_model_len=max_model_len,
+                                         staging=(max_tokens, max_seqs))
+        budget, self.budget_report = plan.probed_budget, plan.budget_report
         self.config = dataclasses.replace(  # every None resolved
             config, max_num_batched_tokens=budget, max_model_len=max_model_len,
             dtype=str(self.spec.dtype).removeprefix("torch."),
             attention_backend=self.spec.attention_backend,
         )
-        self.scheduler = Scheduler(budget, align=config.align, max_num_seqs=config.max_num_seqs,
+        self.scheduler = Scheduler(plan.token_budget, align=config.align,
+                                   max_num_seqs=config.max_num_seqs,
                                    max_num_bins_per_step=config.max_num_bins_per_step)
         self.limits = RequestLimits(self.spec.vocab_size, max_model_len, budget, config.align,
                                     can_score=self.runner.head is not None,
                                     can_classify=self.runner.classifier is not None,
                                     type_vocab_size=self.spec.type_vocab_size)
         self.default_pooling = Pooling.LAST if self.spec.is_decoder else Pooling.MEAN
-        self._stats = EngineStats(token_budget=budget)
+        self._stats = EngineStats(token_budget=plan.token_budget)
         self._intake: deque[Request] = deque()  # appended by any thread, drained by step()
         self._step_lock = threading.RLock()  # _die() may run inside a step
         self._state_lock = threading.Lock()
@@ -231,6 +232,11 @@ class Engine(GenerateAPI, ClassifyAPI, ObserveAPI):
         s.token_budget = self.scheduler.token_budget
 
     # ---- lifecycle ------------------------------------------------------------------
+
+    @property
+    def capacity_tokens(self) -> int:
+        """What admission and the router reserve against (``MemoryPlan.capacity_tokens``)."""
+        return self.memory.capacity_tokens
 
     @property
     def stats(self) -> EngineStats:

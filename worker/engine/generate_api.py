@@ -18,7 +18,7 @@ from collections.abc import AsyncIterator
 from collections.abc import Sequence as Seq
 
 from worker.core.errors import EngineDeadError, InvalidRequestError, UnsupportedTaskError
-from worker.generate.generation import Generation, GenerationSettings
+from worker.generate.generation import Generation
 from worker.generate.output import (
     DeltaTracker,
     GenerationDelta,
@@ -216,24 +216,17 @@ class GenerateAPI:
     # ---- helpers --------------------------------------------------------------------
 
     def _build_generation(self) -> Generation:
-        if not self.spec.is_decoder:
-            raise UnsupportedTaskError("generate needs a causal LM; this model is an encoder",
+        plan = self.memory
+        if plan.generation_error is not None:
+            raise plan.generation_error
+        if plan.kv is None:
+            kind = "a sequence classifier" if self.spec.is_classifier else "an encoder"
+            raise UnsupportedTaskError(f"generate needs a causal LM; this model is {kind}",
                                        value="generate", setting="model")
-        report = self.budget_report
-        measured = report is not None and getattr(report, "source", None) == "measured"
-        settings = GenerationSettings.from_config(self.config, self.device.device.type,
-                                                  self.spec.dtype, measured)
-        if measured and self.scheduler.token_budget > settings.max_num_batched_tokens:
-            logger.info("generation enabled: pooled token budget %d -> %d (the KV cache "
-                        "takes the rest)", self.scheduler.token_budget,
-                        settings.max_num_batched_tokens)
-            self.scheduler.token_budget = settings.max_num_batched_tokens
-        self._stats.gen_token_budget = settings.max_num_batched_tokens
-        model = self.runner.model
-        return Generation(model, self.device, settings, max_model_len=self.config.max_model_len,
-                          vocab_size=self.spec.vocab_size, report=report,
-                          tokenizer=_load_tokenizer(self.config), wake=self._wake_loop,
-                          agree=self.executor.agree if self.tp is not None else None)
+        self._stats.gen_token_budget = plan.generation.max_num_batched_tokens
+        return Generation(self.runner.model, self.device, plan.generation, plan.kv,
+                          max_model_len=plan.max_model_len, vocab_size=self.spec.vocab_size,
+                          tokenizer=_load_tokenizer(self.config), wake=self._wake_loop)
 
     def _wake_loop(self) -> None:
         """A compile ended (on its thread): the step loop admits or fails its requests."""

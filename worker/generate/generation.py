@@ -142,26 +142,59 @@ def resolve_num_kv_blocks(settings: GenerationSettings, spec: KVCacheSpec, devic
     return min(blocks, full)
 
 
+@dataclass(frozen=True)
+class KVPlan:
+    """What generation takes of the device, decided before anything is allocated
+    (``plan_kv``; the engine's ``MemoryPlan`` holds it)."""
+
+    spec: KVCacheSpec
+    backend: str  # the paged attention backend that passed its self-check
+    num_blocks: int  # KV blocks the manager hands out (every rank can hold them)
+    graphs: bool  # decode steps replay CUDA graphs
+    graph_buckets: tuple[int, ...]
+    graph_reserve_bytes: int  # what the graphs' capture is estimated to take
+
+    @property
+    def capacity_tokens(self) -> int:
+        """Tokens of KV the cache holds: what admission leases against."""
+        return self.num_blocks * self.spec.block_size
+
+    @property
+    def cache_bytes(self) -> int:
+        """The cache's bytes (the blocks, and the scratch block of padding rows)."""
+        return (self.num_blocks + 1) * self.spec.bytes_per_block
+
+
+def plan_kv(model, device, settings: GenerationSettings, *, max_model_len: int, report=None,
+            agree=None) -> KVPlan:
+    """The paged backend, the KV blocks and the graph memory of generation on ``device``.
+    ``agree``: under tensor parallelism, the smallest value over the ranks (then no CUDA
+    graphs: a TP engine's decode steps run eager)."""
+    dtype = next(model.parameters()).dtype
+    spec = KVCacheSpec.for_model(model, dtype, settings.kv_block_size)
+    backend = select_paged_backend(
+        device.device.type, dtype, settings.kv_block_size, settings.paged_attention_backend,
+        functools.partial(_self_check, model.config, spec, device.device),
+        softcap=attention_softcap(model.config) is not None)
+    buckets = graph_buckets(settings.max_num_running_seqs)
+    graphs = (settings.cuda_graphs and device.device.type == "cuda"
+              and backend in GRAPH_BACKENDS and agree is None)
+    reserve = graph_memory_estimate(model.config, dtype, buckets[-1], getattr(
+        report, "activation_bytes_per_token", None)) if graphs else 0
+    num_blocks = resolve_num_kv_blocks(settings, spec, device, report, max_model_len, reserve)
+    if agree is not None:
+        num_blocks = agree(num_blocks)
+    return KVPlan(spec, backend, num_blocks, graphs, buckets, reserve)
+
+
 class Generation:
     """Continuous batching for one model on one device (see the module docstring)."""
 
-    def __init__(self, model, device, settings: GenerationSettings, *, max_model_len: int,
-                 vocab_size: int, report=None, tokenizer=None, wake=None, agree=None):
+    def __init__(self, model, device, settings: GenerationSettings, kv: KVPlan, *,
+                 max_model_len: int, vocab_size: int, tokenizer=None, wake=None):
+        """``kv``: what ``plan_kv`` decided (the engine's ``MemoryPlan.kv``)."""
         dtype = next(model.parameters()).dtype
-        spec = KVCacheSpec.for_model(model, dtype, settings.kv_block_size)
-        self.backend = select_paged_backend(
-            device.device.type, dtype, settings.kv_block_size, settings.paged_attention_backend,
-            functools.partial(_self_check, model.config, spec, device.device),
-            softcap=attention_softcap(model.config) is not None)
-        buckets = graph_buckets(settings.max_num_running_seqs)
-        graphs = (settings.cuda_graphs and device.device.type == "cuda"
-                  and self.backend in GRAPH_BACKENDS and agree is None)  # TP: eager steps
-        reserve = graph_memory_estimate(model.config, dtype, buckets[-1], getattr(
-            report, "activation_bytes_per_token", None)) if graphs else 0
-        num_blocks = resolve_num_kv_blocks(settings, spec, device, report, max_model_len,
-                                           reserve)
-        if agree is not None:  # tensor parallel: the blocks every rank can hold
-            num_blocks = agree(num_blocks)
+        self.backend, num_blocks, spec = kv.backend, kv.num_blocks, kv.spec
         self.settings, self.max_model_len, self.vocab_size = settings, max_model_len, vocab_size
         self.device = device
         self.blocks = BlockManager(num_blocks, settings.kv_block_size)
@@ -188,8 +221,8 @@ class Generation:
         self.graph_report: CaptureReport | None = None
         logger.info("generation: %d KV blocks of %d tokens (%.2f GiB), %s paged attention",
                     num_blocks, settings.kv_block_size, self.cache.num_bytes / 2**30, self.backend)
-        if graphs:
-            self._capture_graphs(buckets, reserve)
+        if kv.graphs:
+            self._capture_graphs(kv.graph_buckets, kv.graph_reserve_bytes)
 
     def _capture_graphs(self, buckets: tuple[int, ...], reserve: int) -> None:
         """Capture the decode graphs; any failure leaves every step eager (logged)."""

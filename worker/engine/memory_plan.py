@@ -1,0 +1,83 @@
+"""One memory plan per engine, computed at start; every consumer reads it.
+
+What an engine takes of its device, in the order it is decided:
+
+| number                  | from                                                     |
+|-------------------------|----------------------------------------------------------|
+| ``max_model_len``       | the config, capped by the model's positions (``worker.budget.limits``) |
+| staging (tokens, seqs)  | the largest bin the budget may ever allow                |
+| ``token_budget``        | the configured budget, or the Phase-0 probe (CUDA, one rank); the smallest over the ranks; lowered to the generation step budget when the probe measured it (the KV cache takes the rest) |
+| ``generation``          | the generation settings (step budget, block size, ...) of a causal LM |
+| ``kv``                  | the paged backend, the KV blocks (the smallest over the ranks) and the CUDA graphs' reserve (``worker.generate.generation.plan_kv``) |
+| ``capacity_tokens``     | what admission leases against: the KV cache's tokens, or for a pooled-only model ``EMBED_STEPS_IN_FLIGHT`` steps of full bins |
+
+Nothing is allocated here but the probe's forwards: the KV cache is allocated when
+generation is first used, with exactly ``kv.num_blocks`` blocks.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import logging
+from dataclasses import dataclass
+
+from worker.budget.limits import resolve_budget
+from worker.core.config import ConfigError, EngineConfig
+from worker.generate.generation import GenerationSettings, KVPlan, plan_kv
+
+logger = logging.getLogger(__name__)
+
+EMBED_STEPS_IN_FLIGHT = 2  # a pooled-only replica's capacity: this many steps of full bins
+
+
+@dataclass(frozen=True)
+class MemoryPlan:
+    max_model_len: int
+    staging_tokens: int
+    staging_seqs: int
+    probed_budget: int  # tokens per bin before generation takes its share (the config's)
+    token_budget: int  # tokens per pooled bin
+    budget_report: object | None  # the probe's BudgetReport (None: configured)
+    num_ranks: int
+    max_num_bins_per_step: int
+    generation: GenerationSettings | None = None  # a causal LM's
+    kv: KVPlan | None = None
+    generation_error: ConfigError | None = None  # why this causal LM cannot generate as
+    #   configured (a pooled-only config, say); raised when generation is first used
+
+    @property
+    def capacity_tokens(self) -> int:
+        """What admission and the router reserve against on this engine."""
+        if self.kv is not None:
+            return self.kv.capacity_tokens
+        return EMBED_STEPS_IN_FLIGHT * self.max_num_bins_per_step * self.token_budget
+
+
+def plan_memory(config: EngineConfig, runner, device, executor, *, max_model_len: int,
+                staging: tuple[int, int]) -> MemoryPlan:
+    """The plan of an engine whose model is loaded (``runner``: its packed runner, for the
+    probe) and staged (``staging``: the buffers' tokens and sequences)."""
+    budget, report = resolve_budget(config, runner, device, max_model_len,
+                                    probe=executor.tp is None)  # no probe under TP: its
+    budget = executor.agree(budget)  # forwards could meet other steps on each rank
+    spec = runner.spec
+    plan = MemoryPlan(max_model_len, *staging, budget, budget, report, executor.num_ranks,
+                      config.max_num_bins_per_step)
+    if not spec.is_decoder or spec.is_classifier:
+        return plan
+    measured = report is not None and getattr(report, "source", None) == "measured"
+    resolved = dataclasses.replace(config, max_num_batched_tokens=budget,
+                                   max_model_len=max_model_len)
+    try:
+        settings = GenerationSettings.from_config(resolved, device.device.type, spec.dtype,
+                                                  measured)
+        kv = plan_kv(runner.model, device, settings, max_model_len=max_model_len,
+                     report=report, agree=executor.agree if executor.tp is not None else None)
+    except ConfigError as exc:
+        return dataclasses.replace(plan, generation_error=exc)
+    pooled = budget
+    if measured and budget > settings.max_num_batched_tokens:
+        logger.info("generation: pooled token budget %d -> %d (the KV cache takes the rest)",
+                    budget, settings.max_num_batched_tokens)
+        pooled = settings.max_num_batched_tokens
+    return dataclasses.replace(plan, token_budget=pooled, generation=settings, kv=kv)
