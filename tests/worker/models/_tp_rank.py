@@ -98,3 +98,20 @@ def run_leader(rank: int, size: int, port: int, jobs: list[dict], out_dir: str) 
         engine.shutdown()
     Path(out_dir, f"rank{rank}.json").write_text(json.dumps(results))
     torch.distributed.destroy_process_group()
+
+
+def run_agree(rank: int, size: int, port: int, path: str, out_dir: str) -> None:
+    """Each rank with its own limits (as if each device had other free memory): every
+    rank's engine plans the smallest budget and KV block count of the ranks."""
+    torch.set_num_threads(1)
+    tp = init_group(rank, size, "127.0.0.1", port)
+    config = EngineConfig(model=path, max_num_batched_tokens=(64, 48)[rank],
+                          num_kv_blocks=(64, 40)[rank], max_num_running_seqs=8)
+    engine = Engine(config, tp=tp)
+    plan = engine.memory
+    Path(out_dir, f"agree{rank}.json").write_text(json.dumps({
+        "budget": plan.token_budget, "kv_blocks": plan.kv.num_blocks,
+        "allocated_blocks": engine.generation.blocks.num_blocks,
+        "capacity": engine.capacity_tokens, "ranks": plan.num_ranks}))
+    engine.shutdown()
+    torch.distributed.destroy_process_group()

@@ -143,6 +143,17 @@ def test_one_rank_is_the_unsharded_model():
         TPGroup(2, 2)
 
 
+def test_every_rank_plans_the_smallest_budget_and_kv_cache_of_the_ranks(checkpoint, tmp_path):
+    """Rank 1 configured (as if measured) with a smaller budget and fewer KV blocks than
+    rank 0: both plan rank 1's numbers, and admission sees that capacity."""
+    mp.spawn(_tp_rank.run_agree, args=(2, free_port(), str(checkpoint("llama")), str(tmp_path)),
+             nprocs=2, join=True)
+    plans = [json.loads((tmp_path / f"agree{r}.json").read_text()) for r in (0, 1)]
+    for plan in plans:
+        assert (plan["budget"], plan["kv_blocks"], plan["allocated_blocks"]) == (48, 40, 40)
+        assert plan["ranks"] == 2 and plan["capacity"] == 40 * 16  # blocks of 16 tokens
+
+
 # ---- one scheduler: rank 0 sends each step, rank 1 follows --------------------------
 
 LEADER_JOBS = {  # name: (family, engine config)
