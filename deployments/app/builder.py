@@ -15,6 +15,7 @@ from deployments.replica.autoscaling import serve_autoscaling_config
 from deployments.app.config import AppArgs, ModelArgs, RouterArgs
 from deployments.http.ingress import OpenAIIngress
 from deployments.replica.deployment import EngineReplica
+from deployments.replica.ranks import bundles
 
 ROUTER_CLASSES = {"free_budget": "deployments.admission.router:FreeBudgetRouter",
                   "prefix_aware": "deployments.admission.router:PrefixAwareRouter"}
@@ -40,6 +41,13 @@ def engine_deployment(m: ModelArgs, router: RouterArgs) -> serve.Deployment:
         "graceful_shutdown_timeout_s": 30.0,
         "logging_config": INTERNAL_LOGGING,
     }
+    tp = m.engine.tensor_parallel_size or 1
+    if tp > 1:  # one bundle per rank on one node: the replica in 0, rank r's actor in r
+        placed = bundles(tp, m.num_gpus, m.num_cpus)
+        options["placement_group_bundles"] = placed
+        options["placement_group_strategy"] = "STRICT_PACK"
+        options["ray_actor_options"] = {"num_gpus": placed[0].get("GPU", 0),
+                                        "num_cpus": placed[0]["CPU"]}
     if m.autoscaling is not None:
         del options["num_replicas"]
         options["autoscaling_config"] = serve_autoscaling_config(m.autoscaling)

@@ -34,6 +34,7 @@ from deployments.app.config import AdmissionArgs, ModelArgs
 from deployments.admission.ledger import LeaseRule
 from deployments.app.metrics import ReplicaMetrics
 from deployments.app.process import rss_bytes, trim_memory
+from deployments.replica.ranks import launch_ranks
 from deployments.replica.streams import StreamSender, StreamSink, entry_of
 from deployments.replica.work import (
     ClassifyWork,
@@ -65,7 +66,8 @@ class EngineReplica:
         config = self.args.engine_config()
         if config.device == "cpu":  # before the engine runs: torch's pool is per process
             torch.set_num_threads(self.args.torch_threads())
-        self.engine = await asyncio.to_thread(Engine, config)
+        launcher = launch_ranks if config.tensor_parallel_size > 1 else None
+        self.engine = await asyncio.to_thread(Engine, config, launcher=launcher)
         self.info = await asyncio.to_thread(self._model_info)
         self._admission = admission
         self._rule = self.admission_args.make_lease_rule()

@@ -1,5 +1,6 @@
 """``packserve serve MODEL --tensor-parallel-size 2`` on CPU (issue 22): the engine replica
-starts its second rank as a process of its own and serves streamed completions and
+is deployed with a placement group of two bundles and starts its second rank as a Ray
+actor in bundle 1, and serves streamed completions and
 embeddings through the openai client; a killed rank fails its streams cleanly and the replica comes back;
 Ctrl-C leaves no rank process behind."""
 
@@ -49,7 +50,21 @@ def _alive(pid: int) -> bool:
 
 
 def _ranks(root: int) -> list[int]:
-    return [p for p, cmd in _descendants(root).items() if "spawn_main" in cmd]
+    """The follower ranks: Ray actors (``RankWorker``) in the replica's placement group."""
+    return [p for p, cmd in _descendants(root).items() if "RankWorker" in cmd]
+
+
+@pytest.mark.parametrize("gpus, bundle", [(4, {"GPU": 1, "CPU": 0.001}), (0, {"CPU": 0.001})])
+def test_a_replica_of_four_ranks_asks_for_four_bundles_on_one_node(gpus, bundle):
+    from deployments.app.builder import engine_deployment
+    from deployments.app.config import AppArgs
+
+    app = AppArgs.parse({"models": [{"name": "m", "model": "smoke:decoder", "num_gpus": gpus,
+                                     "engine": {"tensor_parallel_size": 4}}]})
+    replica = engine_deployment(app.models[0], app.router)._replica_config
+    assert replica.placement_group_bundles == [bundle] * 4  # rank r's actor in bundle r
+    assert replica.placement_group_strategy == "STRICT_PACK"
+    assert replica.ray_actor_options["num_gpus"] == bundle.get("GPU", 0)  # rank 0's GPU
 
 
 def test_two_ranks_serve_fail_a_killed_rank_cleanly_and_stop_with_ctrl_c():
@@ -59,7 +74,7 @@ def test_two_ranks_serve_fail_a_killed_rank_cleanly_and_stop_with_ctrl_c():
     rank 1 serves the next completion, with no admission lease left; Ctrl-C then leaves
     no rank process."""
     with packserve_serve("--tensor-parallel-size", "2") as s:
-        (rank,) = _ranks(s.proc.pid)  # rank 1, a process of the replica
+        (rank,) = _ranks(s.proc.pid)  # rank 1, an actor in the replica's placement group
         client = openai.OpenAI(base_url=f"{s.url}/v1", api_key="none", max_retries=0)
         whole = client.completions.create(model="tiny", prompt="The capital of France is",
                                           max_tokens=12, temperature=0)

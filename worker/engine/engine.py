@@ -79,10 +79,14 @@ class EngineStats:
 class Engine(GenerateAPI, ClassifyAPI, ObserveAPI):
     """Packed, padding-free forwards over one device. See the module docstring."""
 
-    def __init__(self, config: EngineConfig, tp: TPGroup | None = None):
-        """``tp``: this rank's group when it is a follower (``follow_rank``); rank 0 of a
-        ``tensor_parallel_size`` > 1 engine starts the followers itself (its executor)."""
-        self.executor = make_executor(config, tp, follow_rank)
+    def __init__(self, config: EngineConfig, tp: TPGroup | None = None, *, launcher=None,
+                 device: str | None = None):
+        """``tp`` and ``device``: this rank's group and device when it is a follower
+        (``follow_rank``). Rank 0 of a ``tensor_parallel_size`` > 1 engine starts the
+        followers itself (its executor), through ``launcher`` when given (see
+        ``worker.parallel.launch``; default: processes of this one)."""
+        self.executor = make_executor(config, tp, follow_rank, launcher=launcher,
+                                      device=device)
         self.tp = self.executor.tp
         try:
             self._build(config)
@@ -367,9 +371,11 @@ def _mark_cancelled(request: Request, future: asyncio.Future) -> None:
         request.cancelled = True
 
 
-def follow_rank(config: EngineConfig, rank: int, size: int, port: int) -> None:
-    """A follower rank's process (``worker.parallel.launch``): the same engine on this
-    rank's shard, running rank 0's steps until it says stop."""
+def follow_rank(config: EngineConfig, rank: int, size: int, port: int, device: str,
+                exit_process: bool = True) -> int:
+    """A follower rank (``worker.parallel.launch``): the same engine on this rank's shard,
+    on ``device``, running rank 0's steps until it says stop; returns the steps it ran.
+    ``exit_process``: leave the process at the end (a process of its own: see below)."""
     import os
     import sys
 
@@ -377,14 +383,15 @@ def follow_rank(config: EngineConfig, rank: int, size: int, port: int) -> None:
 
     if not config.is_cuda:  # the node's cores, shared among the ranks
         torch.set_num_threads(max(1, (os.cpu_count() or 1) // size))
-    tp = init_group(rank, size, "127.0.0.1", port, launch.rank_device(config.device, rank),
-                    config.tp_step_timeout_s)
-    engine = Engine(config, tp=tp)
+    tp = init_group(rank, size, "127.0.0.1", port, device, config.tp_step_timeout_s)
+    engine = Engine(config, tp=tp, device=device)
     try:
-        follow(engine.generation.runner, tp, engine.runner)
+        num_steps = follow(engine.generation.runner, tp, engine.runner)
     finally:
         engine.shutdown()
         launch.leave_group()
+    if not exit_process:
+        return num_steps
     # Everything is shut down. Leave without Python's finalization: the process group's
     # C++ threads could still be joinable when its static objects are destroyed, which
     # aborts the process ("terminate called without an active exception", exit -6 in

@@ -62,23 +62,25 @@ class LocalExecutor:
 
 
 class FollowerExecutor(LocalExecutor):
-    """Rank r > 0 of a tensor-parallel engine: its shard, on ``cuda:r`` (CUDA)."""
+    """Rank r > 0 of a tensor-parallel engine: its shard, on the device its launcher gave
+    it (``cuda:r`` for processes of the replica; the one GPU of a Ray actor)."""
 
-    def __init__(self, config: EngineConfig, tp: TPGroup):
+    def __init__(self, config: EngineConfig, tp: TPGroup, device: str | None = None):
         self.tp = tp
-        self.device = launch.rank_device(config.device, tp.rank)
+        self.device = device or launch.rank_device(config.device, tp.rank)
 
 
 class LeaderExecutor(LocalExecutor):
-    """Rank 0 of ``tensor_parallel_size`` N: spawns ranks 1..N-1 running ``follower``
-    (``worker.parallel.launch``), and sends every step its runners run."""
+    """Rank 0 of ``tensor_parallel_size`` N: starts ranks 1..N-1 running ``follower``
+    through ``launcher`` (``worker.parallel.launch.start``: processes of this one), and
+    sends every step its runners run."""
 
-    def __init__(self, config: EngineConfig, follower: Callable):
+    def __init__(self, config: EngineConfig, follower: Callable, launcher=None):
         # the followers load what rank 0 resolved (a smoke model is built once, here)
         resolved = dataclasses.replace(config, model=str(resolve_model(config.model)))
-        self._followers = launch.start(resolved, follower)
+        self._followers = (launcher or launch.start)(resolved, follower)
         self.tp = self._followers.group
-        self.device = launch.rank_device(config.device, 0)
+        self.device = self._followers.device
         self.sender: StepSender | None = None
 
     def attach(self, *runners) -> None:
@@ -100,10 +102,12 @@ class LeaderExecutor(LocalExecutor):
         launch.leave_group()
 
 
-def make_executor(config: EngineConfig, tp: TPGroup | None, follower: Callable):
-    """``tp``: this rank's group on a follower; else rank 0 of ``tensor_parallel_size``."""
+def make_executor(config: EngineConfig, tp: TPGroup | None, follower: Callable, *,
+                  launcher=None, device: str | None = None):
+    """``tp`` (and ``device``): this rank's group on a follower; else rank 0 of
+    ``tensor_parallel_size``, its followers started by ``launcher``."""
     if tp is not None:
-        return FollowerExecutor(config, tp)
+        return FollowerExecutor(config, tp, device)
     if config.tensor_parallel_size > 1:
-        return LeaderExecutor(config, follower)
+        return LeaderExecutor(config, follower, launcher)
     return LocalExecutor(config)
