@@ -127,7 +127,8 @@ class Engine(GenerateAPI, ClassifyAPI, ObserveAPI):
         self._loop: StepLoop | None = None
         self._dead: BaseException | None = None
         if self.tp is not None:  # every rank allocates its KV cache now, all sized alike
-            executor.attach(self.runner, self.generation.runner)
+            gen = [self.generation.runner] if plan.kv is not None else []  # not a classifier
+            executor.attach(self.runner, *gen)
         logger.info("engine ready: %s", self.config)
 
     # ---- sync API -------------------------------------------------------------------
@@ -386,7 +387,8 @@ def follow_rank(config: EngineConfig, rank: int, size: int, port: int, device: s
     tp = init_group(rank, size, "127.0.0.1", port, device, config.tp_step_timeout_s)
     engine = Engine(config, tp=tp, device=device)
     try:
-        num_steps = follow(engine.generation.runner, tp, engine.runner)
+        gen = engine.generation.runner if engine.memory.kv is not None else None
+        num_steps = follow(gen, tp, engine.runner)
     finally:
         engine.shutdown()
         launch.leave_group()

@@ -15,6 +15,7 @@ the Triton kernel) sees this rank's heads as ordinary tensors. Why not transform
 | ``down_proj``              | rows of input (row-parallel) | all-reduce, then the bias |
 | ``embed_tokens``           | vocabulary rows (padded to equal parts) | all-reduce    |
 | ``lm_head``                | vocabulary rows (tied: the embedding's shard) | all-gather: every rank has the full logits |
+| a classifier's ``score``   | replicated (hidden -> labels, on pooled rows; rank 0 runs it) | none |
 | MoE ``experts``            | every expert's intermediate columns (``gate_up_proj`` rows of both halves, ``down_proj`` columns) | all-reduce of the block's output |
 | MoE router ``gate``        | replicated: every rank routes the same rows alike | none |
 
@@ -187,9 +188,11 @@ def shard_decoder(model: nn.Module, tp: TPGroup) -> TPLayout:
     and returns ``model.tp_layout``. At one rank nothing changes."""
     config = model.config
     heads, kv_heads, inter = plan(config, tp.size)
-    if getattr(model, "lm_head", None) is None or not hasattr(model, "model"):
-        raise ConfigError(FIELD, f"tensor parallelism serves causal LMs; a {type(model).__name__}"
-                          f" is refused at {tp.size} ranks (run it at 1)")
+    head, score = getattr(model, "lm_head", None), getattr(model, "score", None)
+    if not hasattr(model, "model") or (head is None and not isinstance(score, nn.Linear)):
+        raise ConfigError(FIELD, f"tensor parallelism serves causal LMs and decoder sequence "
+                          f"classifiers; a {type(model).__name__} is refused at {tp.size} ranks"
+                          f" (run it at 1)")
     head_dim = getattr(config, "head_dim", None) or config.hidden_size // config.num_attention_heads
     model.tp_layout = layout = TPLayout(tp.rank, tp.size, kv_heads)
     if tp.size == 1:
@@ -219,9 +222,12 @@ def shard_decoder(model: nn.Module, tp: TPGroup) -> TPLayout:
         _keep_rows(mlp.gate_proj, i_lo, i_lo + inter)
         _keep_rows(mlp.up_proj, i_lo, i_lo + inter)
         mlp.down_proj = RowParallelLinear(mlp.down_proj, i_lo, i_lo + inter, tp)
-    embed, head = model.model.embed_tokens, model.lm_head
-    tied = head.weight is embed.weight
+    embed = model.model.embed_tokens
+    tied = head is not None and head.weight is embed.weight
     model.model.embed_tokens = VocabParallelEmbedding(embed, tp)
-    model.lm_head = VocabParallelLMHead(
-        head, tp, shared=model.model.embed_tokens.weight if tied else None)
+    if head is not None:
+        model.lm_head = VocabParallelLMHead(
+            head, tp, shared=model.model.embed_tokens.weight if tied else None)
+    # A sequence classifier's ``score`` (hidden -> labels) stays whole on every rank: it
+    # reads the pooled rows of the all-reduced hidden state, on rank 0 alone.
     return layout

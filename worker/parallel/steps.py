@@ -119,11 +119,13 @@ def receive(tp: TPGroup, table_shape: tuple[int, int]):
 
 def follow(runner, tp: TPGroup, packed=None) -> int:
     """Run rank 0's steps on this rank's shard until ``STOP``; returns the messages run.
-    ``runner``: this rank's ``GenRunner`` (its model sharded, its cache of its heads);
-    ``packed``: its packed ``ModelRunner`` (the same model), for ``BIN`` messages."""
+    ``runner``: this rank's ``GenRunner`` (its model sharded, its cache of its heads), None
+    for a model that does not generate (a classifier); ``packed``: its packed
+    ``ModelRunner`` (the same model), for ``BIN`` messages."""
     num_steps = 0
+    shape = runner.state.tables.shape if runner is not None else (0, 0)
     with torch.inference_mode():
-        while (message := receive(tp, runner.state.tables.shape)) is not None:
+        while (message := receive(tp, shape)) is not None:
             num_steps += 1
             if message[0] == BIN:
                 _, words, (tokens, seqs, max_seqlen, score_end) = message

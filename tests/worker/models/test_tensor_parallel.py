@@ -124,16 +124,36 @@ def test_what_does_not_shard_is_refused_by_name(config, match):
         assert "llama" in str(err.value)
 
 
-def test_a_sequence_classifier_is_refused_before_any_collective():
-    from transformers import LlamaConfig, LlamaForSequenceClassification
+def test_a_model_without_a_head_is_refused_before_any_collective():
+    from transformers import LlamaConfig, LlamaModel
 
     from worker.parallel.shard import shard_decoder
 
-    model = LlamaForSequenceClassification(LlamaConfig(
+    model = LlamaModel(LlamaConfig(
         hidden_size=64, intermediate_size=128, num_hidden_layers=1, num_attention_heads=4,
-        num_key_value_heads=2, vocab_size=64, num_labels=2))
-    with pytest.raises(ConfigError, match="LlamaForSequenceClassification is refused at 2"):
+        num_key_value_heads=2, vocab_size=64))
+    with pytest.raises(ConfigError, match="a LlamaModel is refused at 2"):
         shard_decoder(model, TPGroup(0, 2))  # no process group: nothing was sent
+
+
+def test_a_decoder_classifier_classifies_on_two_ranks_as_on_one(tmp_path):
+    """A Qwen2 sequence classifier at TP=2: the base model sharded, its ``score`` head
+    whole on rank 0, which alone pools and classifies; labels and logits equal one rank's."""
+    from tests.classify_factories import make_tiny_classifier
+    from worker import Engine, EngineConfig
+
+    path = str(make_tiny_classifier("qwen2", tmp_path / "qwen2-cls"))
+    with Engine(EngineConfig(model=path, max_num_batched_tokens=64)) as one:
+        want = one.classify(PACKED)
+    engine = Engine(EngineConfig(model=path, max_num_batched_tokens=64, tensor_parallel_size=2))
+    try:
+        assert engine.memory.kv is None and len(_rank_processes()) == 1
+        got = engine.classify(PACKED)
+        np.testing.assert_allclose(np.array(got), np.array(want), rtol=1e-4, atol=1e-4)
+        assert engine.runner.step_sender.num_sent >= 1  # its bins went to rank 1
+    finally:
+        engine.shutdown()
+    assert _rank_processes() == []
 
 
 def test_one_rank_is_the_unsharded_model():
