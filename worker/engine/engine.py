@@ -16,7 +16,6 @@ import dataclasses
 import functools
 import logging
 import threading
-from collections import deque
 from collections.abc import Sequence
 
 import numpy as np
@@ -28,7 +27,6 @@ from worker.core.device import make_device
 from worker.core.errors import (
     EngineDeadError,
     InvalidRequestError,
-    RequestOutOfMemoryError,
 )
 from worker.engine.generate_api import GenerateAPI
 from worker.engine.loop import StepLoop
@@ -46,8 +44,9 @@ from worker.core.request import (
 )
 from worker.core.request import validate as validate_request
 from worker.models.loader import load_model
-from worker.packed.runner import ModelRunner, StepResult
-from worker.packed.scheduler import Scheduler, SchedulerOutput
+from worker.packed.policy import Pooled
+from worker.packed.runner import ModelRunner
+from worker.packed.scheduler import Scheduler
 from worker.packed.staging import Staging
 from worker.engine.executor import make_executor
 from worker.engine.memory_plan import plan_memory
@@ -112,16 +111,16 @@ class Engine(GenerateAPI, ClassifyAPI, ObserveAPI):
             dtype=str(self.spec.dtype).removeprefix("torch."),
             attention_backend=self.spec.attention_backend,
         )
-        self.scheduler = Scheduler(plan.token_budget, align=config.align,
-                                   max_num_seqs=config.max_num_seqs,
-                                   max_num_bins_per_step=config.max_num_bins_per_step)
+        self.pooled = Pooled(Scheduler(plan.token_budget, align=config.align,
+                                       max_num_seqs=config.max_num_seqs,
+                                       max_num_bins_per_step=config.max_num_bins_per_step),
+                             self.runner)
         self.limits = RequestLimits(self.spec.vocab_size, max_model_len, budget, config.align,
                                     can_score=self.runner.head is not None,
                                     can_classify=self.runner.classifier is not None,
                                     type_vocab_size=self.spec.type_vocab_size)
         self.default_pooling = Pooling.LAST if self.spec.is_decoder else Pooling.MEAN
         self._stats = EngineStats(token_budget=plan.token_budget)
-        self._intake: deque[Request] = deque()  # appended by any thread, drained by step()
         self._step_lock = threading.RLock()  # _die() may run inside a step
         self._state_lock = threading.Lock()
         self._loop: StepLoop | None = None
@@ -189,44 +188,36 @@ class Engine(GenerateAPI, ClassifyAPI, ObserveAPI):
     # ---- the step -------------------------------------------------------------------
 
     def step(self) -> int:
-        """Schedule, run, postprocess one step; returns the requests it finished."""
+        """Schedule, run, postprocess one step of the policy whose turn it is (pooled
+        bins, or generation: ``worker.packed.policy.Pooled`` and ``Generation`` have the
+        same calls); returns the requests it finished."""
         with self._step_lock:
             self._check_alive()
-            if self._generation_turn():
-                return self._generation_step()
-            while self._intake:
-                self.scheduler.add(self._intake.popleft())
-            out = self.scheduler.schedule()
+            policy = self._gen if self._generation_turn() else self.pooled
+            out = policy.schedule()
             if out is None:
                 return 0
-            budget = self.scheduler.token_budget
+            budget = policy.token_budget
             try:
-                result = self.runner.run(out.batch)
+                result = self._run(policy, out)
             except BaseException as exc:
-                self._fail_step(out, exc)
+                self._fail_step(policy, out, exc)
                 raise
-            self._postprocess(out, result)
-            if self._obs is not None:
-                self._obs.forward_step(out, result, budget, self.scheduler.token_budget,
-                                       self._gen, self.num_waiting)
-            return len(out.requests)
+            if result is None:  # a generation forward ran out of memory
+                return self._recover_generation_oom(policy, out)
+            self._count(policy, out, result)  # before any caller can see a result
+            finished = policy.postprocess(out, result)
+            return self._after_step(policy, out, result, budget, finished)
 
-    def _postprocess(self, out: SchedulerOutput, result: StepResult) -> None:
-        for num_tokens in result.oom_num_tokens:
-            self.scheduler.shrink_budget(num_tokens)
-        failed = set(result.oom_failed)
-        budget = self.scheduler.token_budget
-        self._count(out, result, failed)  # before any caller can see a result
-        for i, request in enumerate(out.requests):  # per request, every step
-            if i in failed:
-                request.finish(error=RequestOutOfMemoryError(request.num_tokens, budget))
-                continue
-            output = result.outputs[i]
-            if request.normalize:
-                output = output / max(float(np.linalg.norm(output)), 1e-12)
-            request.finish(output=output)
+    def _run(self, policy, out):
+        if policy is self._gen and self._obs is not None:
+            return self._obs.run_generation(policy, out)  # timed as the step's one bin
+        return policy.run(out)
 
-    def _count(self, out: SchedulerOutput, result: StepResult, failed: set[int]) -> None:
+    def _count(self, policy, out, result) -> None:
+        if policy is self._gen:
+            return self._count_generation(out, result)
+        failed = policy.failed(result)
         s = self._stats
         s.num_steps += 1
         s.num_bins += result.num_bins
@@ -234,7 +225,15 @@ class Engine(GenerateAPI, ClassifyAPI, ObserveAPI):
         s.num_requests_finished += len(out.requests) - len(failed)
         s.num_requests_failed += len(failed)
         s.num_oom += len(result.oom_num_tokens)
-        s.token_budget = self.scheduler.token_budget
+        s.token_budget = policy.token_budget
+
+    def _after_step(self, policy, out, result, budget: int, finished) -> int:
+        if policy is self._gen:
+            return self._after_generation_step(out, finished)
+        if self._obs is not None:
+            self._obs.forward_step(out, result, budget, policy.token_budget, self._gen,
+                                   self.num_waiting)
+        return finished
 
     # ---- lifecycle ------------------------------------------------------------------
 
@@ -304,7 +303,7 @@ class Engine(GenerateAPI, ClassifyAPI, ObserveAPI):
     def _enqueue(self, requests: list[Request]) -> None:
         if self._obs is not None:
             self._obs.stamp(requests)
-        self._intake.extend(requests)
+        self.pooled.intake.extend(requests)
         if self._loop is not None:
             self._loop.wake()
 
@@ -315,21 +314,19 @@ class Engine(GenerateAPI, ClassifyAPI, ObserveAPI):
                 self._loop.start()
 
     def _has_work(self) -> bool:
-        pooled = bool(self._intake) or self.scheduler.num_waiting > 0
-        return pooled or self._generation_has_work()
+        return self.pooled.has_work() or self._generation_has_work()
 
     def _on_loop_death(self, exc: BaseException) -> None:
         err = EngineDeadError(f"the step loop died: {exc!r}")
         err.__cause__ = exc
         self._die(err)
 
-    def _fail_step(self, out: SchedulerOutput, exc: BaseException) -> None:
-        err = EngineDeadError(f"a step failed, the engine is dead: {exc!r}")
+    def _fail_step(self, policy, out, exc: BaseException) -> None:
+        kind = "a generation step" if policy is self._gen else "a step"
+        err = EngineDeadError(f"{kind} failed, the engine is dead: {exc!r}")
         err.__cause__ = exc
         self._die(err)  # dead before any caller hears of it: a retry must see it dead
-        for request in out.requests:  # per request of the failed step
-            if not request.finished:
-                request.finish(error=err)
+        policy.fail(out, err)
 
     def _die(self, err: BaseException) -> None:
         """Mark dead (first reason wins) and fail every queued request."""
@@ -337,12 +334,7 @@ class Engine(GenerateAPI, ClassifyAPI, ObserveAPI):
             if self._dead is None:
                 self._dead = err
         with self._step_lock:
-            pending = list(self._intake) + list(self.scheduler.waiting)
-            self._intake.clear()
-            self.scheduler.waiting.clear()
-        for request in pending:  # per queued request, once
-            if not request.finished:
-                request.finish(error=self._dead)
+            self.pooled.fail_all(self._dead)
         self._fail_generation(self._dead)
 
     def _check_alive(self) -> None:

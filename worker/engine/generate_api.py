@@ -17,7 +17,7 @@ import logging
 from collections.abc import AsyncIterator
 from collections.abc import Sequence as Seq
 
-from worker.core.errors import EngineDeadError, InvalidRequestError, UnsupportedTaskError
+from worker.core.errors import InvalidRequestError, UnsupportedTaskError
 from worker.generate.generation import Generation
 from worker.generate.output import (
     DeltaTracker,
@@ -154,33 +154,21 @@ class GenerateAPI:
         step when pooled work waits too."""
         if self._gen is None or not self._gen.has_work():
             return False
-        if not (self._intake or self.scheduler.num_waiting):
+        if not self.pooled.has_work():
             return True
         self._gen_turn = not self._gen_turn
         return self._gen_turn
 
-    def _generation_step(self) -> int:
-        gen = self._gen
-        out = gen.schedule()
-        if out is None:
-            return 0
-        obs = self._obs
-        try:
-            result = gen.run(out) if obs is None else obs.run_generation(gen, out)
-        except BaseException as exc:
-            err = EngineDeadError(f"a generation step failed, the engine is dead: {exc!r}")
-            err.__cause__ = exc
-            self._die(err)
-            raise
-        if result is None:
-            return self._recover_generation_oom(gen, out)
+    def _count_generation(self, out: GenSchedulerOutput, result) -> None:
         s = self._stats  # the step is counted before any caller can see its results
         s.num_steps += 1
         s.num_tokens += out.num_tokens
         s.num_generated_tokens += len(result[0])
         s.prefix_cache_queries += out.num_prefix_queries
         s.prefix_cache_hits += out.num_prefix_hits
-        finished = gen.postprocess(out, result)
+
+    def _after_generation_step(self, out: GenSchedulerOutput, finished: list) -> int:
+        gen, s = self._gen, self._stats
         s.prefix_cache_evictions = gen.blocks.pool.num_evictions
         s.num_requests_finished += len(finished)
         s.gen_token_budget = gen.scheduler.max_num_batched_tokens  # may have regrown

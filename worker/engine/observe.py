@@ -225,7 +225,7 @@ class ObserveAPI:
     @property
     def num_waiting(self) -> int:
         """Requests queued in the engine and not yet running (pooled and generation)."""
-        waiting = len(self._intake) + self.scheduler.num_waiting
+        waiting = self.pooled.num_waiting
         return waiting + (self._gen.num_waiting if self._gen is not None else 0)
 
     def _drop_observers(self) -> None:

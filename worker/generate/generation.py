@@ -365,6 +365,15 @@ class Generation:
             raise AssertionError(f"the batch state holds {self.runner.state.num_rows_used} rows "
                                  f"for {len(self.scheduler.running)} running sequences")
 
+    @property
+    def token_budget(self) -> int:
+        """Tokens one step may hold now (shrinks after an out-of-memory step, regrows)."""
+        return self.scheduler.max_num_batched_tokens
+
+    def fail(self, out: GenSchedulerOutput, error: BaseException) -> None:
+        """The step's forward raised. Its sequences stay live: ``fail_all``, which the
+        engine's death runs first, has ended them."""
+
     def fail_all(self, error: BaseException) -> None:
         """Abort every unfinished request with ``error`` (engine shutdown or death)."""
         self._drain_intake()

@@ -73,6 +73,18 @@ def test_two_ranks_generate_what_one_rank_generates(name, two_ranks, one_rank):
 
 
 @pytest.mark.parametrize("name", FAMILIES)
+def test_two_ranks_generate_what_hf_generates(name, two_ranks, checkpoint):
+    """The greedy requests (the first two) against HF's own ``generate`` on the whole model."""
+    model = AutoModelForCausalLM.from_pretrained(checkpoint(name)).eval()
+    for prompt, tokens in zip(PROMPTS[:2], two_ranks[name]["tokens"][:2], strict=True):
+        with torch.no_grad():
+            out = model.generate(torch.tensor([prompt]), attention_mask=torch.ones(1, len(prompt),
+                                 dtype=torch.long), max_new_tokens=12, do_sample=False,
+                                 pad_token_id=0)
+        assert out[0, len(prompt):].tolist() == tokens
+
+
+@pytest.mark.parametrize("name", FAMILIES)
 def test_each_rank_caches_only_its_kv_heads_and_holds_its_shard(name, two_ranks, one_rank):
     assert one_rank[name]["kv_heads"] == KV_HEADS[name]
     assert two_ranks[name]["kv_heads"] == max(1, KV_HEADS[name] // 2)
@@ -226,6 +238,18 @@ def test_an_engine_of_two_ranks_starts_its_follower_and_stops_it(checkpoint, one
     assert [o.token_ids for o in engine.generate(PROMPTS, params)] == one_rank["qwen2"]["tokens"]
     streamed = asyncio.run(engine.generate_async(PROMPTS, params))  # the step-loop thread
     assert [o.token_ids for o in streamed] == one_rank["qwen2"]["tokens"]
+    # rank 0's logits processors and sampler see the full, all-gathered logits
+    shaped = SamplingParams(temperature=0, max_tokens=10, presence_penalty=0.8,
+                            frequency_penalty=0.4, repetition_penalty=1.3, logprobs=2,
+                            logit_bias=((7, 4.0), (11, -50.0)), min_tokens=3)
+    with Engine(EngineConfig(model=str(checkpoint("qwen2")), num_kv_blocks=64, **GEN)) as one:
+        want = one.generate(PROMPTS, shaped)
+    got = engine.generate(PROMPTS, shaped)
+    assert [o.token_ids for o in got] == [o.token_ids for o in want]
+    for g, w in zip(got, want, strict=True):
+        for a, b in zip(g.logprobs, w.logprobs, strict=True):
+            assert [t for t, _ in a.top] == [t for t, _ in b.top]
+            assert a.logprob == pytest.approx(b.logprob, abs=1e-4)
     # the packed path: rank 0 sends each bin, the follower runs its forward (and LM head)
     ref = one_rank["qwen2"]
     np.testing.assert_allclose(engine.embed(PACKED), ref["embed"], rtol=1e-4, atol=1e-4)
