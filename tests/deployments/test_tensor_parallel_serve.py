@@ -68,8 +68,8 @@ def test_a_replica_of_four_ranks_asks_for_four_bundles_on_one_node(gpus, bundle)
 
 
 def test_two_ranks_serve_fail_a_killed_rank_cleanly_and_stop_with_ctrl_c():
-    """One server (each start costs most of a minute): streamed completions and packed
-    embeddings across both ranks; rank 1 killed mid-stream ends the stream with an error event and
+    """One server (each start costs most of a minute): streamed completions, a constrained
+    choice with n=2, and packed embeddings across both ranks; rank 1 killed mid-stream ends the stream with an error event and
     ``[DONE]`` (never a cut body), Serve's health check replaces the replica, whose new
     rank 1 serves the next completion, with no admission lease left; Ctrl-C then leaves
     no rank process."""
@@ -82,6 +82,12 @@ def test_two_ranks_serve_fail_a_killed_rank_cleanly_and_stop_with_ctrl_c():
             model="tiny", prompt="The capital of France is", max_tokens=12, temperature=0,
             stream=True))
         assert whole.usage.completion_tokens == 12 and text == whole.choices[0].text
+        # rank 0's sampling side: a constraint, n choices, penalties, on the full logits
+        chosen = client.completions.create(model="tiny", prompt="Pick one:", max_tokens=8,
+                                           n=2, seed=3, temperature=1.0, presence_penalty=1.0,
+                                           extra_body={"guided_choice": ["alpha", "beta"]})
+        assert len(chosen.choices) == 2
+        assert all(c.text in ("alpha", "beta") for c in chosen.choices), chosen.choices
         facts = {m.id: m for m in client.models.list().data}["tiny"].model_extra["packserve"]
         assert "embeddings" in facts["tasks"], facts
         vectors = client.embeddings.create(model="tiny", input=["hi", "hello there", "hi"])
