@@ -13,6 +13,7 @@ DEVICES = re.compile(r"^(cpu|cuda(:\d+)?)$")
 DTYPES = ("auto", "float32", "bfloat16", "float16")
 ATTENTION_BACKENDS = ("auto", "flash_attn", "torch_varlen", "reference")
 PAGED_ATTENTION_BACKENDS = ("auto", "triton", "flash_attn", "torch_paged", "gather", "reference")
+TP_LOADS = ("auto", "parallel", "serial")
 CPU_DEFAULT_BUDGET = 8192  # tokens per bin on CPU when max_num_batched_tokens is unset
 
 
@@ -91,6 +92,9 @@ class EngineConfig:
     tensor_parallel_size: int = 1  # ranks of one replica, one process (and GPU) each: rank 0
     #   schedules, the others follow its steps on their shards (worker/parallel/); generation
     #   only, for the families of worker.parallel.shard.TP_FAMILIES
+    tp_load: str = "auto"  # how TP ranks read the checkpoint: "parallel" (all at once: one
+    #   host copy per rank), "serial" (in turn: one host copy at a time), "auto" (serial when
+    #   the node's available memory cannot hold one copy per rank)
     tp_step_timeout_s: float = 60.0  # a step's collectives wait this long for a hung rank,
     #   then the engine dies (its requests fail; Serve restarts the replica). Idle waits
     #   between steps are unbounded (worker/parallel/group.py)
@@ -134,6 +138,7 @@ class EngineConfig:
                 or not self.tp_step_timeout_s > 0):
             raise ConfigError("tp_step_timeout_s", f"must be a number of seconds > 0, got "
                               f"{self.tp_step_timeout_s!r}")
+        check_choice("tp_load", self.tp_load, TP_LOADS)
         check_int("max_prefill_chunk", self.max_prefill_chunk, 0)
         check_choice("paged_attention_backend", self.paged_attention_backend,
                      PAGED_ATTENTION_BACKENDS)

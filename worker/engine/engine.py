@@ -44,6 +44,7 @@ from worker.core.request import (
 )
 from worker.core.request import validate as validate_request
 from worker.models.loader import load_model
+from worker.models.sources import checkpoint_bytes, resolve_model
 from worker.packed.policy import Pooled
 from worker.packed.runner import ModelRunner
 from worker.packed.scheduler import Scheduler
@@ -96,7 +97,9 @@ class Engine(GenerateAPI, ClassifyAPI, ObserveAPI):
     def _build(self, config: EngineConfig) -> None:
         executor = self.executor
         self.device = make_device(executor.device)
-        model, self.spec = load_model(config, self.device.device, executor.shard)
+        weights = checkpoint_bytes(resolve_model(config.model)) if self.tp is not None else 0
+        model, self.spec = load_model(config, self.device.device, executor.shard,
+                                      reading=executor.loading(config, weights))
         max_model_len = resolve_max_model_len(config, self.spec)
         max_tokens, max_seqs = staging_capacity(config, max_model_len)
         self.staging = Staging(max_tokens, max_seqs, self.device,

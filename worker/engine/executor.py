@@ -18,15 +18,17 @@ runners, and the executor hands them their ``step_sender``.
 
 from __future__ import annotations
 
+import contextlib
 import dataclasses
 import functools
 import logging
+import time
 from collections.abc import Callable
 
 from worker.core.config import EngineConfig
 from worker.models.sources import resolve_model
 from worker.parallel import launch
-from worker.parallel.group import TPGroup
+from worker.parallel.group import TPGroup, load_in_turn
 from worker.parallel.shard import shard_decoder
 from worker.parallel.steps import StepSender
 
@@ -53,6 +55,28 @@ class LocalExecutor:
     def agree(self, value: int) -> int:
         """The smallest ``value`` over the ranks (a budget, a KV block count)."""
         return value if self.tp is None else self.tp.min_int(value)
+
+    load_spans: list[tuple[float, float]] | None = None  # TP: each rank's (start, end)
+    #   of loading, wall clock, rank order
+    loaded_in_turn: bool = False  # TP: whether the ranks took turns
+
+    @contextlib.contextmanager
+    def loading(self, config: EngineConfig, checkpoint_bytes: int):
+        """Around reading the checkpoint: under TP, the ranks take turns when
+        ``config.tp_load`` says so, or ("auto") when the node's available memory cannot
+        hold one host copy per rank (``worker.parallel.group.load_in_turn``)."""
+        if self.tp is None:
+            yield
+            return
+        with load_in_turn(self.tp, config.tp_load, checkpoint_bytes) as serial:
+            self.loaded_in_turn, start = serial, time.time()
+            yield
+        spans = self.tp.all_gather_floats([start, time.time()])
+        self.load_spans = [tuple(spans[2 * r: 2 * r + 2]) for r in range(self.tp.size)]
+        if self.tp.rank == 0:
+            logger.info("tensor parallel: %d ranks read the checkpoint %s (%s)", self.tp.size,
+                        "in turn" if serial else "at once", ", ".join(
+                            f"rank {r}: {b - a:.1f} s" for r, (a, b) in enumerate(self.load_spans)))
 
     def attach(self, *runners) -> None:
         """Wire the runners for this executor's ranks (one rank: nothing to wire)."""

@@ -19,6 +19,8 @@ at 0 per sequence, so the spec carries that offset and the runner adds it.
 
 from __future__ import annotations
 
+import contextlib
+
 import logging
 from dataclasses import dataclass
 
@@ -103,11 +105,13 @@ def resolve_dtype(requested: str, hf_config, device_type: str) -> torch.dtype:
     return saved if saved in (torch.float16, torch.bfloat16) else torch.bfloat16
 
 
-def load_model(config: EngineConfig, device: torch.device, shard=None
+def load_model(config: EngineConfig, device: torch.device, shard=None, reading=None
                ) -> tuple[torch.nn.Module, ModelSpec]:
     """``from_pretrained`` on ``device`` in eval mode with our attention registered.
     ``shard(model)`` (a tensor-parallel rank's, worker.parallel.shard) runs on the host
-    copy before anything moves to ``device``: the device receives only this rank's part."""
+    copy before anything moves to ``device``: the device receives only this rank's part.
+    ``reading``: a context manager around reading, sharding and moving the weights, and
+    nothing after (the ranks' turns; the load-time proof runs collectives, outside it)."""
     remote = config.trust_remote_code
     path = resolve_model(config.model)  # packaged:, smoke: specs -> a local directory
     hf_config = AutoConfig.from_pretrained(path, trust_remote_code=remote)
@@ -122,13 +126,14 @@ def load_model(config: EngineConfig, device: torch.device, shard=None
         auto_cls = AutoModelForSequenceClassification
     else:
         auto_cls = AutoModelForCausalLM if decoder else AutoModel
-    model = auto_cls.from_pretrained(
-        path, config=hf_config, dtype=dtype, trust_remote_code=remote,
-        attn_implementation=register(backend),
-    )
-    if shard is not None:
-        shard(model)
-    model.to(device).eval()
+    with reading if reading is not None else contextlib.nullcontext():
+        model = auto_cls.from_pretrained(
+            path, config=hf_config, dtype=dtype, trust_remote_code=remote,
+            attn_implementation=register(backend),
+        )
+        if shard is not None:
+            shard(model)
+        model.to(device).eval()
     install_grouped_experts(model)  # MoE layers: grouped_mm if it passes its start-up check
     base = model.base_model
     embeddings = getattr(base, "embeddings", None)

@@ -165,3 +165,15 @@ def _fsync_tree(directory: Path) -> None:
         os.fsync(fd)
     finally:
         os.close(fd)
+
+
+WEIGHT_SUFFIXES = (".safetensors", ".bin", ".pt", ".pth")
+
+
+def checkpoint_bytes(path: str | Path) -> int:
+    """The bytes of a local checkpoint's weight files (0 for a hub id not on disk)."""
+    root = Path(path)
+    if not root.is_dir():
+        return 0
+    return sum(f.stat().st_size for f in root.iterdir()
+               if f.is_file() and f.name.endswith(WEIGHT_SUFFIXES))

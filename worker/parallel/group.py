@@ -25,8 +25,13 @@ from __future__ import annotations
 from dataclasses import dataclass
 from datetime import timedelta
 
+import contextlib
+import logging
+
 import torch
 import torch.distributed as dist
+
+logger = logging.getLogger(__name__)
 
 
 @dataclass(frozen=True)
@@ -60,6 +65,15 @@ class TPGroup:
         t = torch.tensor([value], dtype=torch.int64)
         dist.all_reduce(t, op=dist.ReduceOp.MIN, group=self.wait_group)
         return int(t.item())
+
+    def all_gather_floats(self, values: list[float]) -> list[float]:
+        """Every rank's ``values`` (equal lengths), rank order, on the unbounded group."""
+        t = torch.tensor(values, dtype=torch.float64)
+        if self.size == 1:
+            return t.tolist()
+        parts = [torch.empty_like(t) for _ in range(self.size)]
+        dist.all_gather(parts, t, group=self.wait_group)
+        return torch.cat(parts).tolist()
 
     def all_reduce_(self, x: torch.Tensor) -> torch.Tensor:
         """Sum ``x`` over the ranks, in place."""
@@ -96,3 +110,34 @@ def init_group(rank: int, size: int, host: str, port: int, device: torch.device 
     cpu = dist.new_group(backend="gloo", timeout=step) if backend != "gloo" else None
     idle = dist.new_group(backend="gloo", timeout=IDLE_TIMEOUT)
     return TPGroup(rank, size, group, cpu, idle, step_timeout_s)
+
+
+def available_host_bytes() -> int | None:
+    """``MemAvailable`` of ``/proc/meminfo`` (Linux); None where it cannot be read."""
+    try:
+        with open("/proc/meminfo") as f:
+            for line in f:
+                if line.startswith("MemAvailable:"):
+                    return int(line.split()[1]) * 1024
+    except OSError:
+        return None
+    return None
+
+
+@contextlib.contextmanager
+def load_in_turn(tp: TPGroup, mode: str, checkpoint_bytes: int):
+    """Read the checkpoint in rank order, one rank at a time, when ``mode`` is "serial",
+    or "auto" and any rank finds that the node's available memory cannot hold
+    ``tp.size`` host copies (each rank reads the whole checkpoint before keeping its
+    shard); yields whether it does. A rank that fails while it reads does not pass the
+    turn on: the next rank's wait ends when the failed one's connection closes."""
+    serial = mode == "serial"
+    if mode == "auto":
+        free = available_host_bytes()
+        fits = free is None or checkpoint_bytes * tp.size <= 0.9 * free
+        serial = tp.min_int(int(fits)) == 0  # one rank short of memory: all take turns
+    if serial and tp.rank > 0:
+        dist.recv(torch.zeros(1), src=tp.rank - 1, group=tp.wait_group)
+    yield serial
+    if serial and tp.rank < tp.size - 1:
+        dist.send(torch.ones(1), dst=tp.rank + 1, group=tp.wait_group)

@@ -22,8 +22,8 @@ def sharded_engine(path: str, tp, **config) -> Engine:
     """An engine whose loaded model is sharded before anything else sees it."""
     load = engine_module.load_model
 
-    def load_sharded(cfg, device, shard=None):
-        return load(cfg, device, lambda model: shard_decoder(model, tp))
+    def load_sharded(cfg, device, shard=None, reading=None):
+        return load(cfg, device, lambda model: shard_decoder(model, tp), reading)
 
     engine_module.load_model = load_sharded
     try:

@@ -344,3 +344,34 @@ def test_the_step_timeout_is_checked():
     for bad in (0, -1.0, True, "5"):
         with pytest.raises(ConfigError, match="tp_step_timeout_s: must be a number"):
             EngineConfig(model="m", tp_step_timeout_s=bad)
+
+
+def test_ranks_read_the_checkpoint_in_turn_when_the_node_cannot_hold_a_copy_each(
+        checkpoint, monkeypatch):
+    """``tp_load="serial"``, and "auto" once a rank finds too little available memory for
+    one host copy per rank (here rank 0, told the node has 1 KiB free): rank 1 starts
+    reading only after rank 0 is done; "auto" with room to spare reads at once."""
+    import worker.parallel.group
+    from worker import Engine, EngineConfig
+
+    config = EngineConfig(model=str(checkpoint("llama")), tensor_parallel_size=2,
+                          num_kv_blocks=64, **GEN)
+    with Engine(config) as engine:  # auto: the tiny checkpoint fits twice over
+        assert not engine.executor.loaded_in_turn and len(engine.executor.load_spans) == 2
+    for mode in ("serial", "auto"):
+        if mode == "auto":
+            monkeypatch.setattr(worker.parallel.group, "available_host_bytes", lambda: 1024)
+        import dataclasses
+
+        with Engine(dataclasses.replace(config, tp_load=mode)) as engine:
+            (start0, end0), (start1, end1) = engine.executor.load_spans
+            assert engine.executor.loaded_in_turn and start1 >= end0, mode
+            assert engine.generate(PROMPTS[:1], SamplingParams(temperature=0, max_tokens=3))
+    assert _rank_processes() == []
+
+
+def test_the_load_mode_is_checked():
+    from worker import EngineConfig
+
+    with pytest.raises(ConfigError, match="tp_load: must be one of auto, parallel, serial"):
+        EngineConfig(model="m", tp_load="lazy")
