@@ -8,7 +8,9 @@ On CUDA without probe flags this is exactly what the engine does at start-up: it
 ``--margin-gib``, ``--override``, ``--reserve-kv`` or ``--max-budget-tokens`` (which
 ``EngineConfig`` does not carry) it starts the engine with a fixed budget (no probe)
 and runs ``measure_budget`` itself over the engine's synthetic packed forward.
-On CPU nothing is measured: the budget comes from configuration.
+On CPU nothing is measured: the budget comes from configuration. With
+``--tensor-parallel-size N`` (CUDA) the engine starts its N ranks and reports the probe
+that rank 0 drove and every rank measured (``worker.parallel.probe``).
 
 Random weights of a benchmark shape: ``python -m benchmarks.probe --shape NAME`` builds
 the checkpoint (``benchmarks/_common.py``) and runs this CLI on it (``worker/`` imports
@@ -47,6 +49,8 @@ def _parse(argv) -> argparse.Namespace:
     p.add_argument("--max-budget-tokens", type=int, default=None)
     p.add_argument("--allow-untested-model", action="store_true",
                    help="probe a family the family matrix has not proven (docs/models.md)")
+    p.add_argument("--tensor-parallel-size", "-tp", type=int, default=1,
+                   help="ranks (one GPU each): the engine's own probe, measured on every rank")
     p.add_argument("--json", help="also write the report's fields to this file")
     return p.parse_args(argv)
 
@@ -96,11 +100,16 @@ def cuda_report(args, model: str, device: str) -> BudgetReport:
     from worker.budget.limits import probe_settings
     from worker.engine.engine import Engine
 
+    tp = getattr(args, "tensor_parallel_size", 1)
     config = EngineConfig(model=model, device=device, dtype=args.dtype, align=args.align,
-                          allow_untested_model=args.allow_untested_model)
+                          allow_untested_model=args.allow_untested_model,
+                          tensor_parallel_size=tp)
     if all(getattr(args, flag) is None for flag in _PROBE_FLAGS):
-        with Engine(config) as engine:  # the engine's own start-up probe
+        with Engine(config) as engine:  # the engine's own start-up probe (every rank's)
             return engine.budget_report
+    if tp > 1:
+        raise SystemExit("--cap, --margin-gib, --override, --reserve-kv and --max-budget-tokens "
+                         "probe one device; drop them, or --tensor-parallel-size")
     from transformers import AutoConfig
 
     max_len = AutoConfig.from_pretrained(model).max_position_embeddings

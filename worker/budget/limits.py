@@ -51,20 +51,22 @@ def staging_capacity(config: EngineConfig, max_model_len: int) -> tuple[int, int
     return tokens, min(config.max_num_seqs or by_align, by_align)
 
 
-def resolve_budget(config: EngineConfig, runner, device, max_model_len: int,
-                   probe: bool = True) -> tuple[int, object | None]:
-    """(budget, the probe's BudgetReport or None). ``probe=False`` (a tensor-parallel
-    rank): ``CPU_DEFAULT_BUDGET`` on CUDA too, and no report (the KV cache then takes a
-    fraction of the free memory)."""
+def resolve_budget(config: EngineConfig, runner, device,
+                   max_model_len: int) -> tuple[int, object | None]:
+    """(budget, the probe's BudgetReport or None). A tensor-parallel engine probes on CUDA
+    through ``worker.engine.memory_plan.probe_over_ranks`` instead."""
     if config.max_num_batched_tokens is not None:
         return config.max_num_batched_tokens, None
-    if not config.is_cuda or not probe:
+    if not config.is_cuda:
         return _cpu_default(config.align), None
-    return _measure(config, runner, device, max_model_len)
+    return measure(config, runner, device, max_model_len)
 
 
-def _measure(config: EngineConfig, runner, device, max_model_len: int):
-    """The single call site of the Phase-0 probe."""
+def measure(config: EngineConfig, runner, device, max_model_len: int, *, nvml=None,
+             memory=None):
+    """The single call site of the Phase-0 probe. ``nvml`` and ``memory``: the readers
+    (default: this device's; a tensor-parallel rank 0 passes every rank's,
+    ``worker.parallel.probe``)."""
     from worker.budget.nvml import default_reader
     from worker.budget.probe import TorchCudaMemory, measure_budget
 
@@ -74,8 +76,8 @@ def _measure(config: EngineConfig, runner, device, max_model_len: int):
         lambda n: runner.run_synthetic(n, min(max_model_len, n)),
         model_config=model.config,
         dtype_bytes=runner.spec.dtype.itemsize,
-        nvml=default_reader(),
-        memory=TorchCudaMemory(index),
+        nvml=nvml or default_reader(),
+        memory=memory or TorchCudaMemory(index),
         device_index=index,
         settings=probe_settings(config, max_model_len),
         parameter_bytes=sum(p.numel() * p.element_size() for p in model.parameters()),

@@ -78,8 +78,10 @@ class LocalExecutor:
                         "in turn" if serial else "at once", ", ".join(
                             f"rank {r}: {b - a:.1f} s" for r, (a, b) in enumerate(self.load_spans)))
 
-    def attach(self, *runners) -> None:
-        """Wire the runners for this executor's ranks (one rank: nothing to wire)."""
+    def attach(self, *runners):
+        """Wire the runners for this executor's ranks (one rank: nothing to wire); returns
+        rank 0's step sender (None here)."""
+        return None
 
     def stop(self, clean: bool) -> None:
         """End the other ranks (``clean``: no step died inside a collective)."""
@@ -107,10 +109,12 @@ class LeaderExecutor(LocalExecutor):
         self.device = self._followers.device
         self.sender: StepSender | None = None
 
-    def attach(self, *runners) -> None:
-        self.sender = StepSender(self.tp)
+    def attach(self, *runners) -> StepSender:
+        if self.sender is None:
+            self.sender = StepSender(self.tp)
         for runner in runners:
             runner.step_sender = self.sender
+        return self.sender
 
     def stop(self, clean: bool) -> None:
         followers, self._followers = self._followers, None

@@ -158,6 +158,8 @@ class ModelRunner:
         rows' LM head, whose collectives meet rank 0's (pooling has none: rank 0 alone
         pools and returns)."""
         try:
+            if self.fault_hook is not None:
+                self.fault_hook(staged.num_tokens, staged.num_seqs)
             hidden = self.forward(staged)
             if score_end:
                 self._score(hidden, staged, score_end)

@@ -43,8 +43,9 @@ import torch.distributed as dist
 from worker.generate.inputs import HostMeta, StepLayout, apply_updates
 from worker.parallel.group import TPGroup
 
-STOP, STEP, BIN = 0, 1, 2
+STOP, STEP, BIN, ASK, PROBED = 0, 1, 2, 3, 4
 HEADER = 10
+ANSWER = 3  # int64 words each rank answers an ``ASK`` with (``worker.parallel.probe``)
 
 
 class StepSender:
@@ -82,6 +83,20 @@ class StepSender:
         dist.broadcast(words.contiguous(), src=0, group=self.tp.host_group)
         self.num_sent += 1
 
+    def ask(self, op: int, answer) -> list[list[int]]:
+        """Every rank's ``ANSWER`` words to ``op`` (the budget probe's memory readings,
+        ``worker.parallel.probe``), rank order; ``answer(op)``: this rank's."""
+        header = torch.zeros(HEADER, dtype=torch.int64)
+        header[0], header[1] = ASK, op
+        self._announce(header)
+        return gather_answer(self.tp, answer(op))
+
+    def end_probe(self) -> None:
+        """The budget probe is over: the followers return from ``follow_probe``."""
+        header = torch.zeros(HEADER, dtype=torch.int64)
+        header[0] = PROBED
+        self._announce(header)
+
     def stop(self) -> None:
         """Tell the followers there are no more steps (they return from ``follow``)."""
         header = torch.zeros(HEADER, dtype=torch.int64)
@@ -97,12 +112,15 @@ class StepSender:
 
 def receive(tp: TPGroup, table_shape: tuple[int, int]):
     """The next message from rank 0: ``(STEP, meta, words, table | None)``,
-    ``(BIN, words, (tokens, seqs, max_seqlen, score_end))``, or None at ``STOP``."""
+    ``(BIN, words, (tokens, seqs, max_seqlen, score_end))``, ``(ASK, op)``, ``(PROBED, 0)``,
+    or None at ``STOP``."""
     header = torch.empty(HEADER, dtype=torch.int64)
     dist.broadcast(header, src=0, group=tp.wait_group)  # as long as the replica is idle
     kind, t, s, b, u, max_q, num_real, width, upload, n = header.tolist()
     if kind == STOP:
         return None
+    if kind in (ASK, PROBED):
+        return kind, t
     payload = torch.empty(n, dtype=torch.int64)
     dist.broadcast(payload, src=0, group=tp.host_group)
     if kind == BIN:
@@ -117,6 +135,15 @@ def receive(tp: TPGroup, table_shape: tuple[int, int]):
     return STEP, meta, words, table
 
 
+def gather_answer(tp: TPGroup, words: list[int]) -> list[list[int]]:
+    """Every rank's ``ANSWER`` words, rank order (on the group without a bound: a rank may
+    still be in the forward that the question follows)."""
+    mine = torch.tensor(words, dtype=torch.int64)
+    parts = [torch.empty_like(mine) for _ in range(tp.size)]
+    dist.all_gather(parts, mine, group=tp.wait_group)
+    return [p.tolist() for p in parts]
+
+
 def follow(runner, tp: TPGroup, packed=None) -> int:
     """Run rank 0's steps on this rank's shard until ``STOP``; returns the messages run.
     ``runner``: this rank's ``GenRunner`` (its model sharded, its cache of its heads), None
@@ -128,13 +155,10 @@ def follow(runner, tp: TPGroup, packed=None) -> int:
         while (message := receive(tp, shape)) is not None:
             num_steps += 1
             if message[0] == BIN:
-                _, words, (tokens, seqs, max_seqlen, score_end) = message
-                if packed is None:
-                    raise RuntimeError("rank 0 sent a packed bin to a follower without a "
-                                       "packed runner")
-                packed.follow_bin(packed.staging.stage_words(words, tokens, seqs, max_seqlen),
-                                  score_end)
+                follow_bin(packed, message)
                 continue
+            if message[0] != STEP:
+                raise RuntimeError(f"rank 0 sent message kind {message[0]} between steps")
             _, meta, words, table = message
             if table is not None:
                 runner.state.tables[:] = table
@@ -143,3 +167,11 @@ def follow(runner, tp: TPGroup, packed=None) -> int:
             apply_updates(runner.table, dev, meta, runner.state)
             runner.forward(dev, meta)
     return num_steps
+
+
+def follow_bin(packed, message) -> None:
+    """A ``BIN`` message on this rank's packed runner."""
+    _, words, (tokens, seqs, max_seqlen, score_end) = message
+    if packed is None:
+        raise RuntimeError("rank 0 sent a packed bin to a follower without a packed runner")
+    packed.follow_bin(packed.staging.stage_words(words, tokens, seqs, max_seqlen), score_end)

@@ -370,6 +370,21 @@ def test_cli_probe_flags_run_the_probe_over_the_engine(tiny_model, monkeypatch):
     assert [p.num_tokens for p in report.warmup] == [256]
 
 
+def test_cli_probe_flags_are_for_one_device(tiny_model):
+    """``-tp N`` is the engine's own probe over its N ranks; the flags that re-run the
+    probe by hand drive one device, so together they are refused before anything loads."""
+    import argparse
+
+    from worker.budget.cli import _parse, cuda_report
+
+    assert _parse(["--model", "m", "-tp", "4"]).tensor_parallel_size == 4
+    args = argparse.Namespace(dtype="auto", align=16, cap=0.5, margin_gib=None, override=None,
+                              reserve_kv=None, max_budget_tokens=None, allow_untested_model=False,
+                              tensor_parallel_size=2)
+    with pytest.raises(SystemExit, match="probe one device; drop them, or --tensor-parallel"):
+        cuda_report(args, str(tiny_model("llama")), "cuda")
+
+
 # Warm-up peaks over baseline measured on an H100 (Qwen2.5-7B shape, bf16), and the
 # peak over baseline of the largest bin that fit there: benchmarks/results/h100/extras.json.
 H100_WARMUP = [(512, 575_157_760), (1024, 713_037_824), (2048, 720_381_952),

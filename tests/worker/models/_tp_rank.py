@@ -115,3 +115,55 @@ def run_agree(rank: int, size: int, port: int, path: str, out_dir: str) -> None:
         "capacity": engine.capacity_tokens, "ranks": plan.num_ranks}))
     engine.shutdown()
     torch.distributed.destroy_process_group()
+
+
+class LinearMemory:
+    """A fake allocator: the peak of a forward is ``baseline + per_token * its tokens``."""
+
+    def __init__(self, baseline: int, per_token: int):
+        self.baseline, self.per_token, self.last = baseline, per_token, 0
+
+    def allocated_bytes(self) -> int:
+        return self.baseline
+
+    def reset_peak(self) -> None:
+        self.last = 0
+
+    def peak_allocated_bytes(self) -> int:
+        return self.baseline + self.per_token * self.last
+
+    def release_cached(self) -> None:
+        pass
+
+
+PROBE_RANKS = [dict(used_gib=1, per_token_mib=2, baseline_mib=300),  # rank 0: more room
+               dict(used_gib=2, per_token_mib=3, baseline_mib=100)]  # rank 1: less
+
+
+def run_probe(rank: int, size: int, port: int, path: str, out_dir: str) -> None:
+    """The TP probe with a fake device per rank (NVML reading and allocator): rank 0
+    drives it, rank 1 follows its forwards and answers its readings."""
+    from worker.budget.nvml import FakeNvmlReader
+    from worker.engine.memory_plan import probe_over_ranks
+
+    torch.set_num_threads(1)
+    tp = init_group(rank, size, "127.0.0.1", port)
+    engine = Engine(EngineConfig(model=path, max_num_batched_tokens=2048,
+                                 max_num_running_seqs=8), tp=tp)
+    fake = PROBE_RANKS[rank]
+    nvml = FakeNvmlReader(8 << 30, fake["used_gib"] << 30)
+    memory = LinearMemory(fake["baseline_mib"] << 20, fake["per_token_mib"] << 20)
+    engine.runner.fault_hook = lambda n, s: setattr(memory, "last", n)  # before each forward
+    sender = StepSender(tp) if rank == 0 else None
+    engine.runner.step_sender = sender
+    budget, report = probe_over_ranks(engine.config, engine.runner, engine.device, tp, sender,
+                                      max_model_len=engine.config.max_model_len, nvml=nvml,
+                                      memory=memory)
+    agreed = tp.min_int(budget)
+    result = {"budget": agreed}
+    if report is not None:
+        result["warmup"] = [p.num_tokens for p in report.warmup]
+        result["used_bytes"] = report.used_bytes
+    Path(out_dir, f"probe{rank}.json").write_text(json.dumps(result))
+    engine.shutdown()
+    torch.distributed.destroy_process_group()

@@ -186,6 +186,34 @@ def test_every_rank_plans_the_smallest_budget_and_kv_cache_of_the_ranks(checkpoi
         assert plan["ranks"] == 2 and plan["capacity"] == 40 * 16  # blocks of 16 tokens
 
 
+def test_the_probe_measures_every_rank_and_fits_the_one_with_least_room(checkpoint, tmp_path):
+    """Each rank with its own fake device (NVML reading, allocator growing per token):
+    rank 0 drives the Phase-0 probe, rank 1 runs its forwards and answers its readings, and
+    the budget is the one rank 1 alone would measure (less free memory, more bytes per
+    token), smaller than rank 0's alone."""
+    from transformers import AutoConfig
+
+    from worker.budget.nvml import FakeNvmlReader
+    from worker.budget.probe import ProbeSettings, measure_budget
+
+    path = str(checkpoint("llama"))
+    mp.spawn(_tp_rank.run_probe, args=(2, free_port(), path, str(tmp_path)), nprocs=2,
+             join=True)
+    got = [json.loads((tmp_path / f"probe{r}.json").read_text()) for r in (0, 1)]
+    alone = []
+    for fake in _tp_rank.PROBE_RANKS:
+        memory = _tp_rank.LinearMemory(fake["baseline_mib"] << 20, fake["per_token_mib"] << 20)
+        report = measure_budget(lambda n, m=memory: setattr(m, "last", n),
+                                model_config=AutoConfig.from_pretrained(path), dtype_bytes=4,
+                                nvml=FakeNvmlReader(8 << 30, fake["used_gib"] << 30),
+                                memory=memory, settings=ProbeSettings(align=16))
+        alone.append(report.budget_tokens)
+    assert alone[1] < alone[0]
+    assert got[0]["budget"] == got[1]["budget"] == alone[1]
+    assert got[0]["used_bytes"] == 2 << 30  # the reading of the rank with least room
+    assert got[0]["warmup"][:2] == [512, 1024]  # real forwards on both ranks
+
+
 # ---- one scheduler: rank 0 sends each step, rank 1 follows --------------------------
 
 LEADER_JOBS = {  # name: (family, engine config)
