@@ -7,6 +7,8 @@ import ctypes.util
 import functools
 import logging
 
+from worker.core.memory import proc_bytes
+
 logger = logging.getLogger("ray.serve")
 
 
@@ -14,14 +16,7 @@ def rss_bytes() -> int:
     """Anonymous resident memory of this process (heap and stacks: what it holds for
     itself, not the pages of Ray's shared object store it has mapped and touched, which
     VmRSS also counts); Linux ``/proc``, 0 elsewhere."""
-    try:
-        with open("/proc/self/status") as f:
-            for line in f:
-                if line.startswith("RssAnon:"):
-                    return int(line.split()[1]) * 1024
-    except OSError:
-        pass
-    return 0
+    return proc_bytes("/proc/self/status", "RssAnon:") or 0
 
 
 @functools.cache

@@ -25,3 +25,16 @@ def shrunk_budget(failed_num_tokens: int, align: int, minimum: int) -> int:
     if target >= align:
         target -= target % align
     return max(minimum, target)
+
+
+def proc_bytes(path: str, field: str) -> int | None:
+    """A ``kB`` field of a Linux ``/proc`` file (``MemAvailable:`` of ``/proc/meminfo``,
+    ``RssAnon:`` of ``/proc/self/status``) in bytes; None where it cannot be read."""
+    try:
+        with open(path) as f:
+            for line in f:
+                if line.startswith(field):
+                    return int(line.split()[1]) * 1024
+    except OSError:
+        return None
+    return None

@@ -31,6 +31,8 @@ import logging
 import torch
 import torch.distributed as dist
 
+from worker.core.memory import proc_bytes
+
 logger = logging.getLogger(__name__)
 
 
@@ -114,14 +116,7 @@ def init_group(rank: int, size: int, host: str, port: int, device: torch.device 
 
 def available_host_bytes() -> int | None:
     """``MemAvailable`` of ``/proc/meminfo`` (Linux); None where it cannot be read."""
-    try:
-        with open("/proc/meminfo") as f:
-            for line in f:
-                if line.startswith("MemAvailable:"):
-                    return int(line.split()[1]) * 1024
-    except OSError:
-        return None
-    return None
+    return proc_bytes("/proc/meminfo", "MemAvailable:")
 
 
 @contextlib.contextmanager
