@@ -11,9 +11,9 @@ from ray import serve
 from ray.serve.config import RequestRouterConfig
 
 from deployments.admission.controller import AdmissionController
-from deployments.replica.autoscaling import serve_autoscaling_config
 from deployments.app.config import AppArgs, ModelArgs, RouterArgs
 from deployments.http.ingress import OpenAIIngress
+from deployments.replica.autoscaling import serve_autoscaling_config
 from deployments.replica.deployment import EngineReplica
 from deployments.replica.ranks import bundles
 

@@ -30,8 +30,8 @@ import numpy as np
 import torch
 from ray import serve
 
-from deployments.app.config import AdmissionArgs, ModelArgs
 from deployments.admission.ledger import LeaseRule
+from deployments.app.config import AdmissionArgs, ModelArgs
 from deployments.app.metrics import ReplicaMetrics
 from deployments.app.process import rss_bytes, trim_memory
 from deployments.replica.ranks import launch_ranks
@@ -220,7 +220,7 @@ class EngineReplica:
         engine, cfg = self.engine, self.engine.config
         can_generate = engine.spec.is_decoder and not engine.spec.is_classifier
         if can_generate:
-            engine.generation  # allocate the KV cache now (the plan's blocks), not mid-request
+            _ = engine.generation  # allocate the KV cache now (the plan's blocks), not mid-request
         capacity = engine.capacity_tokens
         return ModelInfo(
             name=self.args.name, is_decoder=engine.spec.is_decoder, can_generate=can_generate,

@@ -9,8 +9,8 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 
-from worker.params import SamplingParams
 from worker.models.labels import LabelSpec
+from worker.params import SamplingParams
 
 
 @dataclass(frozen=True)

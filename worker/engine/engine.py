@@ -21,16 +21,12 @@ from collections.abc import Sequence
 import numpy as np
 
 from worker.budget.limits import resolve_max_model_len, staging_capacity
-from worker.engine.classify_api import ClassifyAPI
 from worker.core.config import EngineConfig
 from worker.core.device import make_device
 from worker.core.errors import (
     EngineDeadError,
     InvalidRequestError,
 )
-from worker.engine.generate_api import GenerateAPI
-from worker.engine.loop import StepLoop
-from worker.engine.observe import ObserveAPI
 from worker.core.request import (
     Pooling,
     Request,
@@ -43,14 +39,18 @@ from worker.core.request import (
     parse_task,
 )
 from worker.core.request import validate as validate_request
+from worker.engine.classify_api import ClassifyAPI
+from worker.engine.executor import make_executor
+from worker.engine.generate_api import GenerateAPI
+from worker.engine.loop import StepLoop
+from worker.engine.memory_plan import plan_memory
+from worker.engine.observe import ObserveAPI
 from worker.models.loader import load_model
 from worker.models.sources import checkpoint_bytes, resolve_model
 from worker.packed.policy import Pooled
 from worker.packed.runner import ModelRunner
 from worker.packed.scheduler import Scheduler
 from worker.packed.staging import Staging
-from worker.engine.executor import make_executor
-from worker.engine.memory_plan import plan_memory
 from worker.parallel import launch
 from worker.parallel.group import TPGroup, init_group
 from worker.parallel.steps import follow

@@ -81,7 +81,6 @@ class LocalExecutor:
     def attach(self, *runners):
         """Wire the runners for this executor's ranks (one rank: nothing to wire); returns
         rank 0's step sender (None here)."""
-        return None
 
     def stop(self, clean: bool) -> None:
         """End the other ranks (``clean``: no step died inside a collective)."""

@@ -20,7 +20,6 @@ at 0 per sequence, so the spec carries that offset and the runner adds it.
 from __future__ import annotations
 
 import contextlib
-
 import logging
 from dataclasses import dataclass
 

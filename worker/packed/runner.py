@@ -22,8 +22,8 @@ import torch
 from worker.attention.context import PackedSegments, attention_context
 from worker.attention.cpu import SegmentGroups
 from worker.core.memory import is_out_of_memory
-from worker.core.timing import StepTimer
 from worker.core.request import OutputMode
+from worker.core.timing import StepTimer
 from worker.models.heads import ClassificationHead, classification_head
 from worker.models.lm_head import lm_head
 from worker.models.loader import ModelSpec

@@ -22,11 +22,10 @@ send on it is still bounded: it waits ``step_timeout_s`` for the others to take 
 
 from __future__ import annotations
 
-from dataclasses import dataclass
-from datetime import timedelta
-
 import contextlib
 import logging
+from dataclasses import dataclass
+from datetime import timedelta
 
 import torch
 import torch.distributed as dist

@@ -181,9 +181,9 @@ def test_every_rank_plans_the_smallest_budget_and_kv_cache_of_the_ranks(checkpoi
     mp.spawn(_tp_rank.run_agree, args=(2, free_port(), str(checkpoint("llama")), str(tmp_path)),
              nprocs=2, join=True)
     plans = [json.loads((tmp_path / f"agree{r}.json").read_text()) for r in (0, 1)]
-    for plan in plans:
-        assert (plan["budget"], plan["kv_blocks"], plan["allocated_blocks"]) == (48, 40, 40)
-        assert plan["ranks"] == 2 and plan["capacity"] == 40 * 16  # blocks of 16 tokens
+    for rank in plans:
+        assert (rank["budget"], rank["kv_blocks"], rank["allocated_blocks"]) == (48, 40, 40)
+        assert rank["ranks"] == 2 and rank["capacity"] == 40 * 16  # blocks of 16 tokens
 
 
 def test_the_probe_measures_every_rank_and_fits_the_one_with_least_room(checkpoint, tmp_path):
@@ -392,7 +392,7 @@ def test_ranks_read_the_checkpoint_in_turn_when_the_node_cannot_hold_a_copy_each
         import dataclasses
 
         with Engine(dataclasses.replace(config, tp_load=mode)) as engine:
-            (start0, end0), (start1, end1) = engine.executor.load_spans
+            (_, end0), (start1, _) = engine.executor.load_spans
             assert engine.executor.loaded_in_turn and start1 >= end0, mode
             assert engine.generate(PROMPTS[:1], SamplingParams(temperature=0, max_tokens=3))
     assert _rank_processes() == []
