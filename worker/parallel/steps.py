@@ -13,7 +13,7 @@ request: the words and the table updates are the whole step.
 
 | header word | ``STEP`` (a generation step)      | ``BIN`` (a packed bin)             |
 |-------------|-----------------------------------|------------------------------------|
-| 0           | kind: ``STEP``, ``BIN`` or ``STOP`` | kind                             |
+| 0           | kind: ``STEP``, ``BIN``, ``ASK``, ``PROBED`` or ``STOP`` | kind      |
 | 1-4         | the step layout: t, s, b, u       | tokens, sequences, max_seqlen, the scoring rows' end (0: none) |
 | 5-7         | max_seqlen_q, num_real, width     | 0                                  |
 | 8           | upload_table (1: the whole table follows the words) | 0                |
@@ -24,6 +24,9 @@ request: the words and the table updates are the whole step.
 staging words (``Staging.host_words``: ids, positions, cu_seqlens); the follower runs
 the forward and, for scoring rows, the LM head (``ModelRunner.follow_bin``): embeddings
 and scores are served under TP, pooled and returned by rank 0 alone.
+
+During the start-up probe (``worker.parallel.probe``) rank 0 also sends ``ASK`` (word 1:
+the question; every rank answers ``ANSWER`` words, gathered) and, at its end, ``PROBED``.
 
 The header travels on the group without a timeout (a follower waits for it as long as the
 replica idles), the payload and the forward's collectives on the bounded ones
