@@ -60,7 +60,9 @@ def plan_memory(config: EngineConfig, runner, device, executor, *, max_model_len
     """The plan of an engine whose model is loaded (``runner``: its packed runner, for the
     probe) and staged (``staging``: the buffers' tokens and sequences)."""
     tp = executor.tp
-    if tp is not None and config.is_cuda and config.max_num_batched_tokens is None:
+    probed_over_ranks = (tp is not None and config.is_cuda
+                         and config.max_num_batched_tokens is None)
+    if probed_over_ranks:
         sender = executor.attach(runner) if tp.rank == 0 else None
         budget, report = probe_over_ranks(config, runner, device, tp, sender,
                                           max_model_len=max_model_len)
@@ -72,7 +74,8 @@ def plan_memory(config: EngineConfig, runner, device, executor, *, max_model_len
                       config.max_num_bins_per_step)
     if not spec.is_decoder or spec.is_classifier:
         return plan
-    measured = report is not None and getattr(report, "source", None) == "measured"
+    # a follower took part in rank 0's measured probe: its generation settings are rank 0's
+    measured = probed_over_ranks or getattr(report, "source", None) == "measured"
     resolved = dataclasses.replace(config, max_num_batched_tokens=budget,
                                    max_model_len=max_model_len)
     try:
