@@ -71,7 +71,8 @@ class LocalExecutor:
         with load_in_turn(self.tp, config.tp_load, checkpoint_bytes) as serial:
             self.loaded_in_turn, start = serial, time.time()
             yield
-        spans = self.tp.all_gather_floats([start, time.time()])
+            end = time.time()  # before the turn passes to the next rank
+        spans = self.tp.all_gather_floats([start, end])
         self.load_spans = [tuple(spans[2 * r: 2 * r + 2]) for r in range(self.tp.size)]
         if self.tp.rank == 0:
             logger.info("tensor parallel: %d ranks read the checkpoint %s (%s)", self.tp.size,
