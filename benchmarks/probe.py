@@ -15,7 +15,8 @@ from benchmarks import _common
 
 
 def main(argv=None) -> int:
-    p = argparse.ArgumentParser(prog="python -m benchmarks.probe", description=__doc__.splitlines()[0])
+    p = argparse.ArgumentParser(prog="python -m benchmarks.probe",
+                                description=__doc__.splitlines()[0])
     p.add_argument("--shape", required=True, help=f"one of {', '.join(_common.SHAPES)}")
     args, rest = p.parse_known_args(argv)
     known = argparse.ArgumentParser(add_help=False)

@@ -111,8 +111,9 @@ def config_from_args(args: argparse.Namespace) -> JobConfig:
             max_num_batched_tokens=args.max_num_batched_tokens,
             max_model_len=args.max_model_len, trust_remote_code=args.trust_remote_code,
             allow_untested_model=args.allow_untested_model,
-            tensor_parallel_size=args.tensor_parallel_size, address=args.address, num_actors=args.num_actors,
-            num_cpus_per_actor=args.num_cpus_per_actor, pooling=args.pooling,
+            tensor_parallel_size=args.tensor_parallel_size, address=args.address,
+            num_actors=args.num_actors, num_cpus_per_actor=args.num_cpus_per_actor,
+            pooling=args.pooling,
             normalize=args.normalize, sampling=sampling, progress=args.progress)
     except ValueError as exc:  # worker.core.config.ConfigError names the EngineConfig field
         if isinstance(exc, JobConfigError):

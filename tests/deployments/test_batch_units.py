@@ -135,7 +135,7 @@ def test_one_actor_per_gpu_else_the_cpu_count_given(tmp_path):
         actor_layout(_config(tmp_path, device="cpu", num_actors=4), {"CPU": 4.0})
     # tensor parallel: an actor takes tensor_parallel_size GPUs
     assert actor_layout(_config(tmp_path, tensor_parallel_size=2), gpus) == (4, True)
-    with pytest.raises(JobError, match="3 engine actors of 4 ranks need 12 GPUs; the cluster has 8"):
+    with pytest.raises(JobError, match="3 engine actors of 4 ranks need 12 GPUs; the cluster"):
         actor_layout(_config(tmp_path, tensor_parallel_size=4, num_actors=3), gpus)
 
 

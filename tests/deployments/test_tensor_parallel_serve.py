@@ -1,8 +1,8 @@
 """``packserve serve MODEL --tensor-parallel-size 2`` on CPU (issue 22): the engine replica
-is deployed with a placement group of two bundles and starts its second rank as a Ray
-actor in bundle 1, and serves streamed completions and
-embeddings through the openai client; a killed rank fails its streams cleanly and the replica comes back;
-Ctrl-C leaves no rank process behind."""
+is deployed with a placement group of two bundles, starts its second rank as a Ray actor
+in bundle 1, and serves streamed completions and embeddings through the openai client; a
+killed rank fails its streams cleanly and the replica comes back; Ctrl-C leaves no rank
+process behind."""
 
 from __future__ import annotations
 
@@ -69,10 +69,10 @@ def test_a_replica_of_four_ranks_asks_for_four_bundles_on_one_node(gpus, bundle)
 
 def test_two_ranks_serve_fail_a_killed_rank_cleanly_and_stop_with_ctrl_c():
     """One server (each start costs most of a minute): streamed completions, a constrained
-    choice with n=2, and packed embeddings across both ranks; rank 1 killed mid-stream ends the stream with an error event and
-    ``[DONE]`` (never a cut body), Serve's health check replaces the replica, whose new
-    rank 1 serves the next completion, with no admission lease left; Ctrl-C then leaves
-    no rank process."""
+    choice with n=2, and packed embeddings across both ranks; rank 1 killed mid-stream
+    ends the stream with an error event and ``[DONE]`` (never a cut body), Serve's health
+    check replaces the replica, whose new rank 1 serves the next completion, with no
+    admission lease left; Ctrl-C then leaves no rank process."""
     with packserve_serve("--tensor-parallel-size", "2") as s:
         (rank,) = _ranks(s.proc.pid)  # rank 1, an actor in the replica's placement group
         client = openai.OpenAI(base_url=f"{s.url}/v1", api_key="none", max_retries=0)

@@ -8,7 +8,7 @@ their numbers are agreed, and how they are stopped.
 | executor             | ranks                     | each step                                         |
 |----------------------|---------------------------|---------------------------------------------------|
 | ``LocalExecutor``    | this process              | the runner's forward, nothing else                |
-| ``LeaderExecutor``   | rank 0 of N; spawns 1..N-1 | the runner sends the staged step (``StepSender``) before its forward |
+| ``LeaderExecutor``   | rank 0 of N; starts 1..N-1 (a launcher: processes, or Ray actors under Serve) | the runner sends the staged step (``StepSender``) before its forward |
 | ``FollowerExecutor`` | rank r > 0 (``follow_rank``) | ``worker.parallel.steps.follow``: rank 0's steps on this shard |
 
 vLLM v1 draws the same line (Executor -> Worker -> ModelRunner, rank 0 driving, as in
@@ -75,9 +75,10 @@ class LocalExecutor:
         spans = self.tp.all_gather_floats([start, end])
         self.load_spans = [tuple(spans[2 * r: 2 * r + 2]) for r in range(self.tp.size)]
         if self.tp.rank == 0:
+            times = ", ".join(f"rank {r}: {b - a:.1f} s"
+                              for r, (a, b) in enumerate(self.load_spans))
             logger.info("tensor parallel: %d ranks read the checkpoint %s (%s)", self.tp.size,
-                        "in turn" if serial else "at once", ", ".join(
-                            f"rank {r}: {b - a:.1f} s" for r, (a, b) in enumerate(self.load_spans)))
+                        "in turn" if serial else "at once", times)
 
     def attach(self, *runners):
         """Wire the runners for this executor's ranks (one rank: nothing to wire); returns

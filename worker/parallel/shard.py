@@ -204,7 +204,8 @@ def shard_decoder(model: nn.Module, tp: TPGroup) -> TPLayout:
     for mlp in mlps:  # every refusal before any weight is cut
         if hasattr(mlp, "experts"):
             if set(dict(mlp.named_children())) != {"experts", "gate"}:
-                raise ConfigError(FIELD, f"an MoE block with {', '.join(dict(mlp.named_children()))}"
+                children = ", ".join(dict(mlp.named_children()))
+                raise ConfigError(FIELD, f"an MoE block with {children}"
                                   f" (shared experts?) is not proven under tensor parallelism;"
                                   f" run this {config.model_type!r} model at 1 rank")
             _check_experts(mlp.experts, tp.size, config.model_type)
