@@ -98,6 +98,12 @@ class EngineConfig:
     tp_step_timeout_s: float = 60.0  # a step's collectives wait this long for a hung rank,
     #   then the engine dies (its requests fail; Serve restarts the replica). Idle waits
     #   between steps are unbounded (worker/parallel/group.py)
+    # LoRA adapters (worker/lora/): rows of many adapters and of the base model per step.
+    enable_lora: bool = False  # wrap the targeted linear layers with adapter slots
+    max_loras: int = 8  # adapters resident at once (slots; a step holds at most this many)
+    max_lora_rank: int = 64  # the largest adapter rank accepted (slots are this wide)
+    max_cpu_loras: int | None = None  # adapters kept read in host memory (None: 4 x max_loras)
+    lora_modules: tuple = ()  # (name, path) pairs registered at start (enable_lora implied)
     # Structured outputs: what one constraint may cost to compile (GrammarLimits; a
     # constraint over a limit is a 400 naming it):
     max_grammar_bytes: int = 262_144  # of the constraint's text (schema JSON, regex, ...)
@@ -152,6 +158,7 @@ class EngineConfig:
         for name in ("kv_block_size", "num_kv_blocks"):
             if getattr(self, name) is not None:
                 check_int(name, getattr(self, name), 1)
+        self._check_lora()
         try:
             self.grammar_limits
         except ValueError as exc:
@@ -162,6 +169,37 @@ class EngineConfig:
                 "attention_backend",
                 f"{self.attention_backend!r} runs only on CUDA; use 'reference' or 'auto' on CPU",
             )
+
+    def _check_lora(self) -> None:
+        if not isinstance(self.enable_lora, bool):
+            raise ConfigError("enable_lora", f"must be a bool, got {self.enable_lora!r}")
+        check_int("max_loras", self.max_loras, 1)
+        check_int("max_lora_rank", self.max_lora_rank, 1)
+        if self.max_cpu_loras is not None:
+            check_int("max_cpu_loras", self.max_cpu_loras, self.max_loras)
+        modules = self.lora_modules
+        if isinstance(modules, dict):
+            object.__setattr__(self, "lora_modules", modules := tuple(modules.items()))
+        if not isinstance(modules, tuple | list) or not all(
+                isinstance(m, tuple | list) and len(m) == 2 and all(isinstance(v, str) and v
+                                                                    for v in m)
+                for m in modules):
+            raise ConfigError("lora_modules", f"must be (name, path) pairs, got {modules!r}")
+        object.__setattr__(self, "lora_modules", tuple(tuple(m) for m in modules))
+        names = [m[0] for m in self.lora_modules]
+        if len(set(names)) != len(names):
+            raise ConfigError("lora_modules", f"names must be distinct, got {names}")
+        if self.lora_modules and not self.enable_lora:
+            object.__setattr__(self, "enable_lora", True)
+        if self.enable_lora and self.tensor_parallel_size > 1:
+            raise ConfigError("enable_lora", "LoRA adapters are not served under tensor "
+                              "parallelism yet (tensor_parallel_size="
+                              f"{self.tensor_parallel_size}); serve them on one device")
+
+    @property
+    def lora_host_slots(self) -> int:
+        """Adapters kept read in host memory."""
+        return self.max_cpu_loras if self.max_cpu_loras is not None else 4 * self.max_loras
 
     @property
     def is_cuda(self) -> bool:

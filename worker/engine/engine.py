@@ -42,6 +42,7 @@ from worker.core.request import validate as validate_request
 from worker.engine.classify_api import ClassifyAPI
 from worker.engine.executor import make_executor
 from worker.engine.generate_api import GenerateAPI
+from worker.engine.lora_api import LoRAAPI, make_loras
 from worker.engine.loop import StepLoop
 from worker.engine.memory_plan import plan_memory
 from worker.engine.observe import ObserveAPI
@@ -76,7 +77,7 @@ class EngineStats:
     prefix_cache_evictions: int = 0  # cached KV blocks handed out for other tokens
 
 
-class Engine(GenerateAPI, ClassifyAPI, ObserveAPI):
+class Engine(GenerateAPI, ClassifyAPI, LoRAAPI, ObserveAPI):
     """Packed, padding-free forwards over one device. See the module docstring."""
 
     def __init__(self, config: EngineConfig, tp: TPGroup | None = None, *, launcher=None,
@@ -100,6 +101,8 @@ class Engine(GenerateAPI, ClassifyAPI, ObserveAPI):
         weights = checkpoint_bytes(resolve_model(config.model)) if self.tp is not None else 0
         model, self.spec = load_model(config, self.device.device, executor.shard,
                                       reading=executor.loading(config, weights))
+        self.loras = make_loras(config, model, self.spec, self._wake_loop)  # before the probe:
+        #   the adapter slots are memory the plan counts
         max_model_len = resolve_max_model_len(config, self.spec)
         max_tokens, max_seqs = staging_capacity(config, max_model_len)
         self.staging = Staging(max_tokens, max_seqs, self.device,
@@ -260,6 +263,8 @@ class Engine(GenerateAPI, ClassifyAPI, ObserveAPI):
             self._loop.stop(timeout)
         clean = self._dead is None  # no step died inside a collective
         self._die(EngineDeadError("the engine was shut down"))
+        if self.loras is not None:
+            self.loras.shutdown()
         self.executor.stop(clean)
 
     def __enter__(self) -> Engine:

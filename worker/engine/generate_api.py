@@ -70,14 +70,15 @@ class GenerateAPI:
                 self._gen = self._build_generation()
             return self._gen
 
-    def generate(self, token_id_lists: Seq, params: SamplingParams | Seq | None = None
-                 ) -> list[GenerationOutput]:
+    def generate(self, token_id_lists: Seq, params: SamplingParams | Seq | None = None,
+                 lora: str | Seq | None = None) -> list[GenerationOutput]:
         """Generate for every prompt (token ids) on the caller's thread; outputs in input
-        order. ``params``: one ``SamplingParams`` for all, or one per prompt. Raises the
-        first invalid prompt's typed error before running any (a constraint's compile
-        is waited for here, on the caller's thread)."""
+        order. ``params``: one ``SamplingParams`` for all, or one per prompt; ``lora``:
+        one registered adapter's name for all, or one per prompt (None: the base model).
+        Raises the first invalid prompt's typed error before running any (a constraint's
+        compile is waited for here, on the caller's thread)."""
         gen = self.generation
-        seqs = self._make_sequences(gen, token_id_lists, params)
+        seqs = self._make_sequences(gen, token_id_lists, params, lora)
         _wait_for_grammars(seqs)
         self._check_alive()
         self._submit(gen, seqs)
@@ -86,10 +87,11 @@ class GenerateAPI:
         return [self._result(gen, s) for s in seqs]
 
     async def generate_async(self, token_id_lists: Seq, params: SamplingParams | Seq | None = None,
-                             progress: Progress | None = None) -> list[GenerationOutput]:
+                             progress: Progress | None = None, lora: str | Seq | None = None
+                             ) -> list[GenerationOutput]:
         """``generate`` through the background step loop."""
         gen = self.generation
-        seqs = self._make_sequences(gen, token_id_lists, params)
+        seqs = self._make_sequences(gen, token_id_lists, params, lora)
         if progress is not None:
             progress._seqs = tuple(seqs)
         loop = asyncio.get_running_loop()
@@ -107,13 +109,13 @@ class GenerateAPI:
                     self.abort(seq.seq_id)
 
     async def generate_stream(self, token_ids, params: SamplingParams | None = None,
-                              progress: Progress | None = None
+                              progress: Progress | None = None, lora: str | None = None
                               ) -> AsyncIterator[GenerationDelta]:
         """Yield a ``GenerationDelta`` per step that adds tokens; the last one carries the
         finish reason. Closing the generator early (or cancelling its task) aborts the
         request and frees its KV blocks."""
         gen = self.generation
-        seq = self._make_sequences(gen, [token_ids], params)[0]
+        seq = self._make_sequences(gen, [token_ids], params, lora)[0]
         if progress is not None:
             progress._seqs = (seq,)
         if seq.params.stop:  # what a stream may send is held back by these: build them here
@@ -214,7 +216,8 @@ class GenerateAPI:
         self._stats.gen_token_budget = plan.generation.max_num_batched_tokens
         return Generation(self.runner.model, self.device, plan.generation, plan.kv,
                           max_model_len=plan.max_model_len, vocab_size=self.spec.vocab_size,
-                          tokenizer=_load_tokenizer(self.config), wake=self._wake_loop)
+                          tokenizer=_load_tokenizer(self.config), wake=self._wake_loop,
+                          loras=self.loras)
 
     def _wake_loop(self) -> None:
         """A compile ended (on its thread): the step loop admits or fails its requests."""
@@ -222,16 +225,22 @@ class GenerateAPI:
         if loop is not None:
             loop.wake()
 
-    def _make_sequences(self, gen: Generation, token_id_lists: Seq, params) -> list[Sequence]:
+    def _make_sequences(self, gen: Generation, token_id_lists: Seq, params,
+                        lora=None) -> list[Sequence]:
         if params is None or isinstance(params, SamplingParams):
             params = [params or SamplingParams()] * len(token_id_lists)
         elif len(params) != len(token_id_lists):
             raise InvalidRequestError(f"{len(params)} SamplingParams for {len(token_id_lists)} "
                                       "prompts; give one, or one per prompt", setting="params")
+        if lora is None or isinstance(lora, str):
+            lora = [lora] * len(token_id_lists)
+        elif len(lora) != len(token_id_lists):
+            raise InvalidRequestError(f"{len(lora)} adapters for {len(token_id_lists)} prompts; "
+                                      "give one, or one per prompt", setting="lora")
         seqs = []
-        for i, (ids, p) in enumerate(zip(token_id_lists, params)):
+        for i, (ids, p, name) in enumerate(zip(token_id_lists, params, lora)):
             try:
-                seqs.append(gen.make_sequence(ids, p))
+                seqs.append(gen.make_sequence(ids, p, name))
             except InvalidRequestError as exc:
                 exc.add_note(f"(prompt {i} of the {len(token_id_lists)} given)")
                 raise

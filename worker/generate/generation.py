@@ -43,7 +43,7 @@ from worker.generate.grammar_compile import GrammarLimits
 from worker.generate.output import OutputProcessor
 from worker.generate.runner import GenRunner
 from worker.generate.sampling import SampledTokens, SamplingParams, make_generator
-from worker.generate.scheduler import GenScheduler, GenSchedulerOutput
+from worker.generate.scheduler import GenScheduler, GenSchedulerOutput, StopReason
 from worker.generate.sequence import FinishReason, Sequence
 from worker.kv.block_manager import BlockManager
 from worker.kv.cache import KVCache, KVCacheSpec, kv_bytes_from_report
@@ -191,8 +191,9 @@ class Generation:
     """Continuous batching for one model on one device (see the module docstring)."""
 
     def __init__(self, model, device, settings: GenerationSettings, kv: KVPlan, *,
-                 max_model_len: int, vocab_size: int, tokenizer=None, wake=None):
-        """``kv``: what ``plan_kv`` decided (the engine's ``MemoryPlan.kv``)."""
+                 max_model_len: int, vocab_size: int, tokenizer=None, wake=None, loras=None):
+        """``kv``: what ``plan_kv`` decided (the engine's ``MemoryPlan.kv``); ``loras``:
+        the engine's ``worker.lora.manager.LoRAManager`` (None: no adapters served)."""
         dtype = next(model.parameters()).dtype
         self.backend, num_blocks, spec = kv.backend, kv.num_blocks, kv.spec
         self.settings, self.max_model_len, self.vocab_size = settings, max_model_len, vocab_size
@@ -205,14 +206,16 @@ class Generation:
                                       max_num_seqs=settings.max_num_running_seqs,
                                       max_prefill_chunk=settings.max_prefill_chunk,
                                       enable_prefix_caching=settings.enable_prefix_caching,
-                                      cache_salt=f"{model.config._name_or_path}|{dtype}")
+                                      cache_salt=f"{model.config._name_or_path}|{dtype}",
+                                      loras=loras)
+        self.loras = loras
         self.grammars = Grammars(tokenizer, vocab_size, eos_token_ids(model),
                                  settings.grammar_limits)
         self.runner = GenRunner(model, self.cache, self.blocks, device, backend=self.backend,
                                 max_num_batched_tokens=settings.max_num_batched_tokens,
                                 max_num_seqs=settings.max_num_running_seqs,
                                 max_model_len=max_model_len, eos_token_ids=eos_token_ids(model),
-                                grammars=self.grammars)
+                                grammars=self.grammars, loras=loras)
         self.processor = OutputProcessor(eos_token_ids(model), tokenizer)
         self._intake: deque[Sequence] = deque()
         self._live: dict[int, Sequence] = {}  # unfinished, by seq_id (intake included)
@@ -245,10 +248,18 @@ class Generation:
 
     # ---- requests -------------------------------------------------------------------
 
-    def make_sequence(self, token_ids, params: SamplingParams) -> Sequence:
-        """A validated sequence; raises ``InvalidRequestError`` naming the limit."""
+    def make_sequence(self, token_ids, params: SamplingParams, lora: str | None = None
+                      ) -> Sequence:
+        """A validated sequence (of the registered adapter ``lora``, None: the base model);
+        raises ``InvalidRequestError`` naming the limit."""
         if not isinstance(params, SamplingParams):
             raise InvalidRequestError(f"params must be SamplingParams, got {type(params).__name__}")
+        if lora is not None:
+            if self.loras is None:
+                raise InvalidRequestError(f"LoRA adapter {lora!r} asked of an engine that "
+                                          "serves none; start it with enable_lora",
+                                          value=lora, setting="enable_lora")
+            self.loras.spec(lora)  # raises LoRAError naming it
         ids = _token_list(token_ids, self.vocab_size)
         total = len(ids) + params.max_tokens
         if total > self.max_model_len:
@@ -274,7 +285,8 @@ class Generation:
                                       "use stop_token_ids", value=params.stop,
                                       setting="SamplingParams.stop")
         compiled = None if params.structured is None else self.grammars.start(params.structured)
-        seq = Sequence(ids, len(ids), params, make_generator(params, self.device.device))
+        seq = Sequence(ids, len(ids), params, make_generator(params, self.device.device),
+                       lora=lora)
         if compiled is not None and compiled.done():
             seq.matcher = compiled.matcher()  # raises the compile's InvalidRequestError
         elif compiled is not None:
@@ -296,9 +308,18 @@ class Generation:
         return True
 
     def has_work(self) -> bool:
-        """Anything to step: queued or scheduled sequences, or a finished compile."""
-        return (bool(self._intake) or self.scheduler.num_unfinished > 0
+        """Anything to step: queued or scheduled sequences, or a finished compile. Not
+        while the only sequences wait for adapter loads: the loader's ``wake`` ends that."""
+        sched = self.scheduler
+        if (sched.waiting_for_lora and not sched.running and not self._intake
+                and not self.loras.has_news and not self.loras.has_failed):
+            return self._compiling.any_done()
+        return (bool(self._intake) or sched.num_unfinished > 0
                 or self._compiling.any_done())
+
+    def in_use(self, lora: str) -> int:
+        """Unfinished requests of adapter ``lora`` (queued, compiling or running)."""
+        return sum(1 for s in self._live.values() if s.lora == lora)
 
     @property
     def num_waiting(self) -> int:
@@ -309,9 +330,13 @@ class Generation:
 
     def schedule(self) -> GenSchedulerOutput | None:
         self._drain_intake()
+        if self.loras is not None:
+            self._poll_loras()
         out = self.scheduler.schedule()
         if out is None:
             return None
+        if not out.seqs and out.stop is StopReason.LORA_LOADING and not out.preempted:
+            return None  # nothing runnable until a load ends (has_work waits for it)
         self.num_preemptions += len(out.preempted)
         for seq in out.preempted:  # per preempted sequence: its tokens leave the table
             self.runner.release(seq)
@@ -395,6 +420,14 @@ class Generation:
             seq.on_update(seq)
         if seq.on_finish is not None:
             seq.on_finish(seq)
+
+    def _poll_loras(self) -> None:
+        """Install finished adapter loads; fail the waiting sequences of failed ones."""
+        self.loras.poll()
+        failed = self.loras.take_failed()
+        if failed:
+            for seq in [s for s in self.scheduler.waiting if s.lora in failed]:
+                self._fail(seq, failed[seq.lora])
 
     def _drain_intake(self) -> None:
         while self._intake:

@@ -236,7 +236,7 @@ class GrammarCompiler:
             result, error = build(lib, lltok, job.structured, self.limits), None
         except InvalidRequestError as exc:
             result, error = None, exc
-        except Exception as exc:  # noqa: BLE001 - a compile bug fails its requests only
+        except Exception as exc:
             logger.exception("compiling a %s constraint failed", job.structured.kind)
             result, error = None, InvalidRequestError(
                 f"the {job.structured.kind} constraint could not be "

@@ -94,6 +94,7 @@ class BatchState:
         self.starts = np.zeros(num_rows, np.int64)  # per row: fill's ``starts``
         self.counts = np.zeros(num_rows, np.int64)  # per row: fill's ``counts``
         self.tables = np.zeros((num_rows + 1, self.width), np.int32)
+        self.lora_slots = np.full(num_rows, -1, np.int64)  # per row: its adapter's slot
         self.pad_row = num_rows
         self.tables[self.pad_row] = scratch_block
         self.scratch_slot = scratch_block * block_size
@@ -118,6 +119,7 @@ class BatchState:
             row = self._rows[seq.seq_id] = self._free.pop()
             self._num_stored[row] = self._num_synced[row] = 0
             self.sampling.set(row, seq.params, seq.generator, seq.prompt_len, seq.matcher)
+            self.lora_slots[row] = seq.lora_slot
         stored, n = self._num_stored[row], len(seq.token_ids)
         if stored + 1 == n:
             self.tokens[row, stored] = seq.token_ids[stored]

@@ -31,6 +31,7 @@ from worker.generate.scheduler import GenSchedulerOutput
 from worker.generate.sequence import Sequence
 from worker.kv.block_manager import BlockManager
 from worker.kv.cache import KVCache
+from worker.lora.layers import LoRABatch, LoRARows, lora_context
 from worker.models.lm_head import lm_head
 
 
@@ -42,7 +43,7 @@ class GenRunner:
     def __init__(self, model: torch.nn.Module, cache: KVCache, blocks: BlockManager, device, *,
                  backend: str, max_num_batched_tokens: int, max_num_seqs: int,
                  max_model_len: int, eos_token_ids: frozenset[int] = frozenset(),
-                 grammars=None):
+                 grammars=None, loras=None):
         self.model, self.cache, self.blocks, self.device = model, cache, blocks, device
         self.base, self.head = model.base_model, lm_head(model)
         self.vocab_size = self.head.vocab_size
@@ -52,6 +53,8 @@ class GenRunner:
                                 cache.num_blocks - 1, SamplingRows(max_num_seqs))
         self.state.sampling.eos_token_ids = np.array(sorted(eos_token_ids), np.int64)
         self.grammars = grammars  # worker.generate.grammar.Grammars: structured rows' masks
+        self.loras = loras  # worker.lora.manager.LoRAManager (None: no adapters)
+        self.num_lora_steps = 0  # steps that ran adapter rows
         self.table = torch.from_numpy(self.state.tables).to(device.device, copy=True)
         # A step adds at most a block per sequence plus one per block_size tokens.
         self.max_updates = max_num_batched_tokens // blocks.block_size + max_num_seqs + 1
@@ -83,7 +86,9 @@ class GenRunner:
         not counted as computed, and are written again when the tokens are rescheduled.
         Out of memory while sampling is not caught: generators may have advanced."""
         rows, picked = self._rows(out)
-        bucket = self.graphs.bucket(out) if self.graphs is not None else 0
+        lora = self._lora_batch(out, rows, picked) if self.loras is not None else None
+        # Steps with adapter rows run eager: the graphs hold no LoRA (docs/decisions.md).
+        bucket = self.graphs.bucket(out) if self.graphs is not None and lora is None else 0
         meta = stage_step(self.host.numpy(), self.state, out.seqs, out.num_new_tokens, rows,
                           picked, pad_to=bucket, max_updates=self.max_updates)
         sampling, own = self.state.sampling, rows[picked]
@@ -99,7 +104,7 @@ class GenRunner:
                 self.num_graph_steps += 1
                 logits = self.graphs.run(bucket, meta)[: len(picked)]
             else:
-                logits = self.forward(dev, meta)
+                logits = self.forward(dev, meta, lora=lora)
         except RuntimeError as exc:  # torch.OutOfMemoryError is a RuntimeError
             # Tensor parallel: the other ranks are inside this step's collectives; no
             # retry can meet them, so the step fails, and the engine, on every rank.
@@ -115,9 +120,15 @@ class GenRunner:
         return [out.seqs[i] for i in picked], sampled
 
     def forward(self, dev: torch.Tensor, meta: HostMeta, *, all_rows: bool = False,
-                out: torch.Tensor | None = None) -> torch.Tensor:
+                out: torch.Tensor | None = None, lora: LoRABatch | None = None) -> torch.Tensor:
         """The staged step through the model -> fp32 logits of its sampling rows (every
-        row with ``all_rows``), into ``out`` when given (the graphs' static output)."""
+        row with ``all_rows``), into ``out`` when given (the graphs' static output);
+        ``lora``: the step's adapter rows (None: base rows only)."""
+        with lora_context(lora):
+            return self._forward(dev, meta, all_rows, out)
+
+    def _forward(self, dev: torch.Tensor, meta: HostMeta, all_rows: bool,
+                 out: torch.Tensor | None) -> torch.Tensor:
         lay = meta.layout
         t, s, b = lay.t, lay.s, lay.b
         d32 = dev[lay.i32: lay.updates].view(torch.int32)
@@ -157,6 +168,19 @@ class GenRunner:
             if seq.num_computed + out.num_new_tokens[i] == seq.num_tokens:
                 picked.append(i)
         return rows, picked
+
+    def _lora_batch(self, out: GenSchedulerOutput, rows: np.ndarray, picked: list[int]
+                    ) -> LoRABatch | None:
+        """The step's adapter rows: of its tokens, and of its sampling rows (the head's)."""
+        slots = self.state.lora_slots[rows]
+        if not (slots >= 0).any():
+            return None
+        self.num_lora_steps += 1
+        m, dev = self.loras, self.device.device
+        tokens = LoRARows.of(np.repeat(slots, out.num_new_tokens), m.max_loras, dev,
+                             m.grouped, m.loop_rows)
+        head = LoRARows.of(slots[picked], m.max_loras, dev, m.grouped, m.loop_rows)
+        return LoRABatch(tokens, head)
 
     def _copy(self, words: int) -> torch.Tensor:
         if self.dev is not self.host:

@@ -24,10 +24,10 @@ rows that asked only and read back with the tokens in one transfer
 
 from __future__ import annotations
 
-
 import numpy as np
 import torch
 
+from worker.generate.logprobs import SampledTokens, read_step
 from worker.params import (  # noqa: F401 - re-exported: the sampler's own names
     MAX_LOGIT_BIAS,
     MAX_LOGPROBS,
@@ -36,7 +36,7 @@ from worker.params import (  # noqa: F401 - re-exported: the sampler's own names
     SamplingParams,
     parse_logit_bias,
 )
-from worker.generate.logprobs import SampledTokens, read_step
+
 
 def make_generator(params: SamplingParams, device: torch.device) -> torch.Generator | None:
     """The request's own generator when it has a ``seed``; None for greedy requests (they

@@ -61,6 +61,7 @@ class StopReason(str, enum.Enum):
     MAX_NUM_SEQS = "max_num_seqs running"
     OUT_OF_BLOCKS = "out of KV blocks"
     PREFIX_PENDING = "the rest wait for a shared prefix a running prefill computes"
+    LORA_LOADING = "the rest wait for their LoRA adapters to load"
 
 
 @dataclass(frozen=True)
@@ -90,7 +91,7 @@ class GenScheduler:
 
     def __init__(self, blocks: BlockManager, *, max_num_batched_tokens: int,
                  max_num_seqs: int, max_prefill_chunk: int = 0,
-                 enable_prefix_caching: bool = False, cache_salt: str = ""):
+                 enable_prefix_caching: bool = False, cache_salt: str = "", loras=None):
         if not 1 <= max_num_seqs <= max_num_batched_tokens:
             raise ValueError(f"max_num_seqs ({max_num_seqs}) must be in [1, "
                              f"max_num_batched_tokens ({max_num_batched_tokens})]: every "
@@ -104,7 +105,10 @@ class GenScheduler:
         self.running: list[Sequence] = []  # arrival order; every one holds blocks
         self._arrivals = itertools.count()
         self.prefix_caching = enable_prefix_caching
+        self._cache_salt = cache_salt
         self._root_hash = root_hash(cache_salt)  # a first block's parent: the model's id
+        self.loras = loras  # worker.lora.manager.LoRAManager, or None (no adapters served)
+        self.waiting_for_lora = False  # the last step left sequences waiting for a load
         self.num_prefix_queries = 0  # tokens of admitted sequences, since start
         self.num_prefix_hits = 0  # of those, tokens taken from the prefix cache
 
@@ -141,6 +145,7 @@ class GenScheduler:
             return
         if seq.status is SeqStatus.RUNNING:
             self.running.remove(seq)
+            self._release_lora(seq)
         elif seq in self.waiting:
             self.waiting.remove(seq)
         self.blocks.free(seq.seq_id)
@@ -237,6 +242,8 @@ class GenScheduler:
     def _admit(self, step: _Step) -> StopReason:
         pending = self._pending_blocks()
         at = 0  # the waiting sequence considered: the head, unless some wait for a prefix
+        lora_waits = False  # some were passed over: their adapter is not resident yet
+        self.waiting_for_lora = False
         while at < len(self.waiting):  # per admitted sequence
             seq = self.waiting[at]
             if seq in step.preempted:  # just lost its blocks: admitting it again would thrash
@@ -248,11 +255,16 @@ class GenScheduler:
             if pending and self._waits_for_prefix(seq, pending):
                 at += 1
                 continue
+            if seq.lora is not None and not self._acquire_lora(seq):
+                at += 1  # its adapter loads meanwhile; the others go on
+                lora_waits = self.waiting_for_lora = True
+                continue
             hit = self._take_prefix(seq)
             n = self._chunk(seq, step.budget)
             if self.blocks.allocate(seq.seq_id, n) is AllocStatus.OUT_OF_BLOCKS:
                 self.blocks.free(seq.seq_id)  # the prefix goes back to the cache
                 seq.num_computed = seq.num_registered = 0
+                self._release_lora(seq)
                 return StopReason.OUT_OF_BLOCKS
             del self.waiting[at]
             seq.status = SeqStatus.RUNNING
@@ -266,7 +278,28 @@ class GenScheduler:
                 step.num_hit += hit
                 self.num_prefix_queries += seq.num_tokens
                 self.num_prefix_hits += hit
+        if lora_waits:
+            return StopReason.LORA_LOADING
         return StopReason.PREFIX_PENDING if at else StopReason.NOTHING_WAITING
+
+    def _acquire_lora(self, seq: Sequence) -> bool:
+        slot = self.loras.acquire(seq.lora)
+        if slot is None:
+            return False
+        seq.lora_slot = slot
+        return True
+
+    def _release_lora(self, seq: Sequence) -> None:
+        if seq.lora_slot >= 0:
+            self.loras.release(seq.lora_slot)
+            seq.lora_slot = -1
+
+    def _root(self, seq: Sequence) -> bytes:
+        """A first block's parent hash: the model's, salted by the sequence's adapter (two
+        adapters, or an adapter and the base, never share KV: their K/V differ)."""
+        if seq.lora is None:
+            return self._root_hash
+        return root_hash(f"{self._cache_salt}|lora:{self.loras.salt(seq.lora)}")
 
     def _pending_blocks(self) -> set[bytes]:
         """Hashes of the full blocks running prefills have yet to compute (and register):
@@ -304,7 +337,7 @@ class GenScheduler:
         """``seq``'s chained block hashes, extended to at least ``num_blocks`` full blocks."""
         have = len(seq.block_hashes)
         if have < num_blocks:
-            parent = seq.block_hashes[-1] if have else self._root_hash
+            parent = seq.block_hashes[-1] if have else self._root(seq)
             seq.block_hashes += chain_hashes(seq.token_ids, self.blocks.block_size, parent,
                                              have, num_blocks)
         return seq.block_hashes
@@ -331,6 +364,7 @@ class GenScheduler:
 
     def _preempt(self, seq: Sequence) -> None:
         self.running.remove(seq)
+        self._release_lora(seq)
         self.blocks.free(seq.seq_id)  # full blocks stay cached: recompute may hit them
         seq.num_computed, seq.num_registered, seq.status = 0, 0, SeqStatus.WAITING
         seq.num_preemptions += 1

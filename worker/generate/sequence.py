@@ -22,7 +22,7 @@ from dataclasses import dataclass, field
 import torch
 
 from worker.generate.sampling import SamplingParams
-from worker.params import TokenLogprobs  # noqa: F401 - re-exported
+from worker.params import TokenLogprobs
 
 _ids = itertools.count()
 
@@ -69,6 +69,8 @@ class Sequence:
     #   params.structured is set; it consumes each sampled token
     stops: object | None = None  # its stop strings' matcher (worker.generate.stops), made
     #   on first use
+    lora: str | None = None  # the LoRA adapter it runs with (None: the base model)
+    lora_slot: int = -1  # its adapter's slot while it runs (pinned; worker.lora.manager)
     on_update: Callable[[Sequence], None] | None = None
     on_finish: Callable[[Sequence], None] | None = None
 
