@@ -28,7 +28,7 @@ def make_adapter(base: Path, directory: Path, *, r: int = 8, alpha: float = 16,
         for name, p in peft.named_parameters():  # per LoRA weight
             if "lora_" in name:
                 p.copy_(torch.randn(p.shape, generator=gen) * scale)
-    peft.save_pretrained(directory)
+    peft.save_pretrained(directory, save_embedding_layers=False)  # the base's head: unchanged
     return Path(directory)
 
 

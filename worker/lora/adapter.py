@@ -151,6 +151,11 @@ def _modules(name: str, config: dict, tensors: dict, max_rank: int,
         if "lora_embedding" in key:
             raise LoRAError(name, f"embedding LoRA ({key}) is not served", value=key,
                             setting="target_modules")
+        if ".base_layer." in key:
+            raise LoRAError(name, f"it holds a base layer's own weights ({key}): PEFT saves "
+                            "them with save_embedding_layers, for a resized vocabulary, which "
+                            "is not served; save it with save_embedding_layers=False",
+                            value=key, setting="save_embedding_layers")
         m = _KEY.match(key.removeprefix(PREFIX))
         if m is None:
             raise LoRAError(name, f"tensor {key!r} is not a LoRA A or B weight (only LoRA "
