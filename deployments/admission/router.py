@@ -35,6 +35,13 @@ def request_tokens(pending: PendingRequest | None) -> int:
     return int(getattr(pending.args[0], "num_tokens", 0))
 
 
+def request_lora(pending: PendingRequest | None) -> str | None:
+    """The LoRA adapter a request runs with (None: the base model, or not a generation)."""
+    if pending is None or not pending.args:
+        return None
+    return getattr(pending.args[0], "lora", None)
+
+
 def free_tokens(stats: dict, local_used: int) -> int:
     """Free capacity of a replica from its last report and this router's own count."""
     capacity = int(stats.get("capacity_tokens", 0))
@@ -110,11 +117,12 @@ class FreeBudgetRouter(FIFOMixin, RequestRouter):
 PREFIX_CHUNK = 16  # tokens per hashed unit of a prompt (the engines' default KV block)
 
 
-def prefix_chunks(token_ids, chunk: int = PREFIX_CHUNK) -> list[int]:
+def prefix_chunks(token_ids, chunk: int = PREFIX_CHUNK, salt: str | None = None) -> list[int]:
     """Chained hashes of a prompt's full ``chunk``-token pieces: equal hashes at position
     i mean equal first ``(i + 1) * chunk`` tokens (up to Python hash collisions, which
-    only cost a routing choice, never a wrong answer: engines check their own cache)."""
-    out, parent = [], 0
+    only cost a routing choice, never a wrong answer: engines check their own cache).
+    ``salt``: the request's LoRA adapter (its KV is its own, as in the engines' cache)."""
+    out, parent = [], 0 if salt is None else hash(("lora", salt))
     for i in range(len(token_ids) // chunk):  # per full chunk of the prompt
         parent = hash((parent, tuple(token_ids[i * chunk: (i + 1) * chunk])))
         out.append(parent)
@@ -152,26 +160,39 @@ class PrefixIndex:
 
 
 class PrefixAwareRouter(FreeBudgetRouter):
-    """The replica whose engine most likely holds the request's prefix, unless it is too
-    busy: among replicas with the longest matching prefix (ties: most free tokens), the
-    first is chosen when its free tokens are at least ``min_free_fraction`` of the most
-    free replica's; otherwise, or with no match, by free tokens (``FreeBudgetRouter``).
-    A hot prefix therefore stays on one replica until that replica fills up, then
-    spreads to the next one, whose index learns it too."""
+    """The replica whose engine most likely holds the request's adapter and prefix, unless
+    it is too busy.
+
+    - A LoRA adapter's request: among replicas that hold the adapter (in their last
+      report's ``loras``, or routed it within ``ttl_s``), the one with the longest
+      matching prefix (ties: most free tokens) is chosen when its free tokens are at least
+      ``lora_min_free_fraction`` of the most free replica's. An adapter therefore stays on
+      the replicas that loaded it (no reload, and its prefix cache) until they fill up,
+      then spreads, by free tokens, to one that loads it too.
+    - Otherwise, or when no holder is free enough: among replicas with the longest
+      matching prefix, the first is chosen when its free tokens are at least
+      ``min_free_fraction`` of the most free replica's; a hot prefix stays on one replica
+      until it fills up, then spreads to the next one, whose index learns it too.
+    - Else by free tokens (``FreeBudgetRouter``)."""
 
     def initialize_state(self, min_free_fraction: float = 0.5, ttl_s: float = 600.0,
-                         max_entries: int = 100_000, **kwargs) -> None:
+                         max_entries: int = 100_000, lora_min_free_fraction: float = 0.5,
+                         **kwargs) -> None:
         super().initialize_state(**kwargs)
-        self.min_free_fraction = min_free_fraction
+        self.min_free_fraction, self.lora_min_free_fraction = (min_free_fraction,
+                                                               lora_min_free_fraction)
+        self.ttl_s = ttl_s
         self._indexes: dict[ReplicaID, PrefixIndex] = defaultdict(
             lambda: PrefixIndex(max_entries, ttl_s))
+        self._loras: dict[ReplicaID, dict[str, float]] = defaultdict(dict)  # adapter -> routed
 
     async def choose_replicas(self, candidate_replicas: list[RunningReplica],
                               pending_request: PendingRequest | None = None
                               ) -> list[list[RunningReplica]]:
         ranked = await super().choose_replicas(candidate_replicas, pending_request)
+        lora = request_lora(pending_request)
         chunks = self._request_chunks(pending_request)
-        if not ranked or not chunks:
+        if not ranked or not (chunks or lora):
             return ranked
         now, charged = time.monotonic(), self._tentative_use()
         by_free = [r[0] for r in ranked]
@@ -182,33 +203,62 @@ class PrefixAwareRouter(FreeBudgetRouter):
                                self._local_used[rid] + charged.get(rid, 0))
 
         matches = {r.replica_id: self._indexes[r.replica_id].match(chunks, now) for r in by_free}
-        best = max(by_free, key=lambda r: (matches[r.replica_id], free(r)))
         top_free = max(0, free(by_free[0]))
-        if matches[best.replica_id] and free(best) >= self.min_free_fraction * top_free:
+        best = None
+        holders = [r for r in by_free if lora and self._holds(r, lora, now)]
+        if holders:
+            first = max(holders, key=lambda r: (matches[r.replica_id], free(r)))
+            if free(first) >= self.lora_min_free_fraction * top_free:
+                best = first
+        if best is None and chunks:
+            first = max(by_free, key=lambda r: (matches[r.replica_id], free(r)))
+            if matches[first.replica_id] and free(first) >= self.min_free_fraction * top_free:
+                best = first
+        if best is not None:
             by_free.remove(best)
             by_free.insert(0, best)
             if pending_request is not None:  # the tentative charge follows the choice
                 request_id = pending_request.metadata.internal_request_id
                 _, tokens, t = self._tentative[request_id]
                 self._tentative[request_id] = (best.replica_id, tokens, t)
-        self._indexes[by_free[0].replica_id].add(chunks, now)
+        self._learn(by_free[0].replica_id, chunks, lora, now)
         return [[replica] for replica in by_free]
 
     def on_request_routed(self, pending_request: PendingRequest, replica_id: ReplicaID,
                           result) -> None:
         super().on_request_routed(pending_request, replica_id, result)
-        chunks = self._request_chunks(pending_request)
-        if chunks:  # where it really went (Serve may have tried the next choice)
-            self._indexes[replica_id].add(chunks, time.monotonic())
+        # where it really went (Serve may have tried the next choice)
+        self._learn(replica_id, self._request_chunks(pending_request),
+                    request_lora(pending_request), time.monotonic())
 
     def on_replica_actor_died(self, replica_id: ReplicaID) -> None:
         super().on_replica_actor_died(replica_id)
         self._indexes.pop(replica_id, None)
+        self._loras.pop(replica_id, None)
+
+    def _holds(self, replica: RunningReplica, lora: str, now: float) -> bool:
+        """Whether ``replica`` has ``lora`` resident (its report) or was sent it lately."""
+        if lora in (replica.routing_stats or {}).get("loras", ()):
+            return True
+        routed = self._loras[replica.replica_id].get(lora)
+        return routed is not None and now - routed <= self.ttl_s
+
+    def _learn(self, replica_id: ReplicaID, chunks: list[int], lora: str | None,
+               now: float) -> None:
+        if chunks:
+            self._indexes[replica_id].add(chunks, now)
+        if lora:
+            seen = self._loras[replica_id]
+            seen[lora] = now
+            if len(seen) > 1024:  # adapters routed here: keep the most recent
+                for name in sorted(seen, key=seen.get)[: len(seen) - 1024]:
+                    del seen[name]
 
     @staticmethod
     def _request_chunks(pending: PendingRequest | None) -> list[int]:
-        """The prompt's chunk hashes (none for embeddings and scoring)."""
+        """The prompt's chunk hashes, salted by its adapter (none for embeddings and
+        scoring)."""
         if pending is None or not pending.args:
             return []
         ids = getattr(pending.args[0], "prompt_token_ids", None)
-        return prefix_chunks(ids) if ids else []
+        return prefix_chunks(ids, salt=request_lora(pending)) if ids else []

@@ -55,7 +55,8 @@ def engine_deployment(m: ModelArgs, router: RouterArgs) -> serve.Deployment:
         kwargs = {}
         if router.policy == "prefix_aware":
             kwargs = {"min_free_fraction": router.prefix_min_free_fraction,
-                      "ttl_s": router.prefix_ttl_s, "max_entries": router.prefix_max_entries}
+                      "ttl_s": router.prefix_ttl_s, "max_entries": router.prefix_max_entries,
+                      "lora_min_free_fraction": router.lora_min_free_fraction}
         options["request_router_config"] = RequestRouterConfig(
             request_router_class=ROUTER_CLASSES[router.policy], request_router_kwargs=kwargs,
             request_routing_stats_period_s=router.stats_period_s)

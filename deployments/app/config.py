@@ -69,6 +69,13 @@ class AutoscalingArgs(_Strict):
         return self
 
 
+class LoRAArgs(_Strict):
+    """A LoRA adapter served on its model's replicas (a PEFT directory on each node)."""
+
+    name: str = Field(min_length=1, pattern=r"^[A-Za-z0-9._/-]+$")  # the model id clients send
+    path: str = Field(min_length=1)
+
+
 class ModelArgs(_Strict):
     """One served model: a Serve deployment of ``num_replicas`` engine replicas."""
 
@@ -86,9 +93,16 @@ class ModelArgs(_Strict):
     normalize: bool = True  # embeddings are unit vectors, as OpenAI's are
     engine: EngineArgs = Field(default_factory=EngineArgs)  # type: ignore[valid-type]
     autoscaling: AutoscalingArgs | None = None  # None: a fixed num_replicas
+    # LoRA adapters on this model (engine.enable_lora implied; engine.max_loras and
+    # max_lora_rank bound them); clients name one as ``model`` or ``"<name>:<adapter>"``
+    loras: list[LoRAArgs] = Field(default_factory=list)
 
     @model_validator(mode="after")
     def _engine_config_valid(self) -> ModelArgs:
+        names = [a.name for a in self.loras]
+        dupes = sorted({n for n in names if names.count(n) > 1})
+        if dupes:
+            raise ValueError(f"loras[].name must be unique; repeated: {', '.join(dupes)}")
         self.engine_config()
         tp = self.engine.tensor_parallel_size or 1
         if tp > 1 and self.num_gpus and self.num_gpus != tp:
@@ -114,6 +128,9 @@ class ModelArgs(_Strict):
         """The replica's ``EngineConfig``: CUDA when the replica holds a GPU, else CPU."""
         overrides = {k: v for k, v in self.engine.model_dump().items() if v is not None}
         overrides.setdefault("device", "cuda" if self.num_gpus >= 1 else "cpu")
+        if self.loras:
+            declared = tuple(tuple(m) for m in overrides.get("lora_modules") or ())
+            overrides["lora_modules"] = declared + tuple((a.name, a.path) for a in self.loras)
         try:
             return EngineConfig(model=self.model, **overrides)
         except ConfigError as exc:
@@ -172,9 +189,16 @@ class HTTPArgs(_Strict):
     # on stop (Ctrl-C, SIGTERM, Serve stopping the ingress): in-flight requests get this long
     # to finish, then streams end with an error event and [DONE]
     drain_timeout_s: float = Field(30.0, ge=0, le=3600)
+    # POST /v1/load_lora_adapter and /v1/unload_lora_adapter (vLLM's; off as there: anyone
+    # with the API key could make replicas read a path)
+    lora_runtime_updates: bool = False
 
     @model_validator(mode="after")
     def _connection_caps(self) -> HTTPArgs:
+        if self.lora_runtime_updates and self.num_replicas > 1:
+            raise ValueError("lora_runtime_updates needs http.num_replicas 1 (the adapters "
+                             f"loaded at run time live in the ingress), got {self.num_replicas};"
+                             " declare adapters in models[].loras instead")
         if self.max_connections_per_client > self.max_connections:
             raise ValueError(f"max_connections_per_client ({self.max_connections_per_client})"
                              f" must be <= max_connections ({self.max_connections})")
@@ -190,6 +214,10 @@ class RouterArgs(_Strict):
     # tokens are at least this fraction of the most free replica's
     prefix_min_free_fraction: float = Field(0.5, ge=0, le=1)
     prefix_ttl_s: float = Field(600.0, gt=0)  # a routed prefix is forgotten after this
+    # prefix_aware, a LoRA adapter's request: a replica that holds the adapter (reported
+    # resident, or routed it within prefix_ttl_s) wins while its free tokens are at least
+    # this fraction of the most free replica's
+    lora_min_free_fraction: float = Field(0.5, ge=0, le=1)
     prefix_max_entries: int = Field(100_000, ge=1)  # prompt chunks remembered per replica
 
 
@@ -203,10 +231,11 @@ class AppArgs(_Strict):
 
     @model_validator(mode="after")
     def _unique_names(self) -> AppArgs:
-        names = [m.name for m in self.models]
+        names = [m.name for m in self.models] + [a.name for m in self.models for a in m.loras]
         dupes = sorted({n for n in names if names.count(n) > 1})
         if dupes:
-            raise ValueError(f"models[].name must be unique; repeated: {', '.join(dupes)}")
+            raise ValueError("models[].name and models[].loras[].name must be unique; "
+                             f"repeated: {', '.join(dupes)}")
         if self.admission.retry_after_min_s > self.admission.retry_after_max_s:
             raise ValueError(
                 f"admission.retry_after_min_s ({self.admission.retry_after_min_s}) must be <= "

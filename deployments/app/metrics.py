@@ -106,6 +106,11 @@ _SPECS = [
                _REQ, E2E_S),
     MetricSpec("packserve_queue_wait_seconds", _H, "Wait from arrival at the ingress to "
                "dispatch to a replica (admission included).", ("model",), QUEUE_S),
+    MetricSpec("packserve_lora_requests", _C, "Requests of LoRA adapters answered, by "
+               "adapter and HTTP status code (adapters past the first "
+               "MAX_LORA_LABELS share lora=\"other\").", ("model", "lora", "status")),
+    MetricSpec("packserve_lora_generated_tokens", _C, "Tokens generated for LoRA adapters' "
+               "answered requests, by adapter.", ("model", "lora")),
     # admission controller: one pool of tokens per model
     MetricSpec("packserve_admission_reserved_tokens", _G, "Tokens leased to requests in "
                "flight.", ("model",)),
@@ -249,6 +254,9 @@ class ReplicaMetrics:
         self._waiting.set(record.num_waiting)
 
 
+MAX_LORA_LABELS = 64  # adapters with a label of their own; the others are "other"
+
+
 class IngressMetrics:
     """Per-request metrics at the ingress (any number of models)."""
 
@@ -257,7 +265,29 @@ class IngressMetrics:
             METRICS[n].build() for n in ("packserve_requests", "packserve_ttft_seconds",
                                          "packserve_tpot_seconds", "packserve_e2e_seconds",
                                          "packserve_queue_wait_seconds"))
+        self._lora_requests, self._lora_tokens = (
+            METRICS[n].build() for n in ("packserve_lora_requests",
+                                         "packserve_lora_generated_tokens"))
         self._tags: dict[tuple, dict[str, str]] = {}  # bounded: models x endpoints x codes
+        self._lora_labels: set[str] = set()  # at most MAX_LORA_LABELS
+
+    def lora_label(self, lora: str) -> str:
+        """``lora`` while fewer than ``MAX_LORA_LABELS`` adapters have a label, else
+        "other": an ingress serving thousands of adapters keeps its series bounded."""
+        if lora in self._lora_labels:
+            return lora
+        if len(self._lora_labels) < MAX_LORA_LABELS:
+            self._lora_labels.add(lora)
+            return lora
+        return "other"
+
+    def observe_lora(self, model: str, lora: str, status: int | str,
+                     num_generated: int) -> None:
+        """One answered request of adapter ``lora`` (its base ``model``)."""
+        label = self.lora_label(lora)
+        self._lora_requests.inc(1, {"model": model, "lora": label, "status": str(status)})
+        if num_generated:
+            self._lora_tokens.inc(num_generated, {"model": model, "lora": label})
 
     def export_zeros(self, endpoints: dict[str, tuple[str, ...]]) -> None:
         """Requests answered with 200 by each model's endpoints, at 0 from the start."""

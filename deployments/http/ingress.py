@@ -34,7 +34,9 @@ from deployments.http.protocol import (
     CompletionRequest,
     DetokenizeRequest,
     EmbeddingRequest,
+    LoadLoRARequest,
     TokenizeRequest,
+    UnloadLoRARequest,
     ignored_header,
     short,
 )
@@ -348,6 +350,13 @@ class OpenAIIngress:
     async def detokenize(self, body: DetokenizeRequest):
         return _respond(await self.service.detokenize(body), body)
 
+    async def load_lora_adapter(self, body: LoadLoRARequest) -> dict:
+        """vLLM's run-time adapter load (``http.lora_runtime_updates``; else 403)."""
+        return await self.service.load_lora(body)
+
+    async def unload_lora_adapter(self, body: UnloadLoRARequest) -> dict:
+        return await self.service.unload_lora(body)
+
     async def admission(self) -> dict:
         """The controller's ledger per model (reserved, capacity, leases, waiters)."""
         client = self.service.admission
@@ -360,7 +369,12 @@ class OpenAIIngress:
         return self.service.state()
 
     def _timer(self, request: Request, body):
-        return timer(request.scope, body.model, self.service.served)
+        try:  # an adapter's requests are timed under its base model
+            model, adapter = self.service.loras.resolve(body.model, self.service.served)
+        except APIError:
+            model, adapter = body.model, None
+        return timer(request.scope, model, self.service.served,
+                     adapter.name if adapter is not None else None)
 
 
 mount(app, OpenAIIngress)

@@ -38,7 +38,9 @@ from deployments.http.protocol import (
     CompletionRequest,
     DetokenizeRequest,
     EmbeddingRequest,
+    LoadLoRARequest,
     TokenizeRequest,
+    UnloadLoRARequest,
 )
 from deployments.http.request_timer import UNTIMED, RequestTimer
 from deployments.http.responses import (
@@ -53,6 +55,7 @@ from deployments.http.responses import (
     usage,
 )
 from deployments.replica.streams import Entry, StreamReceiver
+from deployments.http.loras import AdapterRegistry, ServedAdapter
 from deployments.http.served import ServedModel, constraint_field
 from deployments.http.tokens import ModelTokenizer, TokenizerPool
 from deployments.replica.work import EmbedWork, GenerateWork, ModelInfo, Refusal, ScoreWork
@@ -74,14 +77,29 @@ class OpenAIService:
         loading, created = asyncio.Lock(), int(time.time())
         self.served = {m.name: ServedModel(m, models[m.name], loading, created)
                        for m in args.models if m.name in models}
+        self.loras = AdapterRegistry(args, created)
 
     # ---- models ---------------------------------------------------------------------
 
     async def list_models(self) -> dict:
-        return {"object": "list", "data": [await m.entry() for m in self.served.values()]}
+        data = []
+        for m in self.served.values():  # per served model: it, then its adapters
+            data.append(await m.entry())
+            data += [self.loras.entry(a) for a in self.loras.of_model(m.name)]
+        return {"object": "list", "data": data}
 
     async def model_entry(self, name: str) -> dict:
-        return await self.model(name).entry()
+        model, adapter = self.loras.resolve(name, self.served)
+        return self.loras.entry(adapter) if adapter else await self.served[model].entry()
+
+    async def load_lora(self, body: LoadLoRARequest) -> dict:
+        adapter = await self.loras.load(body.lora_name, body.lora_path, body.base_model_name,
+                                        self.served)
+        return self.loras.entry(adapter)
+
+    async def unload_lora(self, body: UnloadLoRARequest) -> dict:
+        adapter = await self.loras.unload(body.lora_name)
+        return {"id": adapter.name, "object": "model", "deleted": True}
 
     async def warm_up(self) -> None:
         """Load every model's info and tokenizer before the first request needs them (a
@@ -104,8 +122,18 @@ class OpenAIService:
                     logger.exception("ingress metrics failed")
 
     def model(self, name: str) -> ServedModel:
-        """The served model ``name``; 404 naming the served ones otherwise."""
+        """The served model ``name``; 404 naming the served ones otherwise, 400 for an
+        adapter (this endpoint runs base models only)."""
         served = self.served.get(name)
+        if served is None and (name in self.loras or ":" in name):
+            try:
+                parent, adapter = self.loras.resolve(name, self.served)
+            except APIError:
+                adapter = None  # neither: the 404 below
+            if adapter is not None:
+                raise bad_request(f"{name!r} is a LoRA adapter of {parent!r}; adapters serve "
+                                  "/v1/completions, /v1/chat/completions and /v1/responses; "
+                                  f"ask {parent!r} itself here", param="model")
         if served is None:
             names = ", ".join(self.served)
             raise APIError(404, f"the model {name!r} does not exist; served models: {names}",
@@ -119,10 +147,15 @@ class OpenAIService:
 
     # ---- completions ----------------------------------------------------------------
 
+    def generator_model(self, name: str) -> tuple[ServedModel, ServedAdapter | None]:
+        """The served model and LoRA adapter (or None) a generation request names."""
+        model, adapter = self.loras.resolve(name, self.served)
+        return self.served[model], adapter
+
     async def completions(self, body: CompletionRequest, timer: RequestTimer = UNTIMED):
         """One choice set of ``n`` per prompt (``prompt`` may be a list): choice index =
         prompt index x n + i, OpenAI's order; usage sums the prompts."""
-        served = self.model(body.model)
+        served, adapter = self.generator_model(body.model)
         handle = served.handle
         info, tok = await served.generator()
         many = len(body.prompt) > 1
@@ -143,7 +176,7 @@ class OpenAIService:
         leases = []
         try:
             for ids in prompts:  # all or none
-                leases += await self._reserve(body.model, len(ids), max_tokens, n)
+                leases += await self._reserve(served.name, len(ids), max_tokens, n)
         except BaseException:
             _release(leases)
             raise
@@ -156,6 +189,9 @@ class OpenAIService:
                              if body.echo else "")
                 prompt_lp = None
                 if body.echo and logprobs:
+                    if adapter is not None:
+                        raise bad_request("echo with logprobs scores the prompt, which "
+                                          "LoRA adapters do not serve yet", param="echo")
                     scores = await self._call(handle.score, ScoreWork(
                         leases[j * n].lease_id, len(ids), [ids]), timer)
                     prompt_lp = CompletionLogprobs(tok).prompt(ids, scores[0])
@@ -170,7 +206,8 @@ class OpenAIService:
                     return streaming.single(choices, env, total if body.include_usage else None)
                 return env.body(choices=choices, usage=total)
             works = [GenerateWork(leases[j * n + i].lease_id, leases[j * n + i].tokens, ids,
-                                  body.sampling_params(max_tokens, body.logprobs, i))
+                                  body.sampling_params(max_tokens, body.logprobs, i),
+                                  *lora_of(adapter))
                      for j, ids in enumerate(prompts) for i in range(n)]
         except BaseException:
             _release(leases)
@@ -219,7 +256,7 @@ class OpenAIService:
     # ---- chat -----------------------------------------------------------------------
 
     async def chat(self, body: ChatCompletionRequest, timer: RequestTimer = UNTIMED):
-        served = self.model(body.model)
+        served, adapter = self.generator_model(body.model)
         handle = served.handle
         info, tok = await served.generator()
         messages = [m.rendered() for m in body.messages]
@@ -243,10 +280,11 @@ class OpenAIService:
             await served.check_structured(structured, constraint_field(body))
         names = {f["name"] for f in functions} if mode != "none" else set()
         k = (body.top_logprobs or 0) if body.logprobs else None
-        leases = await self._reserve(body.model, len(ids), max_tokens, body.n)
+        leases = await self._reserve(served.name, len(ids), max_tokens, body.n)
         try:
             works = [GenerateWork(lease.lease_id, lease.tokens, ids, dataclasses.replace(
-                         body.sampling_params(max_tokens, k, i), structured=structured))
+                         body.sampling_params(max_tokens, k, i), structured=structured),
+                         *lora_of(adapter))
                      for i, lease in enumerate(leases)]
         except BaseException:
             _release(leases)
@@ -328,7 +366,7 @@ class OpenAIService:
     async def tokenize(self, body: TokenizeRequest) -> dict:
         """vLLM's /tokenize: the ids completions (``prompt``) or chat (``messages``) would
         run, with the same defaults, so ``count`` is their ``usage.prompt_tokens``."""
-        served = self.model(body.model)
+        served, _ = self.generator_model(body.model)  # an adapter tokenizes as its base
         info, tok = await served.info(), await served.tokenizer()
         if body.prompt is not None:
             check_chars(len(body.prompt), self.limits.max_prompt_chars, "prompt")
@@ -430,8 +468,19 @@ class OpenAIService:
 
     def _entries(self, handle, work: GenerateWork, timer: RequestTimer):
         if self.streams is not None:
-            return streaming.channel_entries(self.streams, handle, work, timer)
-        return streaming.handle_entries(handle, work, timer)
+            entries = streaming.channel_entries(self.streams, handle, work, timer)
+        else:
+            entries = streaming.handle_entries(handle, work, timer)
+        return entries if work.lora is None else self._held(work.lora, entries)
+
+    async def _held(self, lora: str, entries):
+        """``entries`` while counted as a request of adapter ``lora`` (unload: 409)."""
+        self.loras.hold(lora)
+        try:
+            async for entry in entries:
+                yield entry
+        finally:
+            self.loras.release(lora)
 
     def _choices(self, handle, works: list[GenerateWork], timer: RequestTimer):
         return streaming.merged([self._entries(handle, w, timer) for w in works])
@@ -452,10 +501,12 @@ class OpenAIService:
             _release(leases)  # a task cancelled before it started never released its own
 
     async def _generate(self, handle, work: GenerateWork, lease: Lease, timer: RequestTimer):
+        self.loras.hold(work.lora)
         try:
             out = await self._call(handle.generate, work, timer)
         finally:
             lease.release()
+            self.loras.release(work.lora)
         if out.error is not None:  # finish "error": the grammar refused every continuation
             raise constraint_failed(out.error)
         timer.generated(len(out.token_ids))
@@ -473,6 +524,11 @@ class OpenAIService:
         if isinstance(result, Refusal):
             raise from_exception(result.error)
         return result
+
+
+def lora_of(adapter: ServedAdapter | None) -> tuple[str | None, str | None]:
+    """``GenerateWork``'s adapter fields."""
+    return (None, None) if adapter is None else (adapter.name, adapter.path)
 
 
 def _release(leases: list[Lease]) -> None:

@@ -730,3 +730,23 @@ class DetokenizeRequest(_OpenAIBody):
     """POST /detokenize (vLLM's shape): token ids back to text."""
 
     tokens: TokenIds
+
+
+class LoadLoRARequest(BaseModel):
+    """POST /v1/load_lora_adapter (vLLM's shape; ``base_model_name`` picks the model when
+    several serve adapters)."""
+
+    model_config = ConfigDict(extra="forbid", strict=True)
+
+    lora_name: str
+    lora_path: str
+    base_model_name: str | None = None
+
+
+class UnloadLoRARequest(BaseModel):
+    """POST /v1/unload_lora_adapter (vLLM's shape; ``lora_int_id`` is accepted, unused)."""
+
+    model_config = ConfigDict(extra="forbid", strict=True)
+
+    lora_name: str
+    lora_int_id: int | None = None

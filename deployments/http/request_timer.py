@@ -47,11 +47,12 @@ def set_recorder(metrics) -> None:
 class RequestTimer:
     """Marks of one request (table in the module docstring); ``perf_counter`` seconds."""
 
-    __slots__ = ("arrival", "dispatch", "endpoint", "first", "model", "num_generated",
-                 "status", "streamed")
+    __slots__ = ("arrival", "dispatch", "endpoint", "first", "lora", "model",
+                 "num_generated", "status", "streamed")
 
     def __init__(self, endpoint: str):
         self.endpoint, self.model, self.status = endpoint, UNKNOWN_MODEL, 500
+        self.lora: str | None = None  # the LoRA adapter the request named
         self.arrival = time.perf_counter()
         self.dispatch: float | None = None
         self.first: float | None = None
@@ -88,6 +89,9 @@ class RequestTimer:
                                     tpot_s=tpot, e2e_s=end - self.arrival if ok else None)
             if self.dispatch is not None:
                 metrics.observe_queue_wait(self.model, self.dispatch - self.arrival)
+            if self.lora is not None:
+                metrics.observe_lora(self.model, self.lora, self.status,
+                                     self.num_generated if ok else 0)
         except Exception:  # metrics never fail a request
             if not _RECORDER["failed"]:
                 _RECORDER["failed"] = True
@@ -113,11 +117,12 @@ class _Untimed(RequestTimer):
 UNTIMED = _Untimed()
 
 
-def timer(scope: Scope, model: str, served) -> RequestTimer:
-    """The request's timer, labelled with ``model`` when it is one of ``served``."""
+def timer(scope: Scope, model: str, served, lora: str | None = None) -> RequestTimer:
+    """The request's timer, labelled with ``model`` when it is one of ``served`` (and
+    with its adapter ``lora``, if it names one)."""
     t = scope.get(_SCOPE_KEY, UNTIMED)
     if t is not UNTIMED and model in served:
-        t.model = model
+        t.model, t.lora = model, lora
     return t
 
 

@@ -37,6 +37,8 @@ ROUTES: tuple[Route, ...] = (
     Route(("/v1/tokenize", "/tokenize"), "POST", "tokenize"),
     Route(("/v1/detokenize", "/detokenize"), "POST", "detokenize"),
     Route(("/v1/admission",), "GET", "admission"),
+    Route(("/v1/load_lora_adapter",), "POST", "load_lora_adapter"),
+    Route(("/v1/unload_lora_adapter",), "POST", "unload_lora_adapter"),
 )
 DOC_PATHS = ("/docs", "/openapi.json")  # FastAPI's own pages
 

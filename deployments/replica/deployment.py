@@ -101,8 +101,9 @@ class EngineReplica:
 
     async def generate(self, work: GenerateWork) -> GenerationOutput | Refusal:
         with self._serving(work) as progress, _refusing() as refused:
+            await self._ensure_lora(work)
             outputs = await self.engine.generate_async([work.prompt_token_ids], work.params,
-                                                       progress)
+                                                       progress, lora=work.lora)
             return outputs[0]
         return refused.value
 
@@ -112,10 +113,11 @@ class EngineReplica:
         returns the number of tokens once the last one is on the wire. Cancelling the
         call aborts the request."""
         with self._serving(work) as progress, _refusing() as refused:
+            await self._ensure_lora(work)
             channel = await self._streams.channel(sink)
             num_tokens = 0
             async for delta in self.engine.generate_stream(work.prompt_token_ids, work.params,
-                                                           progress):
+                                                           progress, lora=work.lora):
                 if channel.closed:  # the ingress is gone: stop generating (aborts it)
                     raise ConnectionError(f"stream channel to the ingress lost: "
                                           f"{channel.error!r}")
@@ -130,8 +132,9 @@ class EngineReplica:
         """Deltas as steps produce them, through Serve's streaming call (the
         ``serve_handle`` transport); closing the stream aborts the request."""
         with self._serving(work) as progress, _refusing() as refused:
+            await self._ensure_lora(work)
             async for delta in self.engine.generate_stream(work.prompt_token_ids, work.params,
-                                                           progress):
+                                                           progress, lora=work.lora):
                 yield delta
         if refused.value is not None:
             yield refused.value
@@ -160,6 +163,18 @@ class EngineReplica:
     async def model_info(self) -> ModelInfo:
         return self.info
 
+    async def check_lora(self, name: str, path: str) -> dict | Refusal:
+        """Whether the adapter at ``path`` can be served on this model (the load
+        endpoint asks before it lists one): its rank and targets, or the refusal."""
+        with _refusing() as refused:
+            spec = await asyncio.to_thread(self.engine.check_lora, name, path)
+            return {"rank": spec.rank, "target_modules": list(spec.target_modules)}
+        return refused.value
+
+    async def _ensure_lora(self, work: GenerateWork) -> None:
+        if work.lora is not None:
+            await asyncio.to_thread(self.engine.ensure_lora, work.lora, work.lora_path)
+
     async def state(self) -> dict:
         """What this replica holds now (tests check it drains to zero): tokens and
         requests in service, KV blocks in use (after checking the block invariants),
@@ -170,6 +185,7 @@ class EngineReplica:
             used_blocks = self.engine.generation.blocks.stats().num_used_blocks
         return {"replica_id": self.replica_id, **self.load(), "kv_used_blocks": used_blocks,
                 "num_engine_steps": self.engine.stats.num_steps, "rss_bytes": rss_bytes(),
+                "lora": self.engine.lora_state(),
                 "torch_threads": torch.get_num_threads()}
 
     def load(self) -> dict:
@@ -180,7 +196,10 @@ class EngineReplica:
         metrics for good at the first value that is not an int or a float."""
         used = sum(s.tokens() for s in self._active.values())
         pressure = self.pace.pressure()
+        loras = self.engine.loras
         return {"capacity_tokens": self.info.capacity_tokens,
+                "num_lora_loads": loras.num_loads if loras is not None else 0,
+                "num_loras_resident": len(loras.resident) if loras is not None else 0,
                 "used_tokens": max(used, self.info.capacity_tokens) if pressure else used,
                 "num_requests": len(self._active), "num_served": self._num_served,
                 "kv_pressure": pressure, "decode_step_s": self.pace.step_s or 0.0,
@@ -190,7 +209,11 @@ class EngineReplica:
     # ---- Serve hooks ----------------------------------------------------------------
 
     def record_routing_stats(self) -> dict:
-        return self.load()
+        """``load()`` and the adapters resident in the engine's slots (the router prefers
+        a replica that holds a request's adapter; not in ``load()``, whose values must
+        stay numbers for the autoscaler)."""
+        loras = self.engine.loras
+        return {**self.load(), "loras": loras.resident if loras is not None else []}
 
     def record_autoscaling_stats(self) -> dict:
         """Serve's custom autoscaling metrics, read by ``deployments.replica.autoscaling``."""

@@ -23,6 +23,8 @@ class Work:
 class GenerateWork(Work):
     prompt_token_ids: list[int]  # [prompt_len]
     params: SamplingParams
+    lora: str | None = None  # the LoRA adapter's name (None: the base model)
+    lora_path: str | None = None  # where it is: the replica registers it on first use
 
 
 @dataclass(frozen=True)

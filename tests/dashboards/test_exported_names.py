@@ -37,6 +37,7 @@ def _recorder_actor():
             self.replica.set_budget(4096, 1000)
             self.ingress.observe_request("tiny", "chat", 200, 0.05, 0.01, 0.3)
             self.ingress.observe_queue_wait("tiny", 0.01)
+            self.ingress.observe_lora("tiny", "sql-lora", 200, 12)
             self.admission.set_pool("tiny", 100, 4096)
             self.admission.admitted("tiny")
             self.admission.rejected("tiny", "capacity")

@@ -36,6 +36,19 @@ pytestmark = pytest.mark.skipif(prometheus_binary() is None,
 # The demo's app (a 256-token KV cache, so an overload burst gets 429s), with a shorter
 # replica timeout for the test.
 ARGS = {**APP_ARGS, "admission": {"replica_timeout_s": 3.0, "heartbeat_s": 0.5}}
+LORA = "smoke-lora"  # a random adapter of the smoke decoder (benchmarks/adapters.py)
+
+
+def app_args(adapter_dir) -> dict:
+    """``ARGS`` with ``LORA`` (written to ``adapter_dir``) served on the smoke decoder."""
+    from benchmarks.adapters import write_adapter
+    from worker.models.sources import resolve_model
+
+    path = write_adapter(resolve_model("smoke:decoder"), adapter_dir, r=8)
+    models = [dict(m, loras=[{"name": LORA, "path": str(path)}]) if m["name"] == GEN else m
+              for m in ARGS["models"]]
+    return {**ARGS, "models": models}
+
 # $model as Grafana renders a multi-value selection: this app's models, and "unknown" (the
 # label of requests that name no served model), not the series other tests of the
 # session left behind (e.g. model="tiny"); "All" would be ".*"
@@ -119,6 +132,7 @@ RULES = {
     (36, "A"): fraction,  # fill ratio p50
     (37, "A"): positive,  # forward time p50
     (38, "A"): positive, (38, "B"): finite,  # free tokens, KV blocks used
+    (40, "A"): labelled("lora", LORA), (40, "B"): labelled("lora", LORA),  # LoRA adapters
     (None, "model"): labelled("model", GEN, EMBED),  # variable: models
     (None, "replica"): positive,  # variable: replicas
 }
@@ -155,6 +169,7 @@ def one_round(url: str) -> Counter:
         statuses[completion(url, f"round {i} streams", 12, stream=True)] += 1
         statuses[chat(url, f"hello {i}", stream=False)] += 1
         statuses[chat(url, f"stream {i}", stream=True)] += 1
+        statuses[completion(url, f"adapter {i}", 6, stream=i == 1, model=LORA)] += 1
         texts = ["short", "a somewhat longer input to embed " * (3 + i), "mid length text"]
         statuses[httpx.post(f"{url}/v1/embeddings", json={"model": EMBED, "input": texts},
                             timeout=TIMEOUT_S).status_code] += 1
@@ -217,8 +232,8 @@ def test_the_rules_cover_every_query():
     assert sorted(map(str, keys)) == sorted(map(str, RULES))
 
 
-def test_every_panel_returns_plausible_data_from_a_real_prometheus(serve_url):
-    with running_app(ARGS), PrometheusServer(targets=ray_targets()) as prom:
+def test_every_panel_returns_plausible_data_from_a_real_prometheus(serve_url, tmp_path):
+    with running_app(app_args(tmp_path / "adapter")), PrometheusServer(targets=ray_targets()) as prom:
         prom.wait_for("up == 1")
         traffic = Traffic(serve_url)
         traffic.start()

@@ -4,8 +4,10 @@ only ties them to the engine's lock and its generation policy."""
 
 from __future__ import annotations
 
+import os
+
 from worker.core.config import ConfigError, EngineConfig
-from worker.lora.adapter import AdapterSpec, LoRAError
+from worker.lora.adapter import AdapterSpec, LoRAError, read_adapter
 from worker.lora.manager import LoRAManager
 
 
@@ -36,6 +38,23 @@ class LoRAAPI:
         """Register the PEFT adapter at ``path`` as ``name`` (checked now, read on first
         use). The same name and path again is a no-op. Raises ``LoRAError``."""
         return self._lora_manager(name).register(name, path)
+
+    def check_lora(self, name: str, path: str) -> AdapterSpec:
+        """Check the adapter at ``path`` against this model without registering it."""
+        manager = self._lora_manager(name)
+        return read_adapter(name, path, manager.max_lora_rank, manager.shapes)
+
+    def ensure_lora(self, name: str, path: str) -> None:
+        """``name`` registered at ``path``: a no-op when it is, registered when it is not,
+        and replaced when it was registered at another path (unloaded at the edge and
+        loaded again) and no request of it is unfinished."""
+        manager = self._lora_manager(name)
+        spec = manager.find(name)
+        if spec is not None and spec.path == os.path.abspath(path):
+            return
+        if spec is not None:
+            self.remove_lora(name)
+        manager.register(name, path)
 
     def remove_lora(self, name: str) -> None:
         """Forget ``name``; refused (``AdapterInUseError``) while requests of it are

@@ -134,6 +134,10 @@ class LoRAManager:
             for layer in self.layers.values():  # per wrapped layer
                 layer.set_slot(slot, None, None)
 
+    def find(self, name: str) -> AdapterSpec | None:
+        with self._lock:
+            return self._registered.get(name)
+
     def spec(self, name: str) -> AdapterSpec:
         with self._lock:
             spec = self._registered.get(name)
