@@ -48,7 +48,8 @@ SECTIONS = {"model": ("", {}), "engine": ("", {}),
                           "drain_timeout_s": "drain-timeout"}),
             "admission": ("admission-", {"enabled": "admission"}),
             "router": ("router-", {})}
-NOT_FLAGS = {"model": {"name", "model", "engine", "autoscaling"}}
+NOT_FLAGS = {"model": {"name", "model", "engine", "autoscaling", "loras"},
+             "engine": {"lora_modules"}}  # adapters: --lora-modules NAME=PATH ...
 
 
 class ServeOptionError(ValueError):
@@ -109,6 +110,9 @@ def add_serve_parser(sub) -> argparse.ArgumentParser:
     p.add_argument("--ray-throughput-mode", default=True, action=argparse.BooleanOptionalAction,
                    help="Ray Serve's high-throughput mode (HAProxy, direct ingress, gRPC "
                    "between replicas) for a locally started Ray (deployments/app/ray_env.py)")
+    p.add_argument("--lora-modules", nargs="+", metavar="NAME=PATH", default=None,
+                   help="LoRA adapters (PEFT directories) served on MODEL; clients name one "
+                   "as the model (vLLM's flag; enables engine.enable_lora)")
     p.add_argument("--dry-run", action="store_true",
                    help="print the application's arguments (or check the config) and exit")
     for section in SECTIONS:
@@ -129,6 +133,8 @@ def app_args_from(args: argparse.Namespace) -> dict:
         if key and value is not None:
             given[section][key] = value
     model = {"name": args.name or args.model, "model": args.model, **given["model"]}
+    if args.lora_modules:
+        model["loras"] = [_lora_module(m) for m in args.lora_modules]
     if given["engine"]:
         model["engine"] = given["engine"]
     out = {"models": [model]}
@@ -138,6 +144,13 @@ def app_args_from(args: argparse.Namespace) -> dict:
     except AppConfigError as exc:
         raise ServeOptionError(_flags_named(str(exc))) from None
     return out
+
+
+def _lora_module(text: str) -> dict:
+    name, sep, path = text.partition("=")
+    if not sep or not name or not path:
+        raise ServeOptionError(f"--lora-modules takes NAME=PATH pairs, got {text!r}")
+    return {"name": name, "path": path}
 
 
 def _flags_named(message: str) -> str:

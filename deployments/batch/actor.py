@@ -56,6 +56,7 @@ class BatchWorker:
         self.config, self.id_type = config, id_type
         self.engine = Engine(config.engine_config(device))
         self.params = None
+        self._lora = config.lora[0] if config.lora else None
         if config.task == "generate":
             from worker.params import SamplingParams
 
@@ -102,7 +103,7 @@ class BatchWorker:
 
     def _check(self, token_ids: np.ndarray) -> None:
         if self.params is not None:
-            self.engine.generation.make_sequence(token_ids, self.params)
+            self.engine.generation.make_sequence(token_ids, self.params, self._lora)
             return
         validate(token_ids, Task(self.config.task), self.engine.limits)
 
@@ -114,7 +115,7 @@ class BatchWorker:
             return engine.score(token_lists)
         if cfg.task == "classify":
             return list(engine.classify(token_lists))
-        return engine.generate(token_lists, self.params)
+        return engine.generate(token_lists, self.params, lora=self._lora)
 
     def _compute(self, tok: TokenizedShard, docs: list[int], bad: list[BadRow]) -> dict:
         """Outputs by document index. All in one packed call; should a document fail on

@@ -76,6 +76,8 @@ def add_batch_parser(sub) -> argparse.ArgumentParser:
                    "output is then reproducible, whatever shard or actor runs it")
     g.add_argument("--stop", action="append", help="a stop string (repeatable)")
     g.add_argument("--ignore-eos", action="store_true")
+    g.add_argument("--lora", metavar="NAME=PATH", help="generate every row with this LoRA "
+                   "adapter (a PEFT directory) on --model")
     return p
 
 
@@ -114,12 +116,22 @@ def config_from_args(args: argparse.Namespace) -> JobConfig:
             tensor_parallel_size=args.tensor_parallel_size, address=args.address,
             num_actors=args.num_actors, num_cpus_per_actor=args.num_cpus_per_actor,
             pooling=args.pooling,
-            normalize=args.normalize, sampling=sampling, progress=args.progress)
+            normalize=args.normalize, sampling=sampling, lora=_lora(args.lora),
+            progress=args.progress)
     except ValueError as exc:  # worker.core.config.ConfigError names the EngineConfig field
         if isinstance(exc, JobConfigError):
             raise
         field = getattr(exc, "field", "model").replace("_", "-")
         raise JobConfigError(field, str(exc)) from None
+
+
+def _lora(text: str | None) -> tuple[str, str] | None:
+    if text is None:
+        return None
+    name, sep, path = text.partition("=")
+    if not sep or not name or not path:
+        raise JobConfigError("lora", f"takes NAME=PATH, got {text!r}")
+    return name, path
 
 
 def _run_batch(args: argparse.Namespace) -> int:

@@ -68,6 +68,7 @@ class JobConfig:
     pooling: str | None = None  # embed: mean | last | cls; None = the model's default
     normalize: bool = False  # embed: L2-normalize
     sampling: SamplingParams | None = None  # generate; None = SamplingParams()
+    lora: tuple[str, str] | None = None  # generate: (name, PEFT directory) every row runs with
     progress: bool = True
 
     def __post_init__(self) -> None:
@@ -96,6 +97,8 @@ class JobConfig:
         if self.task != "generate" and self.sampling is not None:
             raise JobConfigError("max-tokens", f"sampling options are for generate, not "
                                  f"{self.task}")
+        if self.lora is not None and self.task != "generate":
+            raise JobConfigError("lora", f"adapters are for generate, not {self.task}")
         self.engine_config("cpu" if self.device == "cpu" else "cuda")  # validates them
 
     @property
@@ -125,7 +128,8 @@ class JobConfig:
                             max_model_len=self.max_model_len,
                             trust_remote_code=self.trust_remote_code,
                             allow_untested_model=self.allow_untested_model,
-                            tensor_parallel_size=self.tensor_parallel_size)
+                            tensor_parallel_size=self.tensor_parallel_size,
+                            lora_modules=(tuple(self.lora),) if self.lora else ())
 
     def fingerprint(self) -> dict:
         """What a resumed run must share with the run that wrote the parts."""
@@ -140,6 +144,7 @@ class JobConfig:
             "max_num_batched_tokens": self.max_num_batched_tokens,
             "max_model_len": self.max_model_len, "pooling": self.pooling,
             "normalize": self.normalize, "sampling": _jsonable(sampling),
+            "lora": _jsonable(self.lora),
         }
 
 

@@ -66,7 +66,7 @@ class AdapterRegistry:
             return name, None
         adapter = self._by_name.get(name)
         if adapter is None and ":" in name:  # "base:adapter"
-            base, _, rest = name.partition(":")
+            base, _, rest = name.rpartition(":")
             candidate = self._by_name.get(rest)
             if base in served and candidate is not None and candidate.parent == base:
                 adapter = candidate

@@ -209,3 +209,28 @@ def test_generate_and_embed_on_an_engine_of_two_ranks(ray_cluster, model_dir, tm
     assert [r["token_ids"] for r in got] == [w.token_ids for w in want]
     embedded = read_output(tmp_path / "emb.jsonl")
     np.testing.assert_allclose([r["embedding"] for r in embedded], vectors, rtol=1e-4, atol=1e-4)
+
+
+def test_generate_with_a_lora_adapter(ray_cluster, model_dir, tmp_path, capsys):
+    """``packserve batch --lora NAME=PATH``: every row's tokens equal the engine's with
+    that adapter (and differ from the base model's); the adapter is in the fingerprint."""
+    from tests.lora_factories import make_adapter
+    from worker.generate.sampling import SamplingParams
+
+    adapter = make_adapter(model_dir, tmp_path / "adapter", r=8, seed=4)
+    docs = make_docs(30, seed=6)
+    inp = tmp_path / "docs.jsonl"
+    write_jsonl(inp, docs)
+    ids = token_ids(model_dir, docs)
+    out = tmp_path / "gen.jsonl"
+    assert run_cli(model_dir, "generate", inp, out, "--lora", f"sql={adapter}",
+                   "--max-tokens", "4", "--temperature", "0", "--no-progress") == 0
+    params = SamplingParams(max_tokens=4, temperature=0)
+    with reference_engine(model_dir, lora_modules=(("sql", str(adapter)),)) as engine:
+        want = engine.generate(ids, params, lora="sql")
+        base = engine.generate(ids, params)
+    got = [r["token_ids"] for r in read_output(out)]
+    assert got == [w.token_ids for w in want] and got != [b.token_ids for b in base]
+    assert run_cli(model_dir, "generate", inp, out, "--max-tokens", "4", "--temperature", "0",
+                   "--no-progress") == 1  # the parts were written with the adapter
+    assert "lora: ['sql'" in capsys.readouterr().err
