@@ -58,16 +58,26 @@ def test_router_prefers_the_most_free_tokens_and_counts_what_it_sent():
 
 ARGS4 = {"models": [{"name": GEN, "model": "smoke:decoder", "num_replicas": 4, "num_gpus": 1,
                      "engine": {"device": "cpu", "num_kv_blocks": 64,
-                                "max_num_batched_tokens": 512, "max_model_len": 256}}],
+                                "max_num_batched_tokens": 512, "max_model_len": 256,
+                                "max_loras": 2}}],
          "router": {"stats_period_s": 0.2}}  # prefix_aware, the default
+ADAPTERS = [f"lora-{i}" for i in range(8)]  # 8 adapters, 2 slots per replica
 
 
 @pytest.fixture(scope="module")
-def four(serve_url):
-    """Four replicas of the smoke decoder on four (fake) GPUs, 1,024 KV tokens each."""
+def four(serve_url, tmp_path_factory):
+    """Four replicas of the smoke decoder on four (fake) GPUs, 1,024 KV tokens each,
+    serving eight LoRA adapters (two slots each)."""
     import ray
 
-    with running_app(ARGS4):
+    from benchmarks.adapters import write_adapter
+    from worker.models.sources import resolve_model
+
+    d, base = tmp_path_factory.mktemp("routing-loras"), resolve_model("smoke:decoder")
+    loras = [{"name": n, "path": str(write_adapter(base, d / n, r=4, seed=i))}
+             for i, n in enumerate(ADAPTERS)]
+    args = {**ARGS4, "models": [dict(ARGS4["models"][0], loras=loras)]}
+    with running_app(args):
         assert ray.available_resources().get("GPU", 0) == 0  # each replica holds one GPU
         deadline = time.monotonic() + 60
         while admission(serve_url)[GEN]["num_replicas"] < 4:
@@ -81,8 +91,13 @@ def _served(url) -> dict[str, int]:
     return {r: s["num_served"] for r, s in admission(url)[GEN]["replicas"].items()}
 
 
-def _complete(url, prompt, max_tokens=4, **kw):
-    body = {"model": GEN, "prompt": prompt, "max_tokens": max_tokens, "temperature": 0,
+def _lora_loads(url) -> dict[str, int]:
+    time.sleep(1.0)  # one more report from every replica
+    return {r: s["num_lora_loads"] for r, s in admission(url)[GEN]["replicas"].items()}
+
+
+def _complete(url, prompt, max_tokens=4, model=GEN, **kw):
+    body = {"model": model, "prompt": prompt, "max_tokens": max_tokens, "temperature": 0,
             "ignore_eos": True, **kw}
     return httpx.post(f"{url}/v1/completions", json=body, timeout=180)
 
@@ -114,6 +129,53 @@ def test_prefix_aware_router_prefers_the_prefix_within_the_free_bound():
     assert rank("r5", list(range(500, 600)))[0] == "a"  # another prefix: most free
     router._tentative.clear()
     assert rank("r6", None)[0] == "a"  # no prompt (embeddings): most free
+
+
+def _lora_pending(request_id, lora, prompt=None, tokens=10):
+    work = SimpleNamespace(num_tokens=tokens, prompt_token_ids=prompt, lora=lora)
+    return SimpleNamespace(args=[work], metadata=SimpleNamespace(internal_request_id=request_id))
+
+
+def test_prefix_aware_router_keeps_an_adapter_on_its_replicas_within_the_free_bound():
+    """Four replicas, eight adapters: a request goes to a replica holding its adapter
+    (reported resident, or routed it lately) while that replica's free tokens are at
+    least half the most free one's; the base model's prefix elsewhere does not draw it
+    (prefix hashes are salted by adapter); past the bound, or with no holder, the most
+    free replica takes it and learns it."""
+    import asyncio
+
+    router = PrefixAwareRouter.__new__(PrefixAwareRouter)
+    router.initialize_state(min_free_fraction=0.5, ttl_s=60.0, max_entries=1000,
+                            lora_min_free_fraction=0.5)
+    reps = [replica(n, 1000, 0) for n in "abcd"]
+    resident = {"a": ["l0", "l1"], "b": ["l2", "l3"], "c": ["l4", "l5"], "d": ["l6", "l7"]}
+    for r in reps:
+        r.routing_stats["loras"] = resident[r.replica_id]
+    reps[0].routing_stats["used_tokens"] = 0
+    reps[2].routing_stats["used_tokens"] = 450  # c: 550 free, >= 0.5 x 1000
+
+    def rank(request_id, lora, prompt=None):
+        router._tentative.clear()
+        return [r[0].replica_id for r in asyncio.run(router.choose_replicas(
+            reps, _lora_pending(request_id, lora, prompt)))]
+
+    for i in range(8):  # each adapter to the replica that holds it
+        assert rank(f"r{i}", f"l{i}")[0] == "abcd"[i // 2]
+    prompt = list(range(64))
+    router._indexes["a"].add(prefix_chunks(prompt), time.monotonic())  # the base's prefix
+    assert rank("p1", "l4", prompt)[0] == "c"  # the adapter's KV is not the base model's
+    assert rank("p2", None, prompt)[0] == "a"  # the base model's request: its prefix
+    reps[2].routing_stats["used_tokens"] = 600  # c: 400 free < 500: spread by free tokens
+    assert rank("p3", "l5")[0] in "abd"
+    reps[2].routing_stats["used_tokens"] = 0
+    spilled = rank("p4", "new")[0]  # no holder: most free; the router learns it
+    reps[0].routing_stats["used_tokens"] = 100
+    reps[1].routing_stats["used_tokens"] = 100
+    reps[3].routing_stats["used_tokens"] = 100
+    reps[2].routing_stats["used_tokens"] = 100
+    next(r for r in reps if r.replica_id == spilled).routing_stats["used_tokens"] = 300
+    assert rank("p5", "new")[0] == spilled  # 700 free >= 0.5 x 900: still there
+    assert rank("p6", None)[0] != spilled  # the base model: most free
 
 
 def test_prefix_index_is_bounded_and_ages_out():
@@ -172,6 +234,31 @@ def test_a_flood_of_one_prefix_spreads_when_its_replica_fills(four):
     assert set(statuses) <= {200, 429} and statuses.count(200) >= 16, statuses
     served = {r: n - before.get(r, 0) for r, n in _served(four).items()}
     assert sum(1 for n in served.values() if n) >= 3, served
+
+
+def test_an_adapter_sticks_to_the_replica_that_loaded_it(four):
+    """Eight adapters, three requests each, one after another: each adapter is loaded
+    once in all (its later requests go to the replica that holds it)."""
+    before = _lora_loads(four)
+    for i, lora in enumerate(ADAPTERS):
+        for turn in range(3):
+            r = _complete(four, f"adapter {i} turn {turn}", model=lora)
+            assert r.status_code == 200, r.text
+    loads = {r: n - before.get(r, 0) for r, n in _lora_loads(four).items()}
+    assert sum(loads.values()) == len(ADAPTERS), loads
+
+
+def test_a_flood_of_one_adapter_spreads_when_its_replica_fills(four):
+    """32 concurrent requests of one adapter, each holding ~30 + 150 tokens of a
+    replica's 1,024: its replica takes them until it fills, then others load it too."""
+    before = _lora_loads(four)
+    with cf.ThreadPoolExecutor(32) as pool:
+        statuses = [r.status_code for r in pool.map(
+            lambda i: _complete(four, f"flood {i} of one adapter", max_tokens=150,
+                                model=ADAPTERS[0]), range(32))]
+    assert set(statuses) <= {200, 429} and statuses.count(200) >= 16, statuses
+    loads = {r: n - before.get(r, 0) for r, n in _lora_loads(four).items()}
+    assert sum(1 for n in loads.values() if n) >= 2, loads
 
 
 def test_usage_reports_cached_tokens_through_the_openai_client(four):
