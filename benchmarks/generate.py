@@ -110,11 +110,11 @@ def _stats(a: np.ndarray) -> dict:
 
 # ---- the three systems: each returns (outputs, extra info) --------------------------
 
-def run_ours(engine, prompts, gens, *, latency: bool = False):
+def run_ours(engine, prompts, gens, *, latency: bool = False, lora=None):
     """``engine.generate`` over every request at once; with ``latency``, each request's
     TTFT (from the start of the run: all requests arrive at once) and TPOT percentiles,
     read from the time each sampled token is appended (a wrapper on the output processor,
-    a dictionary update per token)."""
+    a dictionary update per token). ``lora``: each request's adapter (``Engine.generate``'s)."""
     from worker.generate.sampling import SamplingParams
 
     params = [SamplingParams(temperature=0, max_tokens=g, ignore_eos=True) for g in gens]
@@ -131,7 +131,7 @@ def run_ours(engine, prompts, gens, *, latency: bool = False):
         processor.append = timed_append
     start = time.perf_counter()
     try:
-        outs = engine.generate(prompts, params)
+        outs = engine.generate(prompts, params, lora=lora)
     finally:
         processor.__dict__.pop("append", None)
     extra = {}

@@ -177,9 +177,8 @@ class GenRunner:
             return None
         self.num_lora_steps += 1
         m, dev = self.loras, self.device.device
-        tokens = LoRARows.of(np.repeat(slots, out.num_new_tokens), m.max_loras, dev,
-                             m.grouped, m.loop_rows)
-        head = LoRARows.of(slots[picked], m.max_loras, dev, m.grouped, m.loop_rows)
+        tokens = LoRARows.of(np.repeat(slots, out.num_new_tokens), m.max_loras, dev, m.grouped)
+        head = LoRARows.of(slots[picked], m.max_loras, dev, m.grouped)
         return LoRABatch(tokens, head)
 
     def _copy(self, words: int) -> torch.Tensor:

@@ -29,7 +29,7 @@ import torch
 from torch import nn
 
 from worker.lora.adapter import PREFIX, TARGETS, AdapterSpec, LoRAError, read_adapter
-from worker.lora.layers import LOOP_ROWS_CPU, LoRALinear, check_grouped_mm
+from worker.lora.layers import LoRALinear, check_grouped_mm
 
 logger = logging.getLogger(__name__)
 
@@ -71,7 +71,6 @@ class LoRAManager:
         first = next(iter(self.layers.values()))
         self.device, self.dtype = first.base.weight.device, first.base.weight.dtype
         self.grouped = check_grouped_mm(first)
-        self.loop_rows = LOOP_ROWS_CPU if self.device.type == "cpu" else None
         self.shapes = {n: (m.in_features, m.out_features) for n, m in self.layers.items()}
         self.wake = wake
         self._lock = threading.Lock()  # registered, host and the loads' futures

@@ -288,16 +288,15 @@ def test_config_refusals(tiny_model, family):
 
 
 def test_grouped_mm_equals_the_loop():
-    """The slot loop (the fallback, and the CPU's path for large steps) and grouped_mm
-    give the same deltas on random slots with empty ones and base rows between."""
+    """The slot loop (the fallback) and grouped_mm give the same deltas on random slots with empty ones and base rows between."""
     from worker.lora.layers import LoRARows, lora_delta
 
     gen = torch.Generator().manual_seed(0)
     a, b = torch.randn(4, 32, 16, generator=gen), torch.randn(4, 16, 24, generator=gen)
     x = torch.randn(50, 32, generator=gen)
     slots = np.random.default_rng(0).choice([-1, 0, 2, 3], size=50)
-    grouped = LoRARows.of(slots, 4, "cpu", True, None)
-    loop = LoRARows.of(slots, 4, "cpu", True, 10)  # over 10 rows: the loop
+    grouped = LoRARows.of(slots, 4, "cpu", True)
+    loop = LoRARows.of(slots, 4, "cpu", False)
     assert grouped.grouped and not loop.grouped and grouped.counts[1] == 0
     got, want = lora_delta(x, a, b, grouped), lora_delta(x, a, b, loop)
     torch.testing.assert_close(got, want)
