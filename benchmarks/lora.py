@@ -10,8 +10,9 @@ together, greedy, EOS ignored), requests assigned to adapters round robin:
 - ``<targets>_<n>``: ``n`` adapters (``max_loras = max(8, n)``, so all are resident and
   every step mixes them), ``targets`` ``qv`` or ``all``.
 
-Runs alternate (every configuration once per repeat, in turn) and the median is
-reported with every run, so drift on a shared machine hits all alike. ``--kernels``
+Runs alternate (every configuration once per round, in turn; a first, untimed round
+warms every engine up) and the median is reported with every run, so drift on a shared
+machine hits all alike. ``--kernels``
 also times the grouped shrink/expand against the slot loop for growing row counts and
 widths (the measurement behind grouped_mm in ``worker.lora.layers``).
 
@@ -56,7 +57,8 @@ def parse_args(argv=None) -> argparse.Namespace:
     p.add_argument("--rank", type=int, default=16)
     p.add_argument("--adapters", default="1,8,32", help="adapter counts")
     p.add_argument("--targets", default="qv,all")
-    p.add_argument("--repeats", type=int, default=3)
+    p.add_argument("--repeats", type=int, default=5, help="timed rounds (after one "
+                   "untimed round that warms every engine up)")
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--kernels", action="store_true", help="also time grouped_mm vs the loop")
     p.add_argument("--out")
@@ -142,13 +144,14 @@ def main(argv=None) -> dict:
         run_ours(e, prompts[:warm], [2] * warm, lora=None if loras[name] is None
                  else loras[name][:warm])
     runs = {name: [] for name in configs}
-    for _ in range(args.repeats):  # alternating: each configuration once per round
-        for name, e in engines.items():
+    for round_ in range(args.repeats + 1):  # alternating: each configuration once per round
+        for name, e in engines.items():  # round 0 warms every engine up and is dropped
             start = time.perf_counter()
             _, extra = run_ours(e, prompts, gens, latency=True, lora=loras[name])
-            runs[name].append({"time_s": time.perf_counter() - start,
-                               "ttft_p50_s": extra["ttft_s"]["p50"],
-                               "ttft_p99_s": extra["ttft_s"]["p99"]})
+            if round_:
+                runs[name].append({"time_s": time.perf_counter() - start,
+                                   "ttft_p50_s": extra["ttft_s"]["p50"],
+                                   "ttft_p99_s": extra["ttft_s"]["p99"]})
     systems = {}
     for name, entries in runs.items():
         t = statistics.median(r["time_s"] for r in entries)

@@ -163,7 +163,7 @@ def test_load_use_unload_and_load_again(url, adapters, reference):
 
     def stream():
         with httpx.stream("POST", f"{url}/v1/completions", timeout=120, json={
-                "model": "late", "prompt": PROMPT, "max_tokens": 200, "ignore_eos": True,
+                "model": "late", "prompt": PROMPT, "max_tokens": 480, "ignore_eos": True,
                 "stream": True}) as r:
             for line in r.iter_lines():
                 if line.startswith("data: {"):

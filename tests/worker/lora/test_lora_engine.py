@@ -180,15 +180,14 @@ def test_add_and_remove_at_runtime(tmp_path, family):
         assert engine.generate([prompt], GREEDY, lora="qv8")[0].token_ids == \
             hf_greedy(refs["qv8"], prompt, MAX_NEW)
 
-        async def busy():  # unloading while a request of it runs is refused
-            stream = engine.generate_stream(prompt, SamplingParams(max_tokens=30, ignore_eos=True),
-                                            lora="qv8")
-            await stream.__anext__()
-            with pytest.raises(AdapterInUseError, match="1 unfinished requests"):
-                engine.remove_lora("qv8")
-            await stream.aclose()
-
-        asyncio.run(busy())
+        # a request of it queued (no step loop runs here, so it stays unfinished):
+        # unloading is refused until it ends
+        gen = engine.generation
+        seq = gen.make_sequence(prompt, GREEDY, "qv8")
+        gen.submit(seq)
+        with pytest.raises(AdapterInUseError, match="1 unfinished requests"):
+            engine.remove_lora("qv8")
+        assert engine.abort(seq.seq_id)
         engine.remove_lora("qv8")
         assert engine.lora_state()["registered"] == []
         with pytest.raises(LoRAError, match="no adapter of that name"):
