@@ -6,7 +6,7 @@ PIP := $(PY) -m pip --disable-pip-version-check
 STAMP := $(VENV)/.installed
 PYTEST_ARGS ?=
 
-.PHONY: install serve prometheus test test-packing-pure bench bench-packer bench-forward bench-generate bench-decode bench-batch bench-serve bench-pooled bench-structured bench-moe bench-admission bench-tp clean
+.PHONY: install serve prometheus test test-packing-pure bench bench-packer bench-forward bench-generate bench-decode bench-batch bench-serve bench-pooled bench-structured bench-moe bench-admission bench-tp bench-lora clean
 
 install: $(STAMP)
 
@@ -61,7 +61,7 @@ test: install prometheus
 test-packing-pure: install
 	PACKSERVE_PURE_PYTHON=1 $(PY) -m pytest -q tests/packing
 
-bench: bench-packer bench-forward bench-generate bench-decode bench-batch bench-serve bench-pooled bench-structured bench-moe bench-admission bench-tp
+bench: bench-packer bench-forward bench-generate bench-decode bench-batch bench-serve bench-pooled bench-structured bench-moe bench-admission bench-tp bench-lora
 
 bench-packer: install
 	$(PY) -m benchmarks.packer --out benchmarks/results/packer.json
@@ -114,6 +114,10 @@ bench-pooled: install
 # Tensor parallelism: 2 ranks against 1 on the smoke decoder, rank 0's collectives per step.
 bench-tp: install
 	$(PY) -m benchmarks.tp --device cpu --out benchmarks/results/tp_cpu.json
+
+# Multi-LoRA: 0 / 1 / 8 / 32 adapters against the base model, grouped_mm against the loop.
+bench-lora: install
+	$(PY) -m benchmarks.lora --device cpu --kernels --out benchmarks/results/lora_cpu.json
 
 # Structured outputs: batch 64 with and without a JSON-schema constraint (benchmarks/structured.py).
 bench-structured: install

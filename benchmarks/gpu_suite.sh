@@ -22,6 +22,7 @@
 #   forward.json, .png      packed vs padded prefill, Qwen2.5-7B shape (budget 65,536)
 #   family_matrix.log      the family matrix on the GPU, junit_family.xml its junit
 #   generate_baselines.json the 128-request run's HF baselines, if time is left
+#   lora.json               benchmarks/lora.py: 1 and 8 LoRA adapters against the base model
 #   tp.json                 benchmarks/tp.py: TP=2 against TP=1 (skipped with one GPU)
 #
 # Optional: a folder .gpu_pydeps/ at the repository root (`pip install --target .gpu_pydeps
@@ -167,12 +168,18 @@ run_step family_matrix 90 bash -c "$PY -m pytest ${FAMILY_ARGS[*]} \
   --junitxml='$OUT/junit_family.xml' >'$OUT/family_matrix.log' 2>&1; rc=\$?; \
   tail -8 '$OUT/family_matrix.log'; exit \$rc"
 
-# 9. The 128-request run's baselines (HF static batches of 32, generate_batch), if time is left.
+# 9. Multi-LoRA serving cost (benchmarks/lora.py): 1 and 8 adapters, q/v and all-linear,
+#    rank 16, against the base model on 128 Azure requests (target: 8 adapters within 15%).
+LORA_ARGS=(--shape $GEN_SHAPE --num-requests $SHORT --adapters 1,8 --repeats 1)
+[ "$DRY_RUN" = 1 ] && LORA_ARGS=(--shape tiny --num-requests 16 --adapters 1,8 --repeats 1)
+run_step lora 90 $PY -m benchmarks.lora --device $DEVICE "${LORA_ARGS[@]}" --out "$OUT/lora.json"
+
+# 10. The 128-request run's baselines (HF static batches of 32, generate_batch), if time is left.
 run_step generate_baselines 400 $PY -m benchmarks.generate --shape $GEN_SHAPE --device $DEVICE \
   --num-requests $SHORT --systems hf_static,generate_batch --batch-sizes 32 \
   --out "$OUT/generate_baselines.json"
 
-# 10. Tensor parallelism at 2 ranks against 1, the smoke decoder (benchmarks/tp.py): skips
+# 11. Tensor parallelism at 2 ranks against 1, the smoke decoder (benchmarks/tp.py): skips
 #     itself (SKIP, exit 0) on a machine with one GPU; the dry run runs it on the CPU.
 run_step tp 60 $PY -m benchmarks.tp --device $DEVICE --tp 2 --out "$OUT/tp.json"
 

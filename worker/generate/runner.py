@@ -124,6 +124,8 @@ class GenRunner:
         """The staged step through the model -> fp32 logits of its sampling rows (every
         row with ``all_rows``), into ``out`` when given (the graphs' static output);
         ``lora``: the step's adapter rows (None: base rows only)."""
+        if lora is None:  # base rows only: no context to set (the default is none)
+            return self._forward(dev, meta, all_rows, out)
         with lora_context(lora):
             return self._forward(dev, meta, all_rows, out)
 
