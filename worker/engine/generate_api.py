@@ -14,6 +14,7 @@ from __future__ import annotations
 import asyncio
 import functools
 import logging
+import time
 from collections.abc import AsyncIterator
 from collections.abc import Sequence as Seq
 
@@ -83,7 +84,8 @@ class GenerateAPI:
         self._check_alive()
         self._submit(gen, seqs)
         while not all(s.finished for s in seqs):  # per request, per step
-            self.step()
+            if not self.step() and gen.scheduler.waiting_for_lora and not gen.scheduler.running:
+                time.sleep(0.001)  # only adapter loads are left to wait for: let them read
         return [self._result(gen, s) for s in seqs]
 
     async def generate_async(self, token_id_lists: Seq, params: SamplingParams | Seq | None = None,
