@@ -67,18 +67,23 @@ def parse_args(argv=None) -> argparse.Namespace:
     p.add_argument("--lower-bound", action="store_true", help="also measure the run's lower "
                    "bound (longest request's decode at the batch-1 step time + the prefill)")
     p.add_argument("--out", help="JSON path (default benchmarks/results/generate_<device>.json)")
-    args = p.parse_args(argv)
-    defaults = CUDA_DEFAULTS if args.device.startswith("cuda") else CPU_DEFAULTS
-    for key, value in defaults.items():
-        if getattr(args, key) is None:
-            setattr(args, key, value)
-    args.dtype = args.dtype or _common.default_dtype(args.device)
+    args = resolve_defaults(p.parse_args(argv), CPU_DEFAULTS, CUDA_DEFAULTS)
     args.systems = [s for s in args.systems.split(",") if s]
     args.batch_sizes = [int(b) for b in args.batch_sizes.split(",") if b]
     if set(args.systems) - set(SYSTEMS) or not args.batch_sizes or min(args.batch_sizes) < 1:
         p.error(f"--systems: choose from {', '.join(SYSTEMS)}; --batch-sizes: integers >= 1")
     dev = args.device.split(":")[0]
     args.out = Path(args.out or _common.REPO_ROOT / f"benchmarks/results/generate_{dev}.json")
+    return args
+
+
+def resolve_defaults(args: argparse.Namespace, cpu: dict, cuda: dict) -> argparse.Namespace:
+    """``args`` with each unset workload option from ``cpu`` or ``cuda`` (by the device),
+    and the device's default dtype."""
+    for key, value in (cuda if args.device.startswith("cuda") else cpu).items():
+        if getattr(args, key) is None:
+            setattr(args, key, value)
+    args.dtype = args.dtype or _common.default_dtype(args.device)
     return args
 
 

@@ -34,7 +34,7 @@ if __package__ in (None, ""):  # run as a script: make the repository importable
 
 from benchmarks import _common
 from benchmarks.adapters import ALL_LINEAR, QV, write_adapter
-from benchmarks.generate import run_ours, sample_workload
+from benchmarks.generate import resolve_defaults, run_ours, sample_workload
 
 CPU_DEFAULTS = {"context_scale": 0.125, "max_context": 256, "generated_scale": 0.125,
                 "max_generated": 32, "num_requests": 256, "step_tokens": 2048}
@@ -62,12 +62,7 @@ def parse_args(argv=None) -> argparse.Namespace:
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--kernels", action="store_true", help="also time grouped_mm vs the loop")
     p.add_argument("--out")
-    args = p.parse_args(argv)
-    defaults = CUDA_DEFAULTS if args.device.startswith("cuda") else CPU_DEFAULTS
-    for key, value in defaults.items():
-        if getattr(args, key) is None:
-            setattr(args, key, value)
-    args.dtype = args.dtype or _common.default_dtype(args.device)
+    args = resolve_defaults(p.parse_args(argv), CPU_DEFAULTS, CUDA_DEFAULTS)
     args.adapters = [int(n) for n in args.adapters.split(",") if n]
     args.targets = [t for t in args.targets.split(",") if t]
     dev = args.device.split(":")[0]
