@@ -47,6 +47,21 @@ def test_flags_are_the_app_args_keys(capsys):
         "admission": {"max_wait_s": 2.0}, "router": {"policy": "power_of_two"}}
 
 
+def test_lora_flags(capsys):
+    """``--lora-modules NAME=PATH ...`` (vLLM's flag) becomes ``models[0].loras``; the
+    engine's LoRA fields and the runtime switch are generated flags."""
+    config = dry_run(capsys, "smoke:decoder", "--lora-modules", "sql=/a/sql", "chat=/a/chat",
+                     "--max-loras", "4", "--max-lora-rank", "32", "--lora-runtime-updates")
+    args = config["applications"][0]["args"]
+    assert args["models"][0]["loras"] == [{"name": "sql", "path": "/a/sql"},
+                                          {"name": "chat", "path": "/a/chat"}]
+    assert args["models"][0]["engine"] == {"max_loras": 4, "max_lora_rank": 32}
+    assert args["http"] == {"lora_runtime_updates": True}
+    with pytest.raises(SystemExit) as exit_:
+        main(["serve", "smoke:decoder", "--lora-modules", "nopath", "--dry-run"])
+    assert exit_.value.code == 2 and "NAME=PATH" in capsys.readouterr().err
+
+
 def test_bad_options_exit_2_naming_the_flag(capsys):
     with pytest.raises(SystemExit) as exit_:
         main(["serve", "smoke:decoder", "--max-prompt-chars", "0", "--dry-run"])

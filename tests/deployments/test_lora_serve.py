@@ -133,6 +133,8 @@ def _unload(url, name):
 @pytest.mark.parametrize("body, status, param, words", [
     ({"lora_name": "x", "lora_path": "/no/such/dir"}, 400, "lora_path", "no directory"),
     ({"lora_name": "x", "lora_path": "@wide"}, 400, "max_lora_rank", "rank 32"),
+    ({"lora_name": "x", "lora_path": "@base"}, 400, "lora_path", "adapter_config.json is "
+     "missing"),
     ({"lora_name": "sql", "lora_path": "@late"}, 400, "lora_name", "taken by a loaded adapter"),
     ({"lora_name": GEN, "lora_path": "@late"}, 400, "lora_name", "taken by a served model"),
     ({"lora_name": "x", "lora_path": "@late", "base_model_name": "other"}, 400,
