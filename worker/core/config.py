@@ -14,6 +14,8 @@ DTYPES = ("auto", "float32", "bfloat16", "float16")
 ATTENTION_BACKENDS = ("auto", "flash_attn", "torch_varlen", "reference")
 PAGED_ATTENTION_BACKENDS = ("auto", "triton", "flash_attn", "torch_paged", "gather", "reference")
 TP_LOADS = ("auto", "parallel", "serial")
+QUANTIZATIONS = ("fp8", "int8")  # what --quantization may name (worker/quant/)
+KV_CACHE_DTYPES = ("auto", "fp8", "fp8_e4m3")  # auto: the model's dtype; fp8 = fp8_e4m3
 CPU_DEFAULT_BUDGET = 8192  # tokens per bin on CPU when max_num_batched_tokens is unset
 
 
@@ -104,6 +106,12 @@ class EngineConfig:
     max_lora_rank: int = 64  # the largest adapter rank accepted (slots are this wide)
     max_cpu_loras: int | None = None  # adapters kept read in host memory (None: 4 x max_loras)
     lora_modules: tuple = ()  # (name, path) pairs registered at start (enable_lora implied)
+    # Quantization (worker/quant/): a checkpoint's own FP8 format is detected from its
+    # config.json whatever this says; "fp8" quantizes a bf16/fp32 checkpoint's linear layers
+    # at load (per-channel weight scales, dynamic per-token activation scales); "int8" runs
+    # an encoder's linear layers as dynamic int8 on CPU.
+    quantization: str | None = None
+    kv_cache_dtype: str = "auto"  # "fp8" (e4m3 with scales): half the bytes per KV token
     # Structured outputs: what one constraint may cost to compile (GrammarLimits; a
     # constraint over a limit is a 400 naming it):
     max_grammar_bytes: int = 262_144  # of the constraint's text (schema JSON, regex, ...)
@@ -159,6 +167,11 @@ class EngineConfig:
             if getattr(self, name) is not None:
                 check_int(name, getattr(self, name), 1)
         self._check_lora()
+        if self.quantization is not None:
+            check_choice("quantization", self.quantization, QUANTIZATIONS)
+        if self.quantization == "int8" and self.is_cuda:
+            raise ConfigError("quantization", "'int8' runs encoders on CPU; on CUDA use 'fp8'")
+        check_choice("kv_cache_dtype", self.kv_cache_dtype, KV_CACHE_DTYPES)
         try:
             self.grammar_limits
         except ValueError as exc:
