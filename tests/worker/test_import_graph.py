@@ -88,8 +88,8 @@ def test_worker_has_no_import_cycle():
 
 
 # Bottom to top: a module imports only from its own folder and the folders before it.
-LAYERS = ("core", "params", "quant", "kv", "attention", "models", "lora", "budget", "packed", "generate",
-          "parallel", "engine")
+LAYERS = ("core", "params", "quant", "kv", "attention", "models", "lora", "budget", "packed",
+          "generate", "parallel", "engine")
 
 
 def _folder(module: str) -> str:
