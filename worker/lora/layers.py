@@ -39,6 +39,8 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from worker.quant.fp8 import Fp8Linear
+
 logger = logging.getLogger(__name__)
 
 @dataclass(frozen=True)
@@ -112,11 +114,13 @@ class LoRALinear(nn.Module):
         super().__init__()
         self.base, self.head = base, head
         self.in_features, self.out_features = base.in_features, base.out_features
-        w = base.weight
-        self.register_buffer("a", torch.zeros(max_loras, self.in_features, max_rank,
-                                              dtype=w.dtype, device=w.device), persistent=False)
-        self.register_buffer("b", torch.zeros(max_loras, max_rank, self.out_features,
-                                              dtype=w.dtype, device=w.device), persistent=False)
+        self.fp8 = isinstance(base, Fp8Linear)  # its weight is e4m3: only the layer runs it
+        to = {"dtype": base.dtype if self.fp8 else base.weight.dtype,
+              "device": base.weight.device}
+        self.register_buffer("a", torch.zeros(max_loras, self.in_features, max_rank, **to),
+                             persistent=False)
+        self.register_buffer("b", torch.zeros(max_loras, max_rank, self.out_features, **to),
+                             persistent=False)
         self.targeted = [False] * max_loras  # per slot: its adapter has weights here
 
     @property
@@ -124,8 +128,11 @@ class LoRALinear(nn.Module):
         return self.base.weight
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        y = F.linear(x, self.base.weight, self.base.bias)  # not self.base(x): one module
-        #   call per layer, as without LoRA (a call costs as much as a tiny CPU matmul)
+        if self.fp8:
+            y = self.base(x)
+        else:
+            y = F.linear(x, self.base.weight, self.base.bias)  # not self.base(x): one module
+            #   call per layer, as without LoRA (a call costs as much as a tiny CPU matmul)
         batch = _CURRENT.get()
         rows = None if batch is None else (batch.head if self.head else batch.tokens)
         if rows is None or not any(n and t for n, t in zip(rows.counts, self.targeted)):
@@ -154,7 +161,7 @@ class LoRALinear(nn.Module):
 def check_grouped_mm(layer: LoRALinear) -> bool:
     """Whether grouped_mm runs on ``layer``'s device and dtype and equals the loop (on
     random slots and rows); False (one warning) otherwise."""
-    w = layer.base.weight
+    w = layer.a  # the slots' device and dtype (an FP8 base's weight is e4m3)
     gen = torch.Generator().manual_seed(0)
     num_slots, rank = layer.a.shape[0], layer.a.shape[2]
     a = torch.randn(num_slots, layer.in_features, rank, generator=gen).to(w.device, w.dtype)

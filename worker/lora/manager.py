@@ -30,6 +30,7 @@ from torch import nn
 
 from worker.lora.adapter import PREFIX, TARGETS, AdapterSpec, LoRAError, read_adapter
 from worker.lora.layers import LoRALinear, check_grouped_mm
+from worker.quant.fp8 import Fp8Linear
 
 logger = logging.getLogger(__name__)
 
@@ -46,7 +47,7 @@ def wrap_model(model: nn.Module, max_loras: int, max_rank: int) -> dict[str, LoR
     must be multiples of 16 bytes)."""
     rank = -(-max_rank // 16) * 16
     found = [(name, m) for name, m in model.named_modules()
-             if isinstance(m, nn.Linear) and name.rsplit(".", 1)[-1] in TARGETS]
+             if isinstance(m, nn.Linear | Fp8Linear) and name.rsplit(".", 1)[-1] in TARGETS]
     wrapped = {}
     for name, module in found:  # per targeted linear (7 per layer, the head)
         parent_name, _, leaf = name.rpartition(".")
@@ -69,7 +70,7 @@ class LoRAManager:
             raise LoRAError("*", "the model has no linear layer an adapter may target "
                             f"({', '.join(TARGETS)})", setting="max_loras")
         first = next(iter(self.layers.values()))
-        self.device, self.dtype = first.base.weight.device, first.base.weight.dtype
+        self.device, self.dtype = first.a.device, first.a.dtype
         self.grouped = check_grouped_mm(first)
         self.shapes = {n: (m.in_features, m.out_features) for n, m in self.layers.items()}
         self.wake = wake

@@ -42,6 +42,8 @@ from worker.models.labels import LabelSpec
 from worker.models.moe import install_grouped_experts
 from worker.models.proof import prove_model
 from worker.models.sources import resolve_model
+from worker.quant import load as fp8_load
+from worker.quant.fp8 import select_mode
 
 logger = logging.getLogger(__name__)
 
@@ -121,6 +123,7 @@ def load_model(config: EngineConfig, device: torch.device, shard=None, reading=N
     backend = select_backend(config.attention_backend, device.type, dtype,
                              softcap=attention_softcap(hf_config) is not None)
     classifier = is_classifier(hf_config)
+    fp8 = fp8_load.prepare(hf_config, path, config.quantization, decoder)  # None: unquantized
     if classifier:
         auto_cls = AutoModelForSequenceClassification
     else:
@@ -130,9 +133,18 @@ def load_model(config: EngineConfig, device: torch.device, shard=None, reading=N
             path, config=hf_config, dtype=dtype, trust_remote_code=remote,
             attn_implementation=register(backend),
         )
+        if fp8 is not None:
+            fp8_load.attach_scales(model, path, fp8)
         if shard is not None:
             shard(model)
+        if fp8 is not None or config.quantization == "fp8":
+            fp8_load.convert(model, online=fp8 is None)
         model.to(device).eval()
+    select_mode(model, device, dtype)  # FP8 layers: _scaled_mm if it passes its check here
+    if config.quantization == "int8":  # dynamic int8 linear layers, encoders on CPU
+        from worker.quant.int8 import quantize_int8
+
+        quantize_int8(model, decoder=decoder, device=device)
     install_grouped_experts(model)  # MoE layers: grouped_mm if it passes its start-up check
     base = model.base_model
     embeddings = getattr(base, "embeddings", None)

@@ -59,17 +59,22 @@ class TPLayout:
 
 
 class RowParallelLinear(nn.Module):
-    """``linear`` keeping the input columns ``[lo, hi)``: partial sums, all-reduced."""
+    """``linear`` keeping the input columns ``[lo, hi)``: partial sums, all-reduced.
+    ``proj`` is a plain Linear of those columns (no bias), so FP8 can convert it like any
+    other (its per-output-channel scales stay whole: worker/quant/load.py)."""
 
     def __init__(self, linear: nn.Linear, lo: int, hi: int, tp: TPGroup):
         super().__init__()
-        self.weight = nn.Parameter(linear.weight.data[:, lo:hi].contiguous(),
-                                   requires_grad=False)
+        w = linear.weight.data
+        self.proj = nn.Linear(hi - lo, linear.out_features, bias=False, device="meta")
+        self.proj.weight = nn.Parameter(w[:, lo:hi].contiguous(), requires_grad=False)
+        if hasattr(linear, "fp8_scales"):
+            self.proj.fp8_scales = linear.fp8_scales
         self.bias = linear.bias  # added once, after the reduce
         self.in_features, self.out_features, self.tp = hi - lo, linear.out_features, tp
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        y = self.tp.all_reduce_(F.linear(x, self.weight))
+        y = self.tp.all_reduce_(self.proj(x))
         return y if self.bias is None else y + self.bias
 
 
@@ -160,6 +165,8 @@ def _keep_rows(linear: nn.Linear, lo: int, hi: int) -> None:
     if linear.bias is not None:
         linear.bias = nn.Parameter(linear.bias.data[lo:hi].contiguous(), requires_grad=False)
     linear.out_features = hi - lo
+    if hasattr(linear, "fp8_scales"):  # an FP8 checkpoint's per-channel scales (quant/load.py)
+        linear.fp8_scales = linear.fp8_scales.rows(lo, hi)
 
 
 def plan(config, size: int) -> tuple[int, int, int]:
