@@ -6,7 +6,7 @@ PIP := $(PY) -m pip --disable-pip-version-check
 STAMP := $(VENV)/.installed
 PYTEST_ARGS ?=
 
-.PHONY: install serve prometheus test test-packing-pure bench bench-packer bench-forward bench-generate bench-decode bench-batch bench-serve bench-pooled bench-structured bench-moe bench-admission bench-tp bench-lora clean
+.PHONY: install serve prometheus test test-packing-pure bench bench-packer bench-forward bench-generate bench-decode bench-batch bench-serve bench-pooled bench-structured bench-moe bench-admission bench-tp bench-lora bench-fp8 clean
 
 install: $(STAMP)
 
@@ -61,7 +61,7 @@ test: install prometheus
 test-packing-pure: install
 	PACKSERVE_PURE_PYTHON=1 $(PY) -m pytest -q tests/packing
 
-bench: bench-packer bench-forward bench-generate bench-decode bench-batch bench-serve bench-pooled bench-structured bench-moe bench-admission bench-tp bench-lora
+bench: bench-packer bench-forward bench-generate bench-decode bench-batch bench-serve bench-pooled bench-structured bench-moe bench-admission bench-tp bench-lora bench-fp8
 
 bench-packer: install
 	$(PY) -m benchmarks.packer --out benchmarks/results/packer.json
@@ -138,3 +138,8 @@ bench-admission: install
 
 clean:
 	rm -rf build *.egg-info packing_cy/_ffd.c packing_cy/*.so
+
+# FP8 weights against fp32 on this CPU (benchmarks/fp8.py): the path's cost here, not a
+# speed-up (torch's CPU _scaled_mm is a reference kernel); the GPU step is gpu_suite's fp8.
+bench-fp8: install
+	$(PY) -m benchmarks.fp8 --device cpu --out benchmarks/results/fp8_cpu.json

@@ -23,6 +23,7 @@
 #   family_matrix.log      the family matrix on the GPU, junit_family.xml its junit
 #   generate_baselines.json the 128-request run's HF baselines, if time is left
 #   lora.json               benchmarks/lora.py: 1 and 8 LoRA adapters against the base model
+#   fp8.json                benchmarks/fp8.py: FP8 weights against bf16, prefill and decode
 #   tp.json                 benchmarks/tp.py: TP=2 against TP=1 (skipped with one GPU)
 #
 # Optional: a folder .gpu_pydeps/ at the repository root (`pip install --target .gpu_pydeps
@@ -173,6 +174,12 @@ run_step family_matrix 90 bash -c "$PY -m pytest ${FAMILY_ARGS[*]} \
 LORA_ARGS=(--shape $GEN_SHAPE --num-requests $SHORT --adapters 1,8 --repeats 1)
 [ "$DRY_RUN" = 1 ] && LORA_ARGS=(--shape tiny --num-requests 16 --adapters 1,8 --repeats 1)
 run_step lora 90 $PY -m benchmarks.lora --device $DEVICE "${LORA_ARGS[@]}" --out "$OUT/lora.json"
+
+# 9b. FP8 weights (benchmarks/fp8.py): quantization=fp8 against bf16, prefill and decode
+#     on 128 Azure requests, weight bytes (target: decode >= 1.3x bf16 at batch 128).
+FP8_ARGS=(--shape $GEN_SHAPE --num-requests $SHORT --repeats 1)
+[ "$DRY_RUN" = 1 ] && FP8_ARGS=(--shape tiny --num-requests 16 --repeats 1)
+run_step fp8 75 $PY -m benchmarks.fp8 --device $DEVICE "${FP8_ARGS[@]}" --out "$OUT/fp8.json"
 
 # 10. The 128-request run's baselines (HF static batches of 32, generate_batch), if time is left.
 run_step generate_baselines 400 $PY -m benchmarks.generate --shape $GEN_SHAPE --device $DEVICE \

@@ -62,6 +62,18 @@ def test_lora_flags(capsys):
     assert exit_.value.code == 2 and "NAME=PATH" in capsys.readouterr().err
 
 
+def test_quantization_flags(capsys):
+    """``--quantization`` and ``--kv-cache-dtype`` (vLLM's flags) are generated from the
+    engine's fields; an unknown method exits 2 naming the field and the supported ones."""
+    config = dry_run(capsys, "smoke:decoder", "--quantization", "fp8", "--kv-cache-dtype", "fp8")
+    assert config["applications"][0]["args"]["models"][0]["engine"] == {
+        "quantization": "fp8", "kv_cache_dtype": "fp8"}
+    with pytest.raises(SystemExit) as exit_:
+        main(["serve", "smoke:decoder", "--quantization", "awq", "--dry-run"])
+    err = capsys.readouterr().err
+    assert exit_.value.code == 2 and "quantization: must be one of fp8, int8; got 'awq'" in err
+
+
 def test_bad_options_exit_2_naming_the_flag(capsys):
     with pytest.raises(SystemExit) as exit_:
         main(["serve", "smoke:decoder", "--max-prompt-chars", "0", "--dry-run"])
