@@ -26,6 +26,11 @@ forward's attention context (``worker.attention.context``): a ``PagedContext`` -
 ``PagedContext.attend`` (this module); otherwise the packed (cache-free) backend the model
 was loaded with, so one model serves both paths.
 
+An FP8 cache (``KVCacheSpec.quantized``, ``kv_cache_dtype="fp8"``) stores e4m3 and a
+per-layer, per-KV-head scale (``KVCache.scales``); ``triton`` dequantizes in the kernel,
+``gather`` and ``reference`` as they gather. ``flash_attn`` and ``torch_paged`` read the
+page pool in place in q's dtype and are not candidates then (``FP8_BACKENDS``).
+
 Gemma 2's ``softcap`` (scores capped as ``softcap * tanh(s / softcap)``) is computed by
 ``triton``, ``flash_attn`` and ``reference``; the others are not candidates for such a
 model (``SOFTCAP_BACKENDS``).
@@ -42,6 +47,7 @@ import torch
 import torch.nn.functional as F
 
 from worker.attention.packed import (
+    UnsupportedAttention,
     flash_attn_available,
     refuse_softcap,
     softcapped_attention,
@@ -51,12 +57,14 @@ from worker.attention.packed import (
     varlen_window,
 )
 from worker.kv.cache import KVCache
+from worker.quant.kv import dequantize
 
 logger = logging.getLogger(__name__)
 
 PAGED_BACKENDS = ("triton", "flash_attn", "torch_paged", "gather", "reference")
 PAGED_KERNEL_BLOCK_MULTIPLE = 256  # FA2's paged kernels refuse other page sizes
 SOFTCAP_BACKENDS = frozenset({"triton", "flash_attn", "reference"})
+FP8_BACKENDS = frozenset({"triton", "gather", "reference"})  # read an e4m3 cache
 
 
 @dataclasses.dataclass(frozen=True)
@@ -98,8 +106,14 @@ class PagedContext:
         layer = module.layer_idx
         q, k, v = query[0].transpose(0, 1), key[0].transpose(0, 1), value[0].transpose(0, 1)
         self.cache.write(layer, k, v, self.meta.slot_mapping)
-        out = _BACKENDS[self.backend](q, self.cache.key(layer), self.cache.value(layer),
-                                      self.meta, scaling, sliding_window, softcap)
+        if self.cache.scales is None:
+            out = _BACKENDS[self.backend](q, self.cache.key(layer), self.cache.value(layer),
+                                          self.meta, scaling, sliding_window, softcap)
+        else:
+            k_scale, v_scale = self.cache.layer_scales(layer)
+            out = _BACKENDS[self.backend](q, self.cache.key(layer), self.cache.value(layer),
+                                          self.meta, scaling, sliding_window, softcap,
+                                          k_scale=k_scale, v_scale=v_scale)
         return out.unsqueeze(0), None
 
 
@@ -142,23 +156,26 @@ def build_metadata(tables: list[list[int]], num_cached, num_new, block_size: int
 
 
 # ---- backends: (q [T, Hq, D], k_cache, v_cache [N, bs, Hkv, D], meta, scale, window,
-#      softcap) -> [T, Hq, D] ---------------------------------------------------------------
+#      softcap, k_scale=None, v_scale=None) -> [T, Hq, D]; the scales [Hkv] fp32 of an
+#      FP8 cache (then K/V are read as float(stored) * scale) ----------------------------
 
 def reference_paged(q, k_cache, v_cache, meta: PagedMetadata, scale, window,
-                    softcap=None) -> torch.Tensor:
+                    softcap=None, k_scale=None, v_scale=None) -> torch.Tensor:
     """Decodes in one padded SDPA; each prefill chunk gathers its blocks for its own SDPA
     with a bottom-right causal mask."""
     out = torch.empty_like(q)
+    deq = _Dequant(k_scale, v_scale, q.dtype)
     cu, lens, bs = meta.host_cu_seqlens_q, meta.host_seqlens_k, meta.block_size
     q_lens = np.diff(cu)
     decodes = np.flatnonzero(q_lens == 1)
     if decodes.size:
-        _reference_decodes(q, k_cache, v_cache, meta, scale, window, softcap, decodes, out)
+        _reference_decodes(q, k_cache, v_cache, meta, scale, window, softcap, decodes, out,
+                           deq)
     for i in np.flatnonzero(q_lens > 1):  # per prefill chunk, every layer: the CPU path
         start, end, k_len = int(cu[i]), int(cu[i + 1]), int(lens[i])
         blocks = meta.block_tables[i, : -(-k_len // bs)].long()
-        k = k_cache[blocks].flatten(0, 1)[:k_len].transpose(0, 1)
-        v = v_cache[blocks].flatten(0, 1)[:k_len].transpose(0, 1)
+        k = deq.k(k_cache[blocks].flatten(0, 1)[:k_len]).transpose(0, 1)
+        v = deq.v(v_cache[blocks].flatten(0, 1)[:k_len]).transpose(0, 1)
         mask = bottom_right_mask(end - start, k_len, window, q.device)
         causal = mask is None and end - start == k_len
         if softcap and causal:
@@ -179,8 +196,21 @@ def _attention(q, k, v, mask, scale, softcap, causal=False) -> torch.Tensor:
     return softcapped_attention(q, k, v, mask, scale, softcap)
 
 
+class _Dequant:
+    """K/V as attention reads them: as stored, or an FP8 cache's values times its scales."""
+
+    def __init__(self, k_scale, v_scale, dtype):
+        self.k_scale, self.v_scale, self.dtype = k_scale, v_scale, dtype
+
+    def k(self, x):  # x [..., Hkv, D]
+        return x if self.k_scale is None else dequantize(x, self.k_scale, self.dtype)
+
+    def v(self, x):
+        return x if self.v_scale is None else dequantize(x, self.v_scale, self.dtype)
+
+
 def _reference_decodes(q, k_cache, v_cache, meta, scale, window, softcap, decodes,
-                       out) -> None:
+                       out, deq) -> None:
     """Every one-token query at once: contexts gathered into [n, max_k] padded rows."""
     device, bs = q.device, meta.block_size
     idx = torch.from_numpy(decodes).to(device)
@@ -189,8 +219,8 @@ def _reference_decodes(q, k_cache, v_cache, meta, scale, window, softcap, decode
     pos = torch.arange(max_k, device=device)
     slots = meta.block_tables[idx][:, pos // bs].long() * bs + pos % bs  # [n, max_k]
     h, d = k_cache.shape[-2:]
-    k = k_cache.view(-1, h, d)[slots].transpose(1, 2)  # [n, Hkv, max_k, D]
-    v = v_cache.view(-1, h, d)[slots].transpose(1, 2)
+    k = deq.k(k_cache.view(-1, h, d)[slots]).transpose(1, 2)  # [n, Hkv, max_k, D]
+    v = deq.v(v_cache.view(-1, h, d)[slots]).transpose(1, 2)
     valid = pos[None, :] < k_lens[:, None]
     if window:
         valid &= pos[None, :] > k_lens[:, None] - 1 - window
@@ -214,7 +244,7 @@ def bottom_right_mask(q_len: int, k_len: int, window, device,
 
 
 def gather_paged(q, k_cache, v_cache, meta: PagedMetadata, scale, window,
-                 softcap=None) -> torch.Tensor:
+                 softcap=None, k_scale=None, v_scale=None) -> torch.Tensor:
     """Copy every sequence's context into a contiguous scratch, then ``varlen_attn``
     (FlashAttention-2 in torch; causal aligned bottom-right like flash-attn >= 2.1)."""
     from torch.nn.attention.varlen import varlen_attn
@@ -226,6 +256,8 @@ def gather_paged(q, k_cache, v_cache, meta: PagedMetadata, scale, window,
     h, d = k_cache.shape[-2:]
     k = k_cache.view(-1, h, d).index_select(0, meta.context_slots)
     v = v_cache.view(-1, h, d).index_select(0, meta.context_slots)
+    if k_scale is not None:  # FP8: the scratch copy is dequantized
+        k, v = dequantize(k, k_scale, q.dtype), dequantize(v, v_scale, q.dtype)
     q, extra, rep = varlen_kwargs(q, h, scale, window, causal=True)
     if rep > 1:
         k, v = k.repeat_interleave(rep, dim=1), v.repeat_interleave(rep, dim=1)
@@ -234,11 +266,12 @@ def gather_paged(q, k_cache, v_cache, meta: PagedMetadata, scale, window,
 
 
 def torch_paged(q, k_cache, v_cache, meta: PagedMetadata, scale, window,
-                softcap=None) -> torch.Tensor:
+                softcap=None, k_scale=None, v_scale=None) -> torch.Tensor:
     """``varlen_attn`` reading the page pool through ``block_table`` (torch >= 2.12)."""
     from torch.nn.attention.varlen import varlen_attn
 
     refuse_softcap("torch_paged", softcap)
+    _refuse_fp8("torch_paged", k_scale)
 
     # torch >= 2.12 (block_table) also has enable_gqa, so no K/V repeat is ever asked for.
     q, extra, _ = varlen_kwargs(q, k_cache.shape[-2], scale, window, causal=True)
@@ -248,9 +281,11 @@ def torch_paged(q, k_cache, v_cache, meta: PagedMetadata, scale, window,
 
 
 def flash_attn_paged(q, k_cache, v_cache, meta: PagedMetadata, scale, window,
-                     softcap=None) -> torch.Tensor:
+                     softcap=None, k_scale=None, v_scale=None) -> torch.Tensor:
     """flash-attn's varlen kernel over the page pool (``block_table``; GQA native)."""
     from flash_attn import flash_attn_varlen_func
+
+    _refuse_fp8("flash_attn", k_scale)
 
     return flash_attn_varlen_func(
         q, k_cache, v_cache, meta.cu_seqlens_q, meta.cu_seqlens_k, meta.max_seqlen_q,
@@ -260,11 +295,18 @@ def flash_attn_paged(q, k_cache, v_cache, meta: PagedMetadata, scale, window,
 
 
 def triton_paged(q, k_cache, v_cache, meta: PagedMetadata, scale, window,
-                 softcap=None) -> torch.Tensor:
+                 softcap=None, k_scale=None, v_scale=None) -> torch.Tensor:
     """Our Triton kernel (``worker.attention.triton_paged``), imported on first use."""
     from worker.attention.triton_paged import triton_paged as kernel
 
-    return kernel(q, k_cache, v_cache, meta, scale, window, softcap=softcap)
+    return kernel(q, k_cache, v_cache, meta, scale, window, softcap=softcap,
+                  k_scale=k_scale, v_scale=v_scale)
+
+
+def _refuse_fp8(backend: str, k_scale) -> None:
+    if k_scale is not None:
+        raise UnsupportedAttention(f"the {backend!r} paged attention backend cannot read an "
+                                   "FP8 KV cache; the engine selects one that can")
 
 
 _BACKENDS = {"triton": triton_paged, "flash_attn": flash_attn_paged, "torch_paged": torch_paged,
@@ -278,14 +320,16 @@ def torch_paged_available() -> bool:
 
 
 def paged_backend_candidates(device_type: str, dtype: torch.dtype, block_size: int,
-                             softcap: bool = False) -> list[str]:
+                             softcap: bool = False, fp8_kv: bool = False) -> list[str]:
     """The backends that can run here, fastest first (see the module table); with
-    ``softcap`` only those that cap scores."""
+    ``softcap`` only those that cap scores, with ``fp8_kv`` (an e4m3 cache) only those
+    that read one."""
     if device_type != "cuda" or dtype not in (torch.float16, torch.bfloat16):
         return ["reference"]
-    if softcap:
+    if softcap or fp8_kv:
         names = paged_backend_candidates(device_type, dtype, block_size)
-        return [n for n in names if n in SOFTCAP_BACKENDS]
+        return [n for n in names if (not softcap or n in SOFTCAP_BACKENDS)
+                and (not fp8_kv or n in FP8_BACKENDS)]
     from worker.attention.triton_paged import triton_available
 
     names = ["triton"] if triton_available() else []
@@ -298,10 +342,17 @@ def paged_backend_candidates(device_type: str, dtype: torch.dtype, block_size: i
 
 
 def check_paged_backend(requested: str, device_type: str, dtype: torch.dtype,
-                        block_size: int, softcap: bool = False) -> None:
+                        block_size: int, softcap: bool = False, fp8_kv: bool = False) -> None:
     """Raise ``ConfigError`` (naming ``paged_attention_backend``) unless ``requested``
-    can run here (and caps scores, for a model with ``softcap``)."""
+    can run here (and caps scores, for a model with ``softcap``; reads e4m3, with
+    ``fp8_kv``)."""
     from worker.core.config import ConfigError
+
+    if fp8_kv and requested not in ("auto", *FP8_BACKENDS):
+        raise ConfigError("paged_attention_backend", f"{requested!r} cannot read an FP8 KV "
+                          "cache (kv_cache_dtype='fp8'): it reads the page pool in place in "
+                          f"the model's dtype; use {', '.join(sorted(FP8_BACKENDS))} or "
+                          "'auto', or kv_cache_dtype='auto'")
 
     if softcap and requested not in ("auto", *SOFTCAP_BACKENDS):
         raise ConfigError("paged_attention_backend", f"{requested!r} cannot cap attention "
@@ -325,13 +376,13 @@ def check_paged_backend(requested: str, device_type: str, dtype: torch.dtype,
 
 def select_paged_backend(device_type: str, dtype: torch.dtype, block_size: int,
                          requested: str = "auto", self_check=None,
-                         softcap: bool = False) -> str:
+                         softcap: bool = False, fp8_kv: bool = False) -> str:
     """``requested`` (checked) or the fastest backend that runs here. ``self_check(name)``
     returns None when the named kernel works on this device, else why not; a kernel that
     fails it is skipped with a warning, so a kernel that does not compile never stops the
     engine from starting (``triton`` is the one checked)."""
-    check_paged_backend(requested, device_type, dtype, block_size, softcap)
-    names = paged_backend_candidates(device_type, dtype, block_size, softcap)
+    check_paged_backend(requested, device_type, dtype, block_size, softcap, fp8_kv)
+    names = paged_backend_candidates(device_type, dtype, block_size, softcap, fp8_kv)
     if requested != "auto":
         names = [requested] + [n for n in names if n != requested]
     for name in names:

@@ -19,9 +19,13 @@ result); tests/worker/attention/test_triton_paged.py holds it to that twin under
 |               | block block_tables[s, k // block_size], row k % block_size                |
 | tile range    | causal: to the block's last query; with a window from its first - w + 1   |
 | scores        | q.k * scale, in log2 units; SOFTCAP: c * tanh(q.k * scale / c) (Gemma 2)  |
+| FP8 K/V       | tiles converted to q's dtype (exact: e4m3 fits in fp16 and bf16); the K   |
+|               | scale folds into the score scale, the V scale into the output (per head)  |
 | q             | [T, Hq, D], any strides                                                   |
 | out           | [T, Hq, D] contiguous, q's dtype                                          |
-| k/v cache     | [num_blocks, block_size, Hkv, D], any strides (a layer view of KVCache)   |
+| k/v cache     | [num_blocks, block_size, Hkv, D], any strides (a layer view of KVCache);  |
+|               | q's dtype, or e4m3 (KV_FP8) read as float(x) * scale of its KV head       |
+| k/v scale     | [Hkv] fp32 (KV_FP8 only; else q, unread): the layer's KVCache.scales      |
 | block_tables  | [B, W] int32, row stride stride_bt                                        |
 | cu_q          | [B + 1] int32 (meta.cu_seqlens_q)                                         |
 | seqlens_k     | [B] int32: cached + new tokens                                            |
@@ -69,13 +73,14 @@ def _find_seq(cu_q_ptr, g, num_seqs, BLOCK_Q: tl.constexpr):
 @triton.jit
 def _attn_kernel(
     out_ptr, part_acc_ptr, part_ml_ptr, q_ptr, k_ptr, v_ptr, bt_ptr, cu_q_ptr, seqlens_k_ptr,
-    scale_log2, softcap_in, softcap_out, num_seqs, stride_qt, stride_qh, stride_qd,
+    k_scale_ptr, v_scale_ptr, scale_log2, softcap_in, softcap_out, num_seqs, stride_qt, stride_qh, stride_qd,
     stride_kb, stride_ks, stride_kh, stride_kd, stride_vb, stride_vs, stride_vh, stride_vd,
     stride_bt,
     HQ: tl.constexpr, QPK: tl.constexpr, HEAD_DIM: tl.constexpr, D_PAD: tl.constexpr,
     BLOCK_M: tl.constexpr, BLOCK_Q: tl.constexpr, TILE: tl.constexpr, PAGE: tl.constexpr,
     WINDOW: tl.constexpr, NUM_SPLITS: tl.constexpr, DECODE_ONLY: tl.constexpr,
     SOFTCAP: tl.constexpr, UPCAST: tl.constexpr, DOT_PRECISION: tl.constexpr,
+    KV_FP8: tl.constexpr,
 ):
     kvh = tl.program_id(1)
     split = tl.program_id(2)
@@ -104,6 +109,10 @@ def _attn_kernel(
     if UPCAST:
         q = q.to(tl.float32)
     qpos = context + tok
+    if KV_FP8:  # per-head scales: one scalar each for this program's KV head
+        k_scale = tl.load(k_scale_ptr + kvh)
+        scale_log2 = scale_log2 * k_scale
+        softcap_in = softcap_in * k_scale
 
     key_end = tl.minimum(context + first + BLOCK_Q, k_len)  # past the block's last query
     tile_lo = 0
@@ -134,6 +143,9 @@ def _attn_kernel(
         if UPCAST:
             k = k.to(tl.float32)
             v = v.to(tl.float32)
+        elif KV_FP8:
+            k = k.to(q.dtype)
+            v = v.to(q.dtype)
         s = tl.dot(q, k, input_precision=DOT_PRECISION)
         if SOFTCAP:  # c * tanh(s * scale / c) in log2 units; tanh(x) = 1 - 2 / (e^2x + 1)
             s = softcap_out * (1.0 - 2.0 / (tl.exp(s * softcap_in) + 1.0))
@@ -151,6 +163,8 @@ def _attn_kernel(
         acc = acc * alpha[:, None] + tl.dot(p.to(v.dtype), v, input_precision=DOT_PRECISION)
         m_i = m_new
 
+    if KV_FP8:
+        acc = acc * tl.load(v_scale_ptr + kvh)
     if NUM_SPLITS == 1:
         out = acc / tl.where(l_i == 0.0, 1.0, l_i)[:, None]
         tl.store(out_ptr + (q_row * HQ + head)[:, None] * HEAD_DIM + dims[None, :],
@@ -229,11 +243,12 @@ def kernel_config(num_heads: int, num_kv_heads: int, head_dim: int, decode_only:
 
 
 def triton_paged(q, k_cache, v_cache, meta, scale, window, *, num_splits=None,
-                 softcap=None) -> torch.Tensor:
+                 softcap=None, k_scale=None, v_scale=None) -> torch.Tensor:
     """``reference_paged``'s call and result: q [T, Hq, D], caches [N, bs, Hkv, D] -> [T, Hq, D].
 
     Reads no device value on the host (CUDA-graph safe); ``num_splits`` forces split-KV;
-    ``softcap`` caps scores as ``softcap * tanh(s / softcap)`` (Gemma 2).
+    ``softcap`` caps scores as ``softcap * tanh(s / softcap)`` (Gemma 2); ``k_scale``,
+    ``v_scale`` ([Hkv] fp32, read on the device): the caches are e4m3 (an FP8 KV cache).
     """
     num_tokens, hq, d = q.shape
     page, hkv = k_cache.shape[1], k_cache.shape[2]
@@ -241,9 +256,13 @@ def triton_paged(q, k_cache, v_cache, meta, scale, window, *, num_splits=None,
     out = torch.empty(num_tokens, hq, d, dtype=q.dtype, device=q.device)
     if num_tokens == 0 or num_seqs == 0:
         return out
-    if hq % hkv or k_cache.dtype != q.dtype or v_cache.dtype != q.dtype:
-        raise ValueError(f"triton_paged needs Hq % Hkv == 0 and one dtype; got Hq={hq}, "
-                         f"Hkv={hkv}, q {q.dtype}, k {k_cache.dtype}, v {v_cache.dtype}")
+    fp8 = k_scale is not None
+    kv_dtype = torch.float8_e4m3fn if fp8 else q.dtype
+    if hq % hkv or k_cache.dtype != kv_dtype or v_cache.dtype != kv_dtype or (
+            fp8 and (v_scale is None or k_scale.numel() != hkv or v_scale.numel() != hkv)):
+        raise ValueError(f"triton_paged needs Hq % Hkv == 0, K/V of q's dtype or e4m3 with "
+                         f"[Hkv] scales; got Hq={hq}, Hkv={hkv}, q {q.dtype}, k "
+                         f"{k_cache.dtype}, v {v_cache.dtype}, fp8 scales {fp8}")
     decode_only = meta.max_seqlen_q <= 1
     block_m, block_q, tile, d_pad = kernel_config(hq, hkv, d, decode_only, q.element_size())
     grid0 = num_seqs if decode_only else num_tokens // block_q + num_seqs
@@ -262,13 +281,14 @@ def triton_paged(q, k_cache, v_cache, meta, scale, window, *, num_splits=None,
     upcast = q.device.type == "cpu" or _interpreting()  # interpreter bf16 dot is wrong
     _attn_kernel[(grid0, hkv, num_splits)](
         out, part_acc, part_ml, q, k_cache, v_cache, meta.block_tables, meta.cu_seqlens_q,
-        meta.seqlens_k, scale * LOG2E, 2.0 * scale / cap, cap * LOG2E, num_seqs,
+        meta.seqlens_k, k_scale if fp8 else q, v_scale if fp8 else q, scale * LOG2E, 2.0 * scale / cap, cap * LOG2E, num_seqs,
         *q.stride(), *k_cache.stride(),
         *v_cache.stride(), meta.block_tables.stride(0),
         HQ=hq, QPK=hq // hkv, HEAD_DIM=d, D_PAD=d_pad, BLOCK_M=block_m, BLOCK_Q=block_q,
         TILE=tile, PAGE=page, WINDOW=int(window or 0), NUM_SPLITS=num_splits,
         DECODE_ONLY=decode_only, SOFTCAP=bool(softcap), UPCAST=upcast,
-        DOT_PRECISION="ieee" if upcast or q.dtype == torch.float32 else None, num_warps=4)
+        DOT_PRECISION="ieee" if upcast or q.dtype == torch.float32 else None, KV_FP8=fp8,
+        num_warps=4)
     if num_splits > 1:
         _combine_kernel[(num_tokens, hq)](out, part_acc, part_ml, HQ=hq, HEAD_DIM=d,
                                           D_PAD=d_pad, NUM_SPLITS=num_splits,

@@ -8,7 +8,7 @@ What an engine takes of its device, in the order it is decided:
 | staging (tokens, seqs)  | the largest bin the budget may ever allow                |
 | ``token_budget``        | the configured budget, or the Phase-0 probe (CUDA; under TP driven by rank 0 and measured on every rank, ``worker.parallel.probe``); the smallest over the ranks; lowered to the generation step budget when the probe measured it (the KV cache takes the rest) |
 | ``generation``          | the generation settings (step budget, block size, ...) of a causal LM |
-| ``kv``                  | the paged backend, the KV blocks (the smallest over the ranks) and the CUDA graphs' reserve (``worker.generate.generation.plan_kv``) |
+| ``kv``                  | the paged backend, the KV blocks (the smallest over the ranks; counted in the cache's storage dtype, so ``kv_cache_dtype="fp8"`` holds 2x a bf16 model's) and the CUDA graphs' reserve (``worker.generate.generation.plan_kv``) |
 | ``capacity_tokens``     | what admission leases against: the KV cache's tokens, or for a pooled-only model ``EMBED_STEPS_IN_FLIGHT`` steps of full bins |
 
 Nothing is allocated here but the probe's forwards: the KV cache is allocated when

@@ -40,6 +40,7 @@ from worker.generate.cuda_graphs import (
 )
 from worker.generate.grammar import CompileWaits, Grammars
 from worker.generate.grammar_compile import GrammarLimits
+from worker.generate.kv_scales import calibrate_kv_scales
 from worker.generate.output import OutputProcessor
 from worker.generate.runner import GenRunner
 from worker.generate.sampling import SampledTokens, SamplingParams, make_generator
@@ -47,6 +48,7 @@ from worker.generate.scheduler import GenScheduler, GenSchedulerOutput, StopReas
 from worker.generate.sequence import FinishReason, Sequence
 from worker.kv.block_manager import BlockManager
 from worker.kv.cache import KVCache, KVCacheSpec, kv_bytes_from_report
+from worker.quant.kv import FP8_E4M3, KV_STORAGE, checkpoint_scales, kv_storage_dtype
 
 logger = logging.getLogger(__name__)
 
@@ -70,6 +72,7 @@ class GenerationSettings:
     cuda_graphs: bool = True  # decode-only steps replay CUDA graphs (CUDA, triton only)
     enable_prefix_caching: bool = True  # reuse cached full blocks (see worker.kv.block_pool)
     grammar_limits: GrammarLimits = GrammarLimits()  # what one constraint may cost to compile
+    kv_cache_dtype: str = "auto"  # "fp8": e4m3 storage with scales (worker.quant.kv)
 
     def __post_init__(self) -> None:
         for name, low in (("max_num_batched_tokens", 1), ("max_num_running_seqs", 1),
@@ -81,6 +84,9 @@ class GenerationSettings:
                                                or self.num_kv_blocks < 1):
             raise ConfigError("num_kv_blocks", f"must be an integer >= 1 or None, "
                               f"got {self.num_kv_blocks!r}")
+        if self.kv_cache_dtype not in KV_STORAGE:
+            raise ConfigError("kv_cache_dtype", f"must be one of {', '.join(KV_STORAGE)}, "
+                              f"got {self.kv_cache_dtype!r}")
         if self.max_num_running_seqs > self.max_num_batched_tokens:
             raise ConfigError(
                 "max_num_running_seqs", f"{self.max_num_running_seqs} exceeds the generation "
@@ -102,10 +108,12 @@ class GenerationSettings:
         if block is None:
             flash = config.paged_attention_backend in ("flash_attn", "torch_paged")
             block = PAGED_KERNEL_BLOCK_MULTIPLE if flash else 16
-        check_paged_backend(config.paged_attention_backend, device_type, dtype, block)
+        kv_dtype = config.kv_cache_dtype
+        check_paged_backend(config.paged_attention_backend, device_type, dtype, block,
+                            fp8_kv=kv_storage_dtype(kv_dtype, dtype) == FP8_E4M3)
         return cls(step, config.max_num_running_seqs, config.max_prefill_chunk, block,
                    config.num_kv_blocks, config.paged_attention_backend, config.cuda_graphs,
-                   config.enable_prefix_caching, config.grammar_limits)
+                   config.enable_prefix_caching, config.grammar_limits, kv_dtype)
 
 
 def eos_token_ids(model) -> frozenset[int]:
@@ -153,6 +161,8 @@ class KVPlan:
     graphs: bool  # decode steps replay CUDA graphs
     graph_buckets: tuple[int, ...]
     graph_reserve_bytes: int  # what the graphs' capture is estimated to take
+    kv_scales: torch.Tensor | None = None  # [L, 2, Hkv] fp32 host: an FP8 cache's scales
+    #   from the checkpoint; None with FP8: calibrated when the cache is made
 
     @property
     def capacity_tokens(self) -> int:
@@ -170,12 +180,14 @@ def plan_kv(model, device, settings: GenerationSettings, *, max_model_len: int, 
     """The paged backend, the KV blocks and the graph memory of generation on ``device``.
     ``agree``: under tensor parallelism, the smallest value over the ranks (then no CUDA
     graphs: a TP engine's decode steps run eager)."""
-    dtype = next(model.parameters()).dtype
-    spec = KVCacheSpec.for_model(model, dtype, settings.kv_block_size)
+    dtype = compute_dtype(model)
+    spec = KVCacheSpec.for_model(model, dtype, settings.kv_block_size,
+                                 kv_storage_dtype(settings.kv_cache_dtype, dtype))
+    scales = _checkpoint_kv_scales(model, spec, agree) if spec.quantized else None
     backend = select_paged_backend(
         device.device.type, dtype, settings.kv_block_size, settings.paged_attention_backend,
         functools.partial(_self_check, model.config, spec, device.device),
-        softcap=attention_softcap(model.config) is not None)
+        softcap=attention_softcap(model.config) is not None, fp8_kv=spec.quantized)
     buckets = graph_buckets(settings.max_num_running_seqs)
     graphs = (settings.cuda_graphs and device.device.type == "cuda"
               and backend in GRAPH_BACKENDS and agree is None)
@@ -184,7 +196,31 @@ def plan_kv(model, device, settings: GenerationSettings, *, max_model_len: int, 
     num_blocks = resolve_num_kv_blocks(settings, spec, device, report, max_model_len, reserve)
     if agree is not None:
         num_blocks = agree(num_blocks)
-    return KVPlan(spec, backend, num_blocks, graphs, buckets, reserve)
+    return KVPlan(spec, backend, num_blocks, graphs, buckets, reserve, scales)
+
+
+def compute_dtype(model) -> torch.dtype:
+    """The dtype the model computes in: its first parameter's that is not FP8 (FP8 linear
+    layers, ``worker.quant.fp8``, hold e4m3 weights beside bf16 embeddings and norms)."""
+    for p in model.parameters():  # usually the first: the embedding
+        if p.dtype.is_floating_point and p.dtype.itemsize >= 2:
+            return p.dtype
+    raise ValueError("the model has no half or full precision parameter")
+
+
+def _checkpoint_kv_scales(model, spec: KVCacheSpec, agree) -> torch.Tensor | None:
+    """The checkpoint's KV scales, else None (calibrated later). Under tensor parallelism
+    the calibration forward cannot run (the ranks build their caches at different times,
+    and the forward's collectives would wait on each other): refused by name."""
+    try:
+        scales = checkpoint_scales(model, spec.num_layers, spec.num_kv_heads)
+    except ValueError as exc:
+        raise ConfigError("kv_cache_dtype", f"fp8: {exc}") from None
+    if scales is None and agree is not None:
+        raise ConfigError("kv_cache_dtype", "'fp8' under tensor_parallel_size > 1 needs a "
+                          "checkpoint with KV cache scales (k_scale / v_scale); this one has "
+                          "none; use kv_cache_dtype='auto'")
+    return scales
 
 
 class Generation:
@@ -194,13 +230,19 @@ class Generation:
                  max_model_len: int, vocab_size: int, tokenizer=None, wake=None, loras=None):
         """``kv``: what ``plan_kv`` decided (the engine's ``MemoryPlan.kv``); ``loras``:
         the engine's ``worker.lora.manager.LoRAManager`` (None: no adapters served)."""
-        dtype = next(model.parameters()).dtype
+        dtype = compute_dtype(model)
         self.backend, num_blocks, spec = kv.backend, kv.num_blocks, kv.spec
         self.settings, self.max_model_len, self.vocab_size = settings, max_model_len, vocab_size
         self.device = device
         self.blocks = BlockManager(num_blocks, settings.kv_block_size)
         # One block more than the manager hands out: the scratch block of padding rows.
         self.cache = KVCache(spec, num_blocks + 1, device.device)
+        self.kv_scales_source: str | None = None  # FP8: "checkpoint" or "calibrated"
+        if spec.quantized:  # before any write, and before the graphs capture
+            self.kv_scales_source = "checkpoint" if kv.kv_scales is not None else "calibrated"
+            self.cache.set_scales(kv.kv_scales if kv.kv_scales is not None else
+                                  calibrate_kv_scales(model, spec, device.device, tokenizer,
+                                                      vocab_size))
         self.scheduler = GenScheduler(self.blocks,
                                       max_num_batched_tokens=settings.max_num_batched_tokens,
                                       max_num_seqs=settings.max_num_running_seqs,
@@ -222,8 +264,9 @@ class Generation:
         self._compiling = CompileWaits(wake)  # sequences waiting for their grammar
         self.num_preemptions = 0  # sequences preempted so far (recompute), for observers
         self.graph_report: CaptureReport | None = None
-        logger.info("generation: %d KV blocks of %d tokens (%.2f GiB), %s paged attention",
-                    num_blocks, settings.kv_block_size, self.cache.num_bytes / 2**30, self.backend)
+        logger.info("generation: %d KV blocks of %d tokens (%.2f GiB, %s), %s paged attention",
+                    num_blocks, settings.kv_block_size, self.cache.num_bytes / 2**30,
+                    str(spec.storage_dtype).removeprefix("torch."), self.backend)
         if kv.graphs:
             self._capture_graphs(kv.graph_buckets, kv.graph_reserve_bytes)
 
@@ -454,7 +497,7 @@ def _self_check(model_config, spec: KVCacheSpec, device, name: str) -> str | Non
     return self_check(device, spec.dtype, num_heads=model_config.num_attention_heads,
                       num_kv_heads=spec.num_kv_heads, head_dim=spec.head_dim,
                       block_size=spec.block_size, window=window,
-                      softcap=attention_softcap(model_config))
+                      softcap=attention_softcap(model_config), kv_dtype=spec.storage_dtype)
 
 
 def _token_list(token_ids, vocab_size: int) -> list[int]:

@@ -73,12 +73,15 @@ def _chunk_sizes(rng, live, seqs, done):
 
 
 def run_chunked(seqs, rng, window, scale, *, block_size, num_blocks=64, backend="reference",
-                softcap=None):
+                softcap=None, cache_dtype=None, kv_scales=None):
     """Feed every sequence through ``PagedContext.attend`` in random chunks (several
-    sequences per step, scattered blocks); returns each sequence's outputs [L, Hq, D]."""
+    sequences per step, scattered blocks); returns each sequence's outputs [L, Hq, D].
+    ``cache_dtype`` e4m3: an FP8 cache with ``kv_scales`` [1, 2, Hkv]."""
     q0, k0 = seqs[0][0], seqs[0][1]
-    spec = KVCacheSpec(1, k0.shape[1], k0.shape[2], k0.dtype, block_size)
+    spec = KVCacheSpec(1, k0.shape[1], k0.shape[2], k0.dtype, block_size, cache_dtype)
     cache = KVCache(spec, num_blocks, q0.device)
+    if kv_scales is not None:
+        cache.set_scales(kv_scales)
     bm = BlockManager(num_blocks, block_size, order=rng.permutation(num_blocks))  # scattered
     done, outs = [0] * len(seqs), [torch.zeros_like(s[0]) for s in seqs]
     module = SimpleNamespace(layer_idx=0, is_causal=True)
@@ -116,7 +119,9 @@ def _attend(cache, meta, backend, module, q, k, v, scale, window, softcap=None):
     from worker.attention.triton_paged import triton_paged
 
     assert backend == "triton", backend
-    cache.write(module.layer_idx, k, v, meta.slot_mapping)
-    out = triton_paged(qt[0].transpose(0, 1), cache.key(module.layer_idx),
-                       cache.value(module.layer_idx), meta, scale, window, softcap=softcap)
+    layer = module.layer_idx
+    cache.write(layer, k, v, meta.slot_mapping)
+    scales = cache.layer_scales(layer) if cache.scales is not None else (None, None)
+    out = triton_paged(qt[0].transpose(0, 1), cache.key(layer), cache.value(layer), meta,
+                       scale, window, softcap=softcap, k_scale=scales[0], v_scale=scales[1])
     return out.unsqueeze(0), None
