@@ -24,6 +24,7 @@
 #   generate_baselines.json the 128-request run's HF baselines, if time is left
 #   lora.json               benchmarks/lora.py: 1 and 8 LoRA adapters against the base model
 #   fp8.json                benchmarks/fp8.py: FP8 weights against bf16, prefill and decode
+#   kv_fp8.json             benchmarks/kv_fp8.py: KV blocks and decode with an FP8 KV cache
 #   tp.json                 benchmarks/tp.py: TP=2 against TP=1 (skipped with one GPU)
 #
 # Optional: a folder .gpu_pydeps/ at the repository root (`pip install --target .gpu_pydeps
@@ -180,6 +181,12 @@ run_step lora 90 $PY -m benchmarks.lora --device $DEVICE "${LORA_ARGS[@]}" --out
 FP8_ARGS=(--shape $GEN_SHAPE --num-requests $SHORT --repeats 1)
 [ "$DRY_RUN" = 1 ] && FP8_ARGS=(--shape tiny --num-requests 16 --repeats 1)
 run_step fp8 75 $PY -m benchmarks.fp8 --device $DEVICE "${FP8_ARGS[@]}" --out "$OUT/fp8.json"
+
+# 9c. FP8 KV cache (benchmarks/kv_fp8.py): KV blocks at the same budget, and decode at
+#     batch 128 over 1,024-token prompts, with the model dtype's cache and with FP8.
+KV_FP8_ARGS=(--steps 32); [ "$DRY_RUN" = 1 ] && KV_FP8_ARGS=()
+run_step kv_fp8 120 $PY -m benchmarks.kv_fp8 --device $DEVICE "${KV_FP8_ARGS[@]}" \
+  --out "$OUT/kv_fp8.json"
 
 # 10. The 128-request run's baselines (HF static batches of 32, generate_batch), if time is left.
 run_step generate_baselines 400 $PY -m benchmarks.generate --shape $GEN_SHAPE --device $DEVICE \

@@ -191,6 +191,20 @@ def test_a_checkpoint_loads_and_generates_as_its_definition(fmt, sources, tmp_pa
     assert checked >= 8
 
 
+def test_a_checkpoints_kv_scales_reach_the_fp8_kv_cache(sources, tmp_path):
+    """ModelOpt's k_scale / v_scale (0.05 / 0.04 in every layer) are the FP8 KV cache's
+    scales, not calibrated ones; generation runs on them."""
+    q = make_fp8_checkpoint(sources["llama"], tmp_path / "q", "modelopt", kv_scales=True)
+    with Engine(EngineConfig(str(q), kv_cache_dtype="fp8")) as engine:
+        cache = engine.generation.runner.cache
+        outs = engine.generate(PROMPTS[:2], GREEDY)
+        engine.check_kv_invariants()
+    assert cache.spec.storage_dtype == torch.float8_e4m3fn
+    torch.testing.assert_close(cache.scales[:, 0], torch.full_like(cache.scales[:, 0], 0.05))
+    torch.testing.assert_close(cache.scales[:, 1], torch.full_like(cache.scales[:, 1], 0.04))
+    assert all(len(o.token_ids) == MAX_NEW for o in outs)
+
+
 @pytest.mark.parametrize("kind", ["qwen2", "mixtral"])
 def test_qwen2_and_mixtral_checkpoints(kind, sources, tmp_path):
     """Qwen2 (q/k/v biases) and Mixtral (its per-expert w1/w2/w3 quantized too, which the
