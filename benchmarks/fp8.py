@@ -27,7 +27,7 @@ if __package__ in (None, ""):  # run as a script: make the repository importable
     sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
 from benchmarks import _common
-from benchmarks.generate import resolve_defaults, run_ours, sample_workload
+from benchmarks.generate import resolve_defaults, run_ours, sample_workload, workload_parser
 
 CPU_DEFAULTS = {"context_scale": 0.125, "max_context": 256, "generated_scale": 0.125,
                 "max_generated": 32, "num_requests": 64, "step_tokens": 2048}
@@ -36,18 +36,8 @@ CUDA_DEFAULTS = {"context_scale": 1.0, "max_context": 2048, "generated_scale": 0
 
 
 def parse_args(argv=None) -> argparse.Namespace:
-    p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-    p.add_argument("--shape", choices=sorted(_common.SHAPES), default="small")
-    p.add_argument("--device", default="cpu")
-    p.add_argument("--dtype", choices=_common.DTYPE_NAMES)
-    p.add_argument("--num-requests", type=int)
-    p.add_argument("--context-scale", type=float)
-    p.add_argument("--max-context", type=int)
-    p.add_argument("--generated-scale", type=float)
-    p.add_argument("--max-generated", type=int)
-    p.add_argument("--step-tokens", type=int)
+    p = workload_parser(__doc__.split("\n\n")[0], "small")
     p.add_argument("--repeats", type=int, default=3, help="timed rounds (after one warm-up)")
-    p.add_argument("--seed", type=int, default=0)
     p.add_argument("--out")
     args = p.parse_args(argv)
     return resolve_defaults(args, CPU_DEFAULTS, CUDA_DEFAULTS)

@@ -48,22 +48,29 @@ CUDA_DEFAULTS = {"context_scale": 1.0, "max_context": 4096, "generated_scale": 1
                  "max_generated": 1024, "num_requests": 256, "step_tokens": None}
 
 
-def parse_args(argv=None) -> argparse.Namespace:
-    p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-    p.add_argument("--shape", choices=sorted(_common.SHAPES), default="tiny")
+def workload_parser(description: str, shape: str) -> argparse.ArgumentParser:
+    """A parser with the options every benchmark over the Azure sample takes (unset ones
+    resolved by ``resolve_defaults``); generate, lora and fp8 add their own."""
+    p = argparse.ArgumentParser(description=description)
+    p.add_argument("--shape", choices=sorted(_common.SHAPES), default=shape)
     p.add_argument("--device", default="cpu", help="cpu or cuda[:N]")
     p.add_argument("--dtype", choices=_common.DTYPE_NAMES)
     p.add_argument("--num-requests", type=int)
-    p.add_argument("--batch-sizes", default="8,32", help="hf_static batch sizes")
     p.add_argument("--context-scale", type=float)
     p.add_argument("--max-context", type=int)
     p.add_argument("--generated-scale", type=float)
     p.add_argument("--max-generated", type=int)
     p.add_argument("--step-tokens", type=int, help="our tokens per step (default: 2048 CPU; "
                    "CUDA: the probe's budget, capped at 8192 for generation)")
+    p.add_argument("--seed", type=int, default=0)
+    return p
+
+
+def parse_args(argv=None) -> argparse.Namespace:
+    p = workload_parser(__doc__.split("\n\n")[0], "tiny")
+    p.add_argument("--batch-sizes", default="8,32", help="hf_static batch sizes")
     p.add_argument("--max-running", type=int, default=256, help="our max_num_running_seqs")
     p.add_argument("--systems", default=",".join(SYSTEMS))
-    p.add_argument("--seed", type=int, default=0)
     p.add_argument("--lower-bound", action="store_true", help="also measure the run's lower "
                    "bound (longest request's decode at the batch-1 step time + the prefill)")
     p.add_argument("--out", help="JSON path (default benchmarks/results/generate_<device>.json)")

@@ -34,7 +34,7 @@ if __package__ in (None, ""):  # run as a script: make the repository importable
 
 from benchmarks import _common
 from benchmarks.adapters import ALL_LINEAR, QV, write_adapter
-from benchmarks.generate import resolve_defaults, run_ours, sample_workload
+from benchmarks.generate import resolve_defaults, run_ours, sample_workload, workload_parser
 
 CPU_DEFAULTS = {"context_scale": 0.125, "max_context": 256, "generated_scale": 0.125,
                 "max_generated": 32, "num_requests": 256, "step_tokens": 2048}
@@ -44,22 +44,12 @@ TARGETS = {"qv": QV, "all": ALL_LINEAR}
 
 
 def parse_args(argv=None) -> argparse.Namespace:
-    p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-    p.add_argument("--shape", choices=sorted(_common.SHAPES), default="small")
-    p.add_argument("--device", default="cpu")
-    p.add_argument("--dtype", choices=_common.DTYPE_NAMES)
-    p.add_argument("--num-requests", type=int)
-    p.add_argument("--context-scale", type=float)
-    p.add_argument("--max-context", type=int)
-    p.add_argument("--generated-scale", type=float)
-    p.add_argument("--max-generated", type=int)
-    p.add_argument("--step-tokens", type=int)
+    p = workload_parser(__doc__.split("\n\n")[0], "small")
     p.add_argument("--rank", type=int, default=16)
     p.add_argument("--adapters", default="1,8,32", help="adapter counts")
     p.add_argument("--targets", default="qv,all")
     p.add_argument("--repeats", type=int, default=5, help="timed rounds (after one "
                    "untimed round that warms every engine up)")
-    p.add_argument("--seed", type=int, default=0)
     p.add_argument("--kernels", action="store_true", help="also time grouped_mm vs the loop")
     p.add_argument("--out")
     args = resolve_defaults(p.parse_args(argv), CPU_DEFAULTS, CUDA_DEFAULTS)
