@@ -6,7 +6,7 @@ PIP := $(PY) -m pip --disable-pip-version-check
 STAMP := $(VENV)/.installed
 PYTEST_ARGS ?=
 
-.PHONY: install serve prometheus test test-packing-pure bench bench-packer bench-forward bench-generate bench-decode bench-batch bench-serve bench-pooled bench-structured bench-moe bench-admission bench-tp bench-lora bench-fp8 clean
+.PHONY: install serve prometheus test test-packing-pure bench bench-packer bench-forward bench-generate bench-decode bench-batch bench-serve bench-pooled bench-structured bench-moe bench-admission bench-tp bench-lora bench-fp8 bench-quant clean
 
 install: $(STAMP)
 
@@ -61,7 +61,7 @@ test: install prometheus
 test-packing-pure: install
 	PACKSERVE_PURE_PYTHON=1 $(PY) -m pytest -q tests/packing
 
-bench: bench-packer bench-forward bench-generate bench-decode bench-batch bench-serve bench-pooled bench-structured bench-moe bench-admission bench-tp bench-lora bench-fp8
+bench: bench-packer bench-forward bench-generate bench-decode bench-batch bench-serve bench-pooled bench-structured bench-moe bench-admission bench-tp bench-lora bench-quant bench-fp8
 
 bench-packer: install
 	$(PY) -m benchmarks.packer --out benchmarks/results/packer.json
@@ -110,6 +110,14 @@ bench-pooled: install
 		--out benchmarks/results/pooled_cpu.json
 	$(PY) -m benchmarks.pooled --tasks decoder --num-seqs 256 --repeats 2 \
 		--out benchmarks/results/pooled_decoder_cpu.json
+
+# int8 encoder embeddings (--quantization int8) vs sentence-transformers fp32 encode() and
+# ST's int8 ONNX recipe (benchmarks/quant.py). ST's backend="onnx" needs optimum-onnx, which
+# pins transformers < 4.58, so onnxruntime + onnx are installed and the recipe applied directly.
+bench-quant: install
+	$(PIP) install -q "sentence-transformers>=3" onnxruntime onnx
+	$(PY) -m benchmarks.quant --num-texts 2000 --repeats 3 \
+		--out benchmarks/results/quant_cpu.json
 
 # Tensor parallelism: 2 ranks against 1 on the smoke decoder, rank 0's collectives per step.
 bench-tp: install
