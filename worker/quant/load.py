@@ -30,7 +30,6 @@ import torch
 from torch import nn
 
 from worker.core.config import ConfigError
-from worker.quant.fp8 import FP8, Fp8Linear
 from worker.quant.formats import (
     FIELD,
     Fp8Format,
@@ -38,6 +37,7 @@ from worker.quant.formats import (
     detect_format,
     read_quantization_config,
 )
+from worker.quant.fp8 import FP8, Fp8Linear
 
 logger = logging.getLogger(__name__)
 
