@@ -73,7 +73,8 @@ def _find_seq(cu_q_ptr, g, num_seqs, BLOCK_Q: tl.constexpr):
 @triton.jit
 def _attn_kernel(
     out_ptr, part_acc_ptr, part_ml_ptr, q_ptr, k_ptr, v_ptr, bt_ptr, cu_q_ptr, seqlens_k_ptr,
-    k_scale_ptr, v_scale_ptr, scale_log2, softcap_in, softcap_out, num_seqs, stride_qt, stride_qh, stride_qd,
+    k_scale_ptr, v_scale_ptr, scale_log2, softcap_in, softcap_out, num_seqs,
+    stride_qt, stride_qh, stride_qd,
     stride_kb, stride_ks, stride_kh, stride_kd, stride_vb, stride_vs, stride_vh, stride_vd,
     stride_bt,
     HQ: tl.constexpr, QPK: tl.constexpr, HEAD_DIM: tl.constexpr, D_PAD: tl.constexpr,
@@ -281,7 +282,8 @@ def triton_paged(q, k_cache, v_cache, meta, scale, window, *, num_splits=None,
     upcast = q.device.type == "cpu" or _interpreting()  # interpreter bf16 dot is wrong
     _attn_kernel[(grid0, hkv, num_splits)](
         out, part_acc, part_ml, q, k_cache, v_cache, meta.block_tables, meta.cu_seqlens_q,
-        meta.seqlens_k, k_scale if fp8 else q, v_scale if fp8 else q, scale * LOG2E, 2.0 * scale / cap, cap * LOG2E, num_seqs,
+        meta.seqlens_k, k_scale if fp8 else q, v_scale if fp8 else q,  # unread unless FP8
+        scale * LOG2E, 2.0 * scale / cap, cap * LOG2E, num_seqs,
         *q.stride(), *k_cache.stride(),
         *v_cache.stride(), meta.block_tables.stride(0),
         HQ=hq, QPK=hq // hkv, HEAD_DIM=d, D_PAD=d_pad, BLOCK_M=block_m, BLOCK_Q=block_q,
