@@ -17,6 +17,9 @@ TP_LOADS = ("auto", "parallel", "serial")
 QUANTIZATIONS = ("fp8", "int8")  # what --quantization may name (worker/quant/)
 KV_CACHE_DTYPES = ("auto", "fp8", "fp8_e4m3")  # auto: the model's dtype; fp8 = fp8_e4m3
 CPU_DEFAULT_BUDGET = 8192  # tokens per bin on CPU when max_num_batched_tokens is unset
+SPEC_METHODS = ("ngram", "draft")  # speculative decoding (worker/generate/speculative.py)
+SPEC_METHOD_ALIASES = {"draft_model": "draft", "prompt_lookup": "ngram"}  # vLLM's names
+MAX_SPECULATIVE_TOKENS = 16
 
 
 class ConfigError(ValueError):
@@ -54,6 +57,75 @@ class GrammarLimits:
         """llguidance's ``LLParserLimits.max_items_in_row``: room for ``max_grammar_choices``
         options (one item each) and ``max_grammar_object_properties`` optional properties (4)."""
         return max(self.max_grammar_choices, 4 * self.max_grammar_object_properties) + 1
+
+
+@dataclass(frozen=True)
+class SpeculativeConfig:
+    """Speculative decoding (``EngineConfig.speculative``, vLLM's ``--speculative-config``
+    JSON): ``method`` "ngram" (prompt lookup: the last n tokens, n from
+    ``prompt_lookup_max`` down to ``prompt_lookup_min``, matched in the prompt and output)
+    or "draft" (``model``, a small causal LM of the same vocabulary, proposes with its own
+    paged KV cache). ``num_speculative_tokens`` is k, the most tokens proposed per step;
+    the load rule lowers it as the batch fills: k at ``full_k_max_batch`` running
+    sequences or fewer, 0 at ``disable_by_batch_size`` or more (vLLM's key), tapering
+    linearly between (defaults measured: docs/decisions.md, "Speculation by load")."""
+
+    method: str
+    num_speculative_tokens: int = 4
+    prompt_lookup_max: int = 4
+    prompt_lookup_min: int = 2
+    model: str | None = None  # the draft model (method "draft")
+    full_k_max_batch: int = 4
+    disable_by_batch_size: int = 32
+
+    def __post_init__(self) -> None:
+        field = "speculative"
+        method = SPEC_METHOD_ALIASES.get(self.method, self.method)
+        object.__setattr__(self, "method", method)
+        check_choice(f"{field}.method", method, SPEC_METHODS)
+        check_int(f"{field}.num_speculative_tokens", self.num_speculative_tokens, 1)
+        if self.num_speculative_tokens > MAX_SPECULATIVE_TOKENS:
+            raise ConfigError(f"{field}.num_speculative_tokens", f"must be at most "
+                              f"{MAX_SPECULATIVE_TOKENS}, got {self.num_speculative_tokens}")
+        check_int(f"{field}.prompt_lookup_min", self.prompt_lookup_min, 1)
+        check_int(f"{field}.prompt_lookup_max", self.prompt_lookup_max, self.prompt_lookup_min)
+        check_int(f"{field}.full_k_max_batch", self.full_k_max_batch, 1)
+        check_int(f"{field}.disable_by_batch_size", self.disable_by_batch_size,
+                  self.full_k_max_batch + 1)
+        if method == "draft" and (not isinstance(self.model, str) or not self.model):
+            raise ConfigError(f"{field}.model", "method 'draft' needs the draft model's hub "
+                              f"id or local directory, got {self.model!r}")
+        if method == "ngram" and self.model is not None:
+            raise ConfigError(f"{field}.model", "method 'ngram' takes no model (it proposes "
+                              f"from the prompt and output), got {self.model!r}")
+
+    @classmethod
+    def parse(cls, value) -> SpeculativeConfig | None:
+        """From a dict (or its JSON text); None stays None. Unknown keys are refused."""
+        if value is None or isinstance(value, SpeculativeConfig):
+            return value
+        if isinstance(value, str):
+            import json
+
+            try:
+                value = json.loads(value)
+            except ValueError as exc:
+                raise ConfigError("speculative", f"must be a JSON object, got {value!r} "
+                                  f"({exc})") from None
+        if not isinstance(value, dict):
+            raise ConfigError("speculative", f"must be an object with 'method' and "
+                              f"'num_speculative_tokens', got {value!r}")
+        value = dict(value)
+        if "method" not in value and value.get("model"):
+            value["method"] = "draft"  # vLLM: a model and no method is a draft model
+        known = {f.name for f in fields(cls)}
+        unknown = sorted(set(value) - known)
+        if unknown:
+            raise ConfigError(f"speculative.{unknown[0]}", f"unknown key; the keys are "
+                              f"{', '.join(sorted(known))}")
+        if "method" not in value:
+            raise ConfigError("speculative.method", f"missing; one of {', '.join(SPEC_METHODS)}")
+        return cls(**value)
 
 
 @dataclass(frozen=True)
@@ -112,6 +184,10 @@ class EngineConfig:
     # an encoder's linear layers as dynamic int8 on CPU.
     quantization: str | None = None
     kv_cache_dtype: str = "auto"  # "fp8" (e4m3 with scales): half the bytes per KV token
+    # Speculative decoding (SpeculativeConfig's keys, as vLLM's --speculative-config JSON):
+    # {"method": "ngram" | "draft", "num_speculative_tokens": k, ...} (a dict or its JSON
+    # text, held parsed as a SpeculativeConfig); None: off.
+    speculative: dict | None = None
     # Structured outputs: what one constraint may cost to compile (GrammarLimits; a
     # constraint over a limit is a 400 naming it):
     max_grammar_bytes: int = 262_144  # of the constraint's text (schema JSON, regex, ...)
@@ -172,6 +248,7 @@ class EngineConfig:
         if self.quantization == "int8" and self.is_cuda:
             raise ConfigError("quantization", "'int8' runs encoders on CPU; on CUDA use 'fp8'")
         check_choice("kv_cache_dtype", self.kv_cache_dtype, KV_CACHE_DTYPES)
+        self._check_speculative()
         try:
             self.grammar_limits
         except ValueError as exc:
@@ -208,6 +285,14 @@ class EngineConfig:
             raise ConfigError("enable_lora", "LoRA adapters are not served under tensor "
                               "parallelism yet (tensor_parallel_size="
                               f"{self.tensor_parallel_size}); serve them on one device")
+
+    def _check_speculative(self) -> None:
+        spec = SpeculativeConfig.parse(self.speculative)  # kept parsed: hashable, checked
+        object.__setattr__(self, "speculative", spec)
+        if spec is not None and self.tensor_parallel_size > 1:
+            raise ConfigError("speculative", "speculative decoding is not served under "
+                              f"tensor parallelism yet (tensor_parallel_size="
+                              f"{self.tensor_parallel_size}); serve it on one device")
 
     @property
     def lora_host_slots(self) -> int:

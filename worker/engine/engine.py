@@ -42,10 +42,11 @@ from worker.core.request import validate as validate_request
 from worker.engine.classify_api import ClassifyAPI
 from worker.engine.executor import make_executor
 from worker.engine.generate_api import GenerateAPI
-from worker.engine.lora_api import LoRAAPI, make_loras
 from worker.engine.loop import StepLoop
+from worker.engine.lora_api import LoRAAPI, make_loras
 from worker.engine.memory_plan import plan_memory
 from worker.engine.observe import ObserveAPI
+from worker.engine.spec_api import SpecAPI, load_draft
 from worker.models.loader import load_model
 from worker.models.sources import checkpoint_bytes, resolve_model
 from worker.packed.policy import Pooled
@@ -75,9 +76,16 @@ class EngineStats:
     prefix_cache_queries: int = 0  # prompt tokens of admitted generation requests
     prefix_cache_hits: int = 0  # of those, tokens whose KV came from the prefix cache
     prefix_cache_evictions: int = 0  # cached KV blocks handed out for other tokens
+    # Speculative decoding (worker/generate/speculative.py), 0 / () when it is off:
+    spec_num_steps: int = 0  # generation steps that verified proposals
+    spec_num_proposed: int = 0  # tokens proposed and verified
+    spec_num_accepted: int = 0  # of those, accepted
+    spec_proposed_by_position: tuple[int, ...] = ()  # [k] proposals verified at position j
+    spec_accepted_by_position: tuple[int, ...] = ()  # [k] of those, accepted
+    spec_k: int = 0  # tokens a sequence could propose at the last step (load rule, cap; 0: off)
 
 
-class Engine(GenerateAPI, ClassifyAPI, LoRAAPI, ObserveAPI):
+class Engine(GenerateAPI, ClassifyAPI, LoRAAPI, SpecAPI, ObserveAPI):
     """Packed, padding-free forwards over one device. See the module docstring."""
 
     def __init__(self, config: EngineConfig, tp: TPGroup | None = None, *, launcher=None,
@@ -104,13 +112,16 @@ class Engine(GenerateAPI, ClassifyAPI, LoRAAPI, ObserveAPI):
         self.loras = make_loras(config, model, self.spec, self._wake_loop)  # before the probe:
         #   the adapter slots are memory the plan counts
         max_model_len = resolve_max_model_len(config, self.spec)
+        self.draft_model = load_draft(config, self.device, self.spec, max_model_len)  # before
+        #   the probe, as the adapters: its weights and KV cache are memory the plan counts
         max_tokens, max_seqs = staging_capacity(config, max_model_len)
         self.staging = Staging(max_tokens, max_seqs, self.device,
                                token_types=self.spec.takes_token_type_ids)
         self.runner = ModelRunner(model, self.spec, self.staging, self.device)
         self.memory = plan = plan_memory(config, self.runner, self.device, executor,
                                          max_model_len=max_model_len,
-                                         staging=(max_tokens, max_seqs))
+                                         staging=(max_tokens, max_seqs),
+                                         draft=self.draft_model)
         budget, self.budget_report = plan.probed_budget, plan.budget_report
         self.config = dataclasses.replace(  # every None resolved
             config, max_num_batched_tokens=budget, max_model_len=max_model_len,

@@ -26,6 +26,7 @@ from worker.generate.output import (
     GenerationOutput,
     stop_strings,
 )
+from worker.generate.rejection import Verified
 from worker.generate.sampling import SamplingParams
 from worker.generate.scheduler import GenSchedulerOutput
 from worker.generate.sequence import Sequence
@@ -47,6 +48,11 @@ class Progress:
     @property
     def num_generated(self) -> int:
         return sum(len(s.token_ids) - s.prompt_len for s in self._seqs)
+
+
+def num_emitted(sampled) -> int:
+    """Tokens a step's sampling produced (a verified step: accepted proposals too)."""
+    return len(sampled.sampled.token_ids if isinstance(sampled, Verified) else sampled.token_ids)
 
 
 class GenerateAPI:
@@ -167,7 +173,7 @@ class GenerateAPI:
         s = self._stats  # the step is counted before any caller can see its results
         s.num_steps += 1
         s.num_tokens += out.num_tokens
-        s.num_generated_tokens += len(result[0])
+        s.num_generated_tokens += num_emitted(result[1])
         s.prefix_cache_queries += out.num_prefix_queries
         s.prefix_cache_hits += out.num_prefix_hits
 
@@ -176,6 +182,12 @@ class GenerateAPI:
         s.prefix_cache_evictions = gen.blocks.pool.num_evictions
         s.num_requests_finished += len(finished)
         s.gen_token_budget = gen.scheduler.max_num_batched_tokens  # may have regrown
+        if gen.spec_load is not None:
+            s.spec_num_steps, s.spec_k = gen.spec_num_steps, gen.spec_k
+            s.spec_proposed_by_position = tuple(gen.spec_proposed.tolist())
+            s.spec_accepted_by_position = tuple(gen.spec_accepted.tolist())
+            s.spec_num_proposed = sum(s.spec_proposed_by_position)
+            s.spec_num_accepted = sum(s.spec_accepted_by_position)
         if self._obs is not None:
             self._obs.generation_step(gen, out, self.num_waiting)
         return len(finished)
@@ -216,10 +228,13 @@ class GenerateAPI:
             raise UnsupportedTaskError(f"generate needs a causal LM; this model is {kind}",
                                        value="generate", setting="model")
         self._stats.gen_token_budget = plan.generation.max_num_batched_tokens
-        return Generation(self.runner.model, self.device, plan.generation, plan.kv,
-                          max_model_len=plan.max_model_len, vocab_size=self.spec.vocab_size,
-                          tokenizer=_load_tokenizer(self.config), wake=self._wake_loop,
-                          loras=self.loras)
+        gen = Generation(self.runner.model, self.device, plan.generation, plan.kv,
+                         max_model_len=plan.max_model_len, vocab_size=self.spec.vocab_size,
+                         tokenizer=_load_tokenizer(self.config), wake=self._wake_loop,
+                         loras=self.loras, speculative=self.config.speculative,
+                         draft_model=self.draft_model)
+        gen.set_speculation_cap(self._spec_cap)
+        return gen
 
     def _wake_loop(self) -> None:
         """A compile ended (on its thread): the step loop admits or fails its requests."""

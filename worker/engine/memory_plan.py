@@ -8,7 +8,7 @@ What an engine takes of its device, in the order it is decided:
 | staging (tokens, seqs)  | the largest bin the budget may ever allow                |
 | ``token_budget``        | the configured budget, or the Phase-0 probe (CUDA; under TP driven by rank 0 and measured on every rank, ``worker.parallel.probe``); the smallest over the ranks; lowered to the generation step budget when the probe measured it (the KV cache takes the rest) |
 | ``generation``          | the generation settings (step budget, block size, ...) of a causal LM |
-| ``kv``                  | the paged backend, the KV blocks (the smallest over the ranks; counted in the cache's storage dtype, so ``kv_cache_dtype="fp8"`` holds 2x a bf16 model's) and the CUDA graphs' reserve (``worker.generate.generation.plan_kv``) |
+| ``kv``                  | the paged backend, the KV blocks (the smallest over the ranks; counted in the cache's storage dtype, so ``kv_cache_dtype="fp8"`` holds 2x a bf16 model's; with a speculative draft model, each block's bytes include the draft cache's block) and the CUDA graphs' reserve (``worker.generate.generation.plan_kv``) |
 | ``capacity_tokens``     | what admission leases against: the KV cache's tokens, or for a pooled-only model ``EMBED_STEPS_IN_FLIGHT`` steps of full bins |
 
 Nothing is allocated here but the probe's forwards: the KV cache is allocated when
@@ -56,9 +56,10 @@ class MemoryPlan:
 
 
 def plan_memory(config: EngineConfig, runner, device, executor, *, max_model_len: int,
-                staging: tuple[int, int]) -> MemoryPlan:
+                staging: tuple[int, int], draft=None) -> MemoryPlan:
     """The plan of an engine whose model is loaded (``runner``: its packed runner, for the
-    probe) and staged (``staging``: the buffers' tokens and sequences)."""
+    probe) and staged (``staging``: the buffers' tokens and sequences); ``draft``: the
+    speculative draft model, whose KV cache takes a block per block of the target's."""
     tp = executor.tp
     probed_over_ranks = (tp is not None and config.is_cuda
                          and config.max_num_batched_tokens is None)
@@ -82,7 +83,8 @@ def plan_memory(config: EngineConfig, runner, device, executor, *, max_model_len
         settings = GenerationSettings.from_config(resolved, device.device.type, spec.dtype,
                                                   measured)
         kv = plan_kv(runner.model, device, settings, max_model_len=max_model_len,
-                     report=report, agree=executor.agree if executor.tp is not None else None)
+                     report=report, agree=executor.agree if executor.tp is not None else None,
+                     draft=draft)
     except ConfigError as exc:
         return dataclasses.replace(plan, generation_error=exc)
     pooled = budget

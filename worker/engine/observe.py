@@ -79,6 +79,9 @@ class StepRecord:
     num_prefix_hits: int = 0  # of those, tokens taken from the prefix cache
     num_decodes: int = 0  # generation: sequences that decoded one token this step
     out_of_blocks: bool = False  # generation: it stopped admitting for want of KV blocks
+    spec_proposed: tuple[int, ...] = ()  # generation: [k] proposals verified at position j
+    spec_accepted: tuple[int, ...] = ()  # [k] of those, accepted (speculative decoding)
+    spec_k: int = 0  # the tokens a sequence could propose this step (load rule, cap; 0: off)
 
     @property
     def num_bins(self) -> int:
@@ -95,6 +98,16 @@ class StepRecord:
     @property
     def fill_ratios(self) -> tuple[float, ...]:  # [num_bins], each in (0, 1]
         return tuple(t / c for t, c in zip(self.bin_num_tokens, self.bin_capacity))
+
+
+def _spec(gen) -> tuple[tuple[int, ...], tuple[int, ...], int]:
+    """A generation step's speculation fields: what it verified, per position, and k."""
+    if gen.spec_load is None:
+        return (), (), 0
+    last = gen.last_spec
+    if last is None:
+        return (), (), gen.spec_k
+    return tuple(last.proposed.tolist()), tuple(last.accepted.tolist()), gen.spec_k
 
 
 def padded_equivalent(lengths: np.ndarray, num_batches: int) -> int:
@@ -172,7 +185,7 @@ class StepObservers:
             gen.num_preemptions - self._preempt_base, num_waiting,
             self._waits(out.seqs[out.num_decodes:]),  # decodes were scheduled before
             out.num_prefix_queries, out.num_prefix_hits, out.num_decodes,
-            out.stop is StopReason.OUT_OF_BLOCKS)
+            out.stop is StopReason.OUT_OF_BLOCKS, *_spec(gen))
         self._emit(record)
 
     def generation_oom(self, gen, num_waiting: int) -> None:

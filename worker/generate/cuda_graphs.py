@@ -70,7 +70,7 @@ class DecodeGraphs:
     def bucket(self, out) -> int:
         """The bucket ``out`` runs in; 0 when it runs eager (prefill work, or too large)."""
         num = len(out.seqs)
-        if out.num_decodes != num or num > self.max_bucket:
+        if out.num_decodes != num or out.num_tokens != num or num > self.max_bucket:
             return 0
         return self.buckets[bisect.bisect_left(self.buckets, num)]
 

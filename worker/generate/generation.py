@@ -29,7 +29,7 @@ from worker.attention.paged import (
     check_paged_backend,
     select_paged_backend,
 )
-from worker.core.config import ConfigError
+from worker.core.config import ConfigError, SpeculativeConfig
 from worker.core.errors import InvalidRequestError, RequestOutOfMemoryError
 from worker.generate.cuda_graphs import (
     GRAPH_BACKENDS,
@@ -38,14 +38,17 @@ from worker.generate.cuda_graphs import (
     graph_buckets,
     graph_memory_estimate,
 )
+from worker.generate.draft import Draft, draft_kv_spec
 from worker.generate.grammar import CompileWaits, Grammars
 from worker.generate.grammar_compile import GrammarLimits
 from worker.generate.kv_scales import calibrate_kv_scales
 from worker.generate.output import OutputProcessor
+from worker.generate.rejection import Verified
 from worker.generate.runner import GenRunner
 from worker.generate.sampling import SampledTokens, SamplingParams, make_generator
 from worker.generate.scheduler import GenScheduler, GenSchedulerOutput, StopReason
 from worker.generate.sequence import FinishReason, Sequence
+from worker.generate.speculative import NgramProposer, SpecLoad, SpecStepStats
 from worker.kv.block_manager import BlockManager
 from worker.kv.cache import KVCache, KVCacheSpec, kv_bytes_from_report
 from worker.quant.kv import FP8_E4M3, KV_STORAGE, checkpoint_scales, kv_storage_dtype
@@ -126,22 +129,24 @@ def eos_token_ids(model) -> frozenset[int]:
 
 
 def resolve_num_kv_blocks(settings: GenerationSettings, spec: KVCacheSpec, device,
-                          report, max_model_len: int, reserve_bytes: int = 0) -> int:
+                          report, max_model_len: int, reserve_bytes: int = 0,
+                          extra_bytes_per_block: int = 0) -> int:
     """``num_kv_blocks`` if set; CUDA: what the probe left free after a step's
     activations and ``reserve_bytes`` (the CUDA graphs), else a fraction of free memory;
     CPU: ``CPU_KV_CACHE_BYTES`` at most, and no more than every running sequence at full
-    length needs."""
+    length needs. ``extra_bytes_per_block``: another cache's block per block (a draft's)."""
     if settings.num_kv_blocks is not None:
         return settings.num_kv_blocks
     full = spec.num_blocks_for_tokens(max_model_len) * settings.max_num_running_seqs
+    per_block = spec.bytes_per_block + extra_bytes_per_block
     if device.device.type != "cuda":
-        return max(1, min(full, spec.num_blocks_for_bytes(CPU_KV_CACHE_BYTES)))
+        return max(1, min(full, CPU_KV_CACHE_BYTES // per_block))
     if report is not None and getattr(report, "activation_bytes_per_token", None):
         free = kv_bytes_from_report(report, settings.max_num_batched_tokens) - reserve_bytes
     else:
         free = int(torch.cuda.mem_get_info(device.device)[0] * CUDA_UNPROBED_KV_FRACTION
                    ) - reserve_bytes
-    blocks = spec.num_blocks_for_bytes(free)
+    blocks = max(0, int(free) // per_block)
     if blocks < spec.num_blocks_for_tokens(max_model_len):
         raise ConfigError(
             "num_kv_blocks", f"only {max(free, 0) / 2**30:.2f} GiB are left for the KV cache "
@@ -176,10 +181,11 @@ class KVPlan:
 
 
 def plan_kv(model, device, settings: GenerationSettings, *, max_model_len: int, report=None,
-            agree=None) -> KVPlan:
+            agree=None, draft=None) -> KVPlan:
     """The paged backend, the KV blocks and the graph memory of generation on ``device``.
     ``agree``: under tensor parallelism, the smallest value over the ranks (then no CUDA
-    graphs: a TP engine's decode steps run eager)."""
+    graphs: a TP engine's decode steps run eager); ``draft``: a speculative draft model,
+    whose cache holds a block per block (``worker.generate.draft``)."""
     dtype = compute_dtype(model)
     spec = KVCacheSpec.for_model(model, dtype, settings.kv_block_size,
                                  kv_storage_dtype(settings.kv_cache_dtype, dtype))
@@ -193,7 +199,10 @@ def plan_kv(model, device, settings: GenerationSettings, *, max_model_len: int, 
               and backend in GRAPH_BACKENDS and agree is None)
     reserve = graph_memory_estimate(model.config, dtype, buckets[-1], getattr(
         report, "activation_bytes_per_token", None)) if graphs else 0
-    num_blocks = resolve_num_kv_blocks(settings, spec, device, report, max_model_len, reserve)
+    extra = (draft_kv_spec(draft, compute_dtype(draft), settings.kv_block_size).bytes_per_block
+             if draft is not None else 0)
+    num_blocks = resolve_num_kv_blocks(settings, spec, device, report, max_model_len, reserve,
+                                       extra)
     if agree is not None:
         num_blocks = agree(num_blocks)
     return KVPlan(spec, backend, num_blocks, graphs, buckets, reserve, scales)
@@ -227,9 +236,12 @@ class Generation:
     """Continuous batching for one model on one device (see the module docstring)."""
 
     def __init__(self, model, device, settings: GenerationSettings, kv: KVPlan, *,
-                 max_model_len: int, vocab_size: int, tokenizer=None, wake=None, loras=None):
+                 max_model_len: int, vocab_size: int, tokenizer=None, wake=None, loras=None,
+                 speculative: SpeculativeConfig | None = None, draft_model=None):
         """``kv``: what ``plan_kv`` decided (the engine's ``MemoryPlan.kv``); ``loras``:
-        the engine's ``worker.lora.manager.LoRAManager`` (None: no adapters served)."""
+        the engine's ``worker.lora.manager.LoRAManager`` (None: no adapters served);
+        ``speculative``: speculative decoding's settings (None: off), with the loaded
+        ``draft_model`` for method "draft" (``worker.generate.draft``)."""
         dtype = compute_dtype(model)
         self.backend, num_blocks, spec = kv.backend, kv.num_blocks, kv.spec
         self.settings, self.max_model_len, self.vocab_size = settings, max_model_len, vocab_size
@@ -251,13 +263,30 @@ class Generation:
                                       cache_salt=f"{model.config._name_or_path}|{dtype}",
                                       loras=loras)
         self.loras = loras
+        self.speculative = speculative
+        self.spec_load = SpecLoad(speculative) if speculative is not None else None
+        self.ngram = (NgramProposer(speculative.prompt_lookup_max, speculative.prompt_lookup_min)
+                      if speculative is not None and speculative.method == "ngram" else None)
+        draft = None
+        if speculative is not None and speculative.method == "draft":
+            draft = Draft(draft_model, draft_kv_spec(draft_model, compute_dtype(draft_model),
+                                                     settings.kv_block_size),
+                          num_blocks + 1, device.device, vocab_size)
+        self.draft = draft
+        k = speculative.num_speculative_tokens if speculative is not None else 0
+        self.spec_k = k  # what the load rule allows now (0: off)
+        self.spec_num_steps = 0  # steps that verified proposals
+        self.spec_proposed = np.zeros(k, np.int64)  # [k] proposals verified per position
+        self.spec_accepted = np.zeros(k, np.int64)  # [k] of those, accepted
+        self.last_spec: SpecStepStats | None = None  # the last step's, when it verified any
         self.grammars = Grammars(tokenizer, vocab_size, eos_token_ids(model),
                                  settings.grammar_limits)
         self.runner = GenRunner(model, self.cache, self.blocks, device, backend=self.backend,
                                 max_num_batched_tokens=settings.max_num_batched_tokens,
                                 max_num_seqs=settings.max_num_running_seqs,
                                 max_model_len=max_model_len, eos_token_ids=eos_token_ids(model),
-                                grammars=self.grammars, loras=loras)
+                                grammars=self.grammars, loras=loras,
+                                speculative_tokens=k, draft=draft)
         self.processor = OutputProcessor(eos_token_ids(model), tokenizer)
         self._intake: deque[Sequence] = deque()
         self._live: dict[int, Sequence] = {}  # unfinished, by seq_id (intake included)
@@ -375,6 +404,8 @@ class Generation:
         self._drain_intake()
         if self.loras is not None:
             self._poll_loras()
+        if self.spec_load is not None:
+            self._propose()
         out = self.scheduler.schedule()
         if out is None:
             return None
@@ -412,8 +443,11 @@ class Generation:
         return failed
 
     def postprocess(self, out: GenSchedulerOutput,
-                    result: tuple[list[Sequence], SampledTokens]) -> list[Sequence]:
+                    result: tuple[list[Sequence], SampledTokens | Verified]) -> list[Sequence]:
         """Advance, append tokens, finish; returns the sequences that finished."""
+        self.last_spec = None
+        if isinstance(result[1], Verified):
+            return self._postprocess_verified(out, *result)
         self.scheduler.advance(out)
         finished = []
         samplers, sampled = result
@@ -425,6 +459,70 @@ class Generation:
             elif seq.on_update is not None:
                 seq.on_update(seq)
         return finished
+
+    # ---- speculative decoding --------------------------------------------------------
+
+    def _propose(self) -> None:
+        """Set this step's proposals of the running decodes (``Sequence.spec_want``, and
+        the n-gram tokens), as many as the load rule allows and the request has room for."""
+        running = self.scheduler.running
+        k = self.spec_k = self.spec_load.k_for(len(running))
+        if k == 0:
+            return
+        ngram, limit = self.ngram, self.max_model_len
+        for seq in running:  # per running sequence, while speculation is on
+            if not seq.is_decode:
+                continue
+            room = min(k, seq.params.max_tokens - seq.num_output_tokens - 1,
+                       limit - seq.num_tokens)
+            if room <= 0:
+                continue
+            if ngram is None:
+                seq.spec_want = room
+            else:
+                seq.spec_tokens = ngram.propose(np.asarray(seq.token_ids, np.int64), room)
+                seq.spec_want = len(seq.spec_tokens)
+
+    def _postprocess_verified(self, out: GenSchedulerOutput, samplers: list[Sequence],
+                              v: Verified) -> list[Sequence]:
+        """A speculative step: each sequence appends its accepted proposals and one more
+        token (stopping at the first stop rule, as one token at a time would), keeps the
+        K/V of its last token and of the accepted proposals it kept, and returns the slots
+        of the others."""
+        computed = list(out.num_new_tokens)
+        reasons: list[FinishReason | None] = []
+        at = 0
+        for i, seq in enumerate(samplers):  # per sampling sequence, every step
+            before, reason = seq.num_tokens, None
+            for t in range(at, at + v.counts[i]):  # per emitted token
+                reason = self.processor.append(seq, v.sampled, t)
+                if reason is not None:
+                    break
+            at += v.counts[i]
+            if i < out.num_decodes:  # samplers[i] is out.seqs[i] for the decodes
+                computed[i] = 1 + min(seq.num_tokens - before, v.num_accepted[i])
+            reasons.append(reason)
+        for seq in self.scheduler.advance(out, computed):  # per sequence that rejected some
+            self.runner.state.keep_blocks(seq.seq_id, len(self.blocks.block_table(seq.seq_id)))
+        stats = SpecStepStats.of(v.num_verified, v.num_accepted, len(self.spec_proposed))
+        if stats.num_proposed:
+            self.spec_num_steps += 1
+            self.spec_proposed += stats.proposed
+            self.spec_accepted += stats.accepted
+            self.last_spec = stats
+        finished = []
+        for seq, reason in zip(samplers, reasons):  # per sampling sequence
+            if reason is not None:
+                self._finish(seq, reason)
+                finished.append(seq)
+            elif seq.on_update is not None:
+                seq.on_update(seq)
+        return finished
+
+    def set_speculation_cap(self, cap: int | None) -> None:
+        """The cluster's cap on k (0: off; None: the load rule alone)."""
+        if self.spec_load is not None:
+            self.spec_load.set_cap(cap)
 
     def check_invariants(self) -> None:
         """No leaked or double-owned KV block; blocks held exactly by running sequences."""

@@ -58,9 +58,11 @@ class StepLayout:
         return self.updates + 2 * self.u
 
     @classmethod
-    def capacity(cls, max_tokens: int, max_seqs: int, max_updates: int) -> int:
-        """Words the largest step may need."""
-        return cls(max_tokens, max_seqs, max_seqs, max_updates).words
+    def capacity(cls, max_tokens: int, max_seqs: int, max_updates: int,
+                 max_samples: int | None = None) -> int:
+        """Words the largest step may need (``max_samples``: sampling rows, default one
+        per sequence; a speculative step samples several per decode)."""
+        return cls(max_tokens, max_samples or max_seqs, max_seqs, max_updates).words
 
 
 @dataclass(frozen=True)
@@ -143,6 +145,14 @@ class BatchState:
         if row is not None:
             self._num_synced[row] = 0
 
+    def keep_blocks(self, seq_id: int, num_blocks: int) -> None:
+        """``seq_id`` returned the blocks past its first ``num_blocks`` (a speculative
+        step's rejected slots): the columns past them are written again when blocks come
+        back there, whatever their ids."""
+        row = self._rows.get(seq_id)
+        if row is not None and self._num_synced[row] > num_blocks:
+            self._num_synced[row] = num_blocks
+
     def release(self, seq_id: int) -> None:
         row = self._rows.pop(seq_id, None)
         if row is not None:
@@ -164,9 +174,12 @@ _EMPTY = np.zeros(0, np.int64)
 
 def stage_step(host: np.ndarray, state: BatchState, seqs: list[Sequence],
                num_new_tokens: list[int], rows: np.ndarray, picked: list[int],
-               pad_to: int = 0, max_updates: int | None = None) -> HostMeta:
+               pad_to: int = 0, max_updates: int | None = None,
+               sample_rows: np.ndarray | None = None) -> HostMeta:
     """Write one step into ``host`` (the int64 view of the staging buffer); ``pad_to`` > 0
-    pads a decode-only step with padding rows up to that many sequences. More than
+    pads a decode-only step with padding rows up to that many sequences; ``sample_rows``:
+    the step's token positions whose logits are wanted (default: the last token of each
+    ``picked`` sequence; a speculative step wants several per decode). More than
     ``max_updates`` changed block-table entries (only after ``resync_blocks`` of long
     sequences) are not staged: the step asks for the whole table to be uploaded."""
     b_real = len(seqs)
@@ -174,7 +187,8 @@ def stage_step(host: np.ndarray, state: BatchState, seqs: list[Sequence],
     counts = np.asarray(num_new_tokens, np.int64)
     starts = state.starts[rows]
     t_real = int(counts.sum())
-    t, s = (b, b) if pad_to else (t_real, len(picked))
+    t, s = (b, b) if pad_to else (t_real, len(picked) if sample_rows is None
+                                   else len(sample_rows))
     idx, val = state.take_updates()
     upload = max_updates is not None and idx.shape[0] > max_updates
     if upload:
@@ -191,7 +205,10 @@ def stage_step(host: np.ndarray, state: BatchState, seqs: list[Sequence],
     p = pos[:t_real]
     host[2 * t: 2 * t + t_real] = (state.tables[rows[seq_of_token], p // state.block_size]
                                    .astype(np.int64) * state.block_size + p % state.block_size)
-    host[3 * t: 3 * t + len(picked)] = cu_q[1:][picked].astype(np.int64) - 1  # last row of each
+    if sample_rows is None:
+        host[3 * t: 3 * t + len(picked)] = cu_q[1:][picked].astype(np.int64) - 1  # last rows
+    else:
+        host[3 * t: 3 * t + s] = sample_rows
     table_rows = host[3 * t + s: lay.i32]
     table_rows[:b_real] = rows
     if b > b_real:  # padding rows (decode-only steps): see the module docstring

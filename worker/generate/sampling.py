@@ -162,26 +162,56 @@ class Sampler:
         the device in one copy."""
         n, vocab = logits.shape
         own = rows[drawing]  # [m] state rows of the drawing rows
-        top_k = np.where(state.top_k[own] < vocab, state.top_k[own], 0)  # k >= vocab: off
-        top_p_at = np.flatnonzero(state.top_p[own] < 1)  # [r] positions among the m
-        min_p = state.min_p[own]
-        use_top_k, use_min_p, subset = bool(top_k.any()), bool(min_p.any()), drawing.size < n
-        at, k, p_at, asking_at, temperature, top_p, mp = self._staging.stage(
-            drawing if subset else _NO_INTS, top_k if use_top_k else _NO_INTS,
-            top_p_at if 0 < top_p_at.size < own.size else _NO_INTS, asking,
-            state.temperature[own], state.top_p[own[top_p_at]],
-            min_p if use_min_p else _NO_FLOATS)
-        x = (logits.index_select(0, at) if subset else logits) / temperature[:, None]
-        if use_top_k:
-            _top_k(x, k, int(top_k.max()))
-        if top_p_at.size:
-            _top_p(x, p_at if top_p_at.size < own.size else None, top_p)
-        probs = torch.softmax(x, dim=-1)
-        if use_min_p:
-            _min_p(probs, mp)
+        subset = drawing.size < n
+        arrays = _filter_arrays(state, own, vocab)
+        at, asking_at, *params = self._staging.stage(drawing if subset else _NO_INTS, asking,
+                                                     *arrays)
+        probs = _filtered(logits.index_select(0, at) if subset else logits, _k_max(arrays),
+                          *params)
         drawn = _race(probs, state, own)
         tokens = logits.argmax(dim=-1).index_copy_(0, at, drawn) if subset else drawn
         return tokens, asking_at
+
+    def probs(self, logits: torch.Tensor, state: SamplingRows, own: np.ndarray
+              ) -> torch.Tensor:
+        """The distribution each row of ``logits`` [m, vocab] (``state`` rows ``own``,
+        none greedy) draws from: tempered, top-k, top-p, min-p, normalised [m, vocab]
+        (what speculative verification accepts against, ``worker.generate.rejection``)."""
+        arrays = _filter_arrays(state, own, logits.shape[1])
+        probs = _filtered(logits, _k_max(arrays), *self._staging.stage(*arrays))
+        return probs.div_(probs.sum(dim=-1, keepdim=True))
+
+
+def _filter_arrays(state: SamplingRows, own: np.ndarray, vocab: int) -> tuple[np.ndarray, ...]:
+    """The host arrays ``_filtered`` reads, for the drawing state rows ``own`` [m]: top k
+    (empty when no row uses it), the positions using top-p (empty when all or none do),
+    temperatures, their top-p, min-p (empty when none uses it)."""
+    top_k = np.where(state.top_k[own] < vocab, state.top_k[own], 0)  # k >= vocab: off
+    top_p_at = np.flatnonzero(state.top_p[own] < 1)  # [r] positions among the m
+    min_p = state.min_p[own]
+    return (top_k if top_k.any() else _NO_INTS,
+            top_p_at if 0 < top_p_at.size < own.size else _NO_INTS,
+            state.temperature[own], state.top_p[own[top_p_at]],
+            min_p if min_p.any() else _NO_FLOATS)
+
+
+def _k_max(arrays: tuple[np.ndarray, ...]) -> int:
+    return int(arrays[0].max()) if arrays[0].size else 0
+
+
+def _filtered(x: torch.Tensor, k_max: int, k: torch.Tensor, p_at: torch.Tensor, temperature: torch.Tensor,
+              top_p: torch.Tensor, mp: torch.Tensor) -> torch.Tensor:
+    """Probabilities (unnormalised after min-p) of the logits ``x`` [m, vocab] tempered
+    and filtered by ``_filter_arrays``' staged arrays (``k_max``: their largest top k)."""
+    x = x / temperature[:, None]
+    if k_max:
+        _top_k(x, k, k_max)
+    if top_p.numel():
+        _top_p(x, p_at if p_at.numel() else None, top_p)
+    probs = torch.softmax(x, dim=-1)
+    if mp.numel():
+        _min_p(probs, mp)
+    return probs
 
 
 _NO_INTS, _NO_FLOATS = np.empty(0, np.int64), np.empty(0, np.float32)

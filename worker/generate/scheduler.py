@@ -133,6 +133,7 @@ class GenScheduler:
             if append_slot(seq.seq_id) or self._reserve_decode(seq, step):
                 step.add(seq, 1)
         num_decodes = len(step.seqs)
+        self._speculate(step, num_decodes)
         stop = self._continue_prefills(step)
         if stop is None:
             stop = self._admit(step)
@@ -151,13 +152,23 @@ class GenScheduler:
         self.blocks.free(seq.seq_id)
         seq.status, seq.finish_reason = SeqStatus.FINISHED, reason
 
-    def advance(self, out: GenSchedulerOutput) -> None:
+    def advance(self, out: GenSchedulerOutput, computed: list[int] | None = None
+                ) -> list[Sequence]:
         """After the step ran: the scheduled tokens' K/V are now in the cache, and the
-        blocks they filled are registered in the prefix cache."""
+        blocks they filled are registered in the prefix cache. ``computed`` [B]: the
+        tokens each sequence keeps (default ``out.num_new_tokens``); a speculative decode
+        keeps its last token and its accepted proposals, and the slots of the rejected
+        ones are returned (their K/V is never read, and never cached). Returns the
+        sequences trimmed so: their block tables lost a suffix."""
         bs = self.blocks.block_size
-        for seq, n in zip(out.seqs, out.num_new_tokens):  # per scheduled sequence
+        trimmed = []
+        for i, (seq, n) in enumerate(zip(out.seqs, out.num_new_tokens)):  # per scheduled seq
             if seq.status is not SeqStatus.RUNNING:
                 continue
+            if computed is not None and computed[i] < n:
+                self.blocks.trim(seq.seq_id, seq.num_computed + computed[i])
+                n = computed[i]
+                trimmed.append(seq)
             seq.num_computed += n
             full = seq.num_computed // bs
             if self.prefix_caching and full > seq.num_registered:  # once per block
@@ -165,6 +176,7 @@ class GenScheduler:
                                      full)
                 seq.num_registered = full
         self._maybe_regrow()
+        return trimmed
 
     def _maybe_regrow(self) -> None:
         if self.max_num_batched_tokens >= self.configured_num_batched_tokens:
@@ -225,6 +237,17 @@ class GenScheduler:
             if victim is seq:
                 return False
         return True
+
+    def _speculate(self, step: _Step, num_decodes: int) -> None:
+        """Slots for the proposals of the decodes that asked (``Sequence.spec_want``, set
+        by the proposer for this step): after every decode has its token, from what is
+        left of the budget, never preempting anyone for them."""
+        for i in range(num_decodes):  # per scheduled decode
+            seq = step.seqs[i]
+            want, seq.spec_want = min(seq.spec_want, step.budget), 0
+            if want > 0 and self.blocks.allocate(seq.seq_id, want) is AllocStatus.OK:
+                step.counts[i] += want
+                step.budget -= want
 
     def _continue_prefills(self, step: _Step) -> StopReason | None:
         for seq in [s for s in self.running if not s.is_decode]:  # per prefilling sequence
@@ -368,6 +391,7 @@ class GenScheduler:
         self.blocks.free(seq.seq_id)  # full blocks stay cached: recompute may hit them
         seq.num_computed, seq.num_registered, seq.status = 0, 0, SeqStatus.WAITING
         seq.num_preemptions += 1
+        seq.spec_want = 0
         i = 0
         while i < len(self.waiting) and self.waiting[i].arrival < seq.arrival:
             i += 1  # preempted sequences are older than most waiting ones: a short scan

@@ -71,6 +71,9 @@ class Sequence:
     #   on first use
     lora: str | None = None  # the LoRA adapter it runs with (None: the base model)
     lora_slot: int = -1  # its adapter's slot while it runs (pinned; worker.lora.manager)
+    spec_want: int = 0  # proposals it makes next step (set by the proposer, taken by the
+    #   scheduler); 0: a plain decode (worker.generate.speculative)
+    spec_tokens: object | None = None  # n-gram: the proposed tokens (int64 array)
     on_update: Callable[[Sequence], None] | None = None
     on_finish: Callable[[Sequence], None] | None = None
 

@@ -31,10 +31,12 @@ def test_bucket_choice_only_for_decode_only_steps(tiny_model, make_engine):
 
     engine = make_engine(tiny_model("llama"), **SETTINGS)
     graphs = DecodeGraphs(engine.generation.runner, (1, 2, 4, 8), capture=False)
-    step = lambda n, decodes: SimpleNamespace(seqs=[None] * n, num_decodes=decodes)  # noqa: E731
+    step = lambda n, decodes, tokens=None: SimpleNamespace(  # noqa: E731
+        seqs=[None] * n, num_decodes=decodes, num_tokens=n if tokens is None else tokens)
     assert [graphs.bucket(step(n, n)) for n in (1, 2, 3, 5, 8)] == [1, 2, 4, 8, 8]
     assert graphs.bucket(step(9, 9)) == 0  # larger than the largest bucket: eager
     assert graphs.bucket(step(4, 3)) == 0  # a prefill chunk in the step: eager
+    assert graphs.bucket(step(4, 4, 6)) == 0  # decodes with speculative proposals: eager
 
 
 def _run(engine, params, pad: bool):
