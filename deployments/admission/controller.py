@@ -3,11 +3,12 @@
 Every ingress replica asks it for a lease before routing a request, and releases the
 lease when the request ends; every engine replica reports its measured capacity, the
 leases it is serving with what each holds now (generations grow: ``LeaseRule``), its
-pace and its KV pressure each ``heartbeat_s``. A reaper expires silent replicas and
-ingresses and reclaims their leases (see ``deployments/admission/ledger.py``). When the pool is
-full, ``reserve`` either answers at once (a 429 with Retry-After: when enough leases
-should have ended) or, with ``max_wait_s > 0``, queues the caller FIFO until room frees
-or the wait runs out.
+pace and its KV pressure each ``heartbeat_s``, and hears back whether the model's
+replicas may speculate (``deployments/admission/speculation.py``). A reaper expires
+silent replicas and ingresses and reclaims their leases (see
+``deployments/admission/ledger.py``). When the pool is full, ``reserve`` either answers
+at once (a 429 with Retry-After: when enough leases should have ended) or, with
+``max_wait_s > 0``, queues the caller FIFO until room frees or the wait runs out.
 
 Why not Ray's own tools: ``max_queued_requests`` bounds requests per caller, not tokens
 cluster-wide; ``CapacityQueue`` counts requests against static per-replica limits.
@@ -25,6 +26,7 @@ from ray import serve
 
 from deployments.app.config import AdmissionArgs
 from deployments.admission.ledger import AdmissionLedger, Ask, Decision, Verdict
+from deployments.admission.speculation import SpeculationSwitch
 from deployments.app.metrics import AdmissionMetrics
 
 logger = logging.getLogger("ray.serve")
@@ -42,6 +44,8 @@ class AdmissionController:
             capacity_fraction=a.capacity_fraction, retry_after_min_s=a.retry_after_min_s,
             retry_after_max_s=a.retry_after_max_s, drain_window_s=a.drain_window_s,
             replica_timeout_s=a.replica_timeout_s, holder_timeout_s=a.holder_timeout_s)
+        self.speculation = SpeculationSwitch(a.speculation_off_utilization,
+                                             a.speculation_on_utilization)
         self._waiters: dict[str, deque] = {}  # model -> FIFO of (future, holder, Ask)
         self._reaper: asyncio.Task | None = None
         self.metrics = _admission_metrics()  # None: record nothing
@@ -111,12 +115,18 @@ class AdmissionController:
 
     async def replica_report(self, model: str, replica: str, capacity_tokens: int,
                              leases: dict[str, tuple[int, int]], load: dict | None = None
-                             ) -> None:
+                             ) -> int | None:
         """A replica is alive: its capacity, and per lease it serves (tokens held by the
-        lease rule, tokens generated) — the leases grow here."""
+        lease rule, tokens generated) — the leases grow here. Returns the speculation
+        cap for the model's replicas (0: off, None: no cap; ``SpeculationSwitch``)."""
         self._start_reaper()
         self.ledger.replica_report(model, replica, capacity_tokens, leases, time.monotonic(),
                                    load)
+        reserved, capacity = self.ledger.pool_tokens(model)
+        if self.speculation.update(model, reserved, capacity):
+            logger.info("admission: speculation %s on the replicas of %r (%d of %d tokens "
+                        "leased)", "on" if self.speculation.is_on(model) else "off", model,
+                        reserved, capacity)
         if model not in self._zeroed and self.metrics is not None:
             self._zeroed.add(model)
             try:
@@ -125,6 +135,7 @@ class AdmissionController:
                 logger.exception("admission metrics failed")
         self._admit_waiters(model)
         self._record_pool(model)
+        return self.speculation.speculation_cap(model)
 
     async def holder_report(self, holder: str) -> dict[str, tuple]:
         """An ingress is alive; returns every pool's ``view`` (its grants need them)."""
@@ -133,9 +144,11 @@ class AdmissionController:
         return {model: self.ledger.view(model, now) for model in self.ledger.pools}
 
     async def snapshot(self) -> dict[str, dict]:
-        """Per model: reserved, capacity, largest replica, replicas, leases, waiters."""
+        """Per model: reserved, capacity, largest replica, replicas, leases, waiters,
+        whether its replicas may speculate."""
         return {model: {**self.ledger.snapshot(model),
-                        "num_waiters": len(self._waiters.get(model, ()))}
+                        "num_waiters": len(self._waiters.get(model, ())),
+                        "speculation": self.speculation.is_on(model)}
                 for model in self.ledger.pools}
 
     def check_health(self) -> None:

@@ -156,6 +156,19 @@ class AdmissionArgs(_Strict):
     lease_rule: Literal["use", "ceiling"] = "use"
     first_output_tokens: int = Field(256, ge=1)
     lease_block_tokens: int = Field(64, ge=1)
+    # Speculative decoding by cluster load (deployments/admission/speculation.py): off on
+    # every replica of a model while its pool's reserved / capacity is at or above the
+    # first, on again once it is below the second (replicas without speculation ignore it)
+    speculation_off_utilization: float = Field(0.85, gt=0, le=1)
+    speculation_on_utilization: float = Field(0.6, ge=0, lt=1)
+
+    @model_validator(mode="after")
+    def _speculation_hysteresis(self) -> AdmissionArgs:
+        if self.speculation_on_utilization >= self.speculation_off_utilization:
+            raise ValueError(
+                f"speculation_on_utilization ({self.speculation_on_utilization}) must be < "
+                f"speculation_off_utilization ({self.speculation_off_utilization})")
+        return self
 
     def make_lease_rule(self) -> LeaseRule:
         return LeaseRule(self.first_output_tokens, self.lease_block_tokens,

@@ -14,7 +14,9 @@ dict per value of a varying tag, so a call builds no dict of ours.
 Tags: ``model`` (the served model's name), ``replica`` (the engine replica's id),
 ``kind`` (``forward`` for embed/score steps, ``generate`` for generation steps),
 ``endpoint`` (``chat``, ``completions``, ``embeddings``, ...), ``status`` (the HTTP
-status code), ``reason`` (a ``RejectReason``). ``ray.util.metrics`` rather than
+status code), ``reason`` (a ``RejectReason``), ``position`` (a speculative token's place
+in its proposal, ``0`` .. k-1: accepted / proposed at each position is the acceptance
+rate there). ``ray.util.metrics`` rather than
 ``ray.serve.metrics``: the latter reserves the ``replica`` tag and adds Serve's own tags
 only inside Serve replicas, so the same metric would carry different labels in
 different processes; here the registry is exactly what Prometheus sees.
@@ -152,6 +154,18 @@ _SPECS = [
                "not yet running.", _REP),
     MetricSpec("packserve_engine_queue_wait_seconds", _H, "Wait in the engine's queue "
                "until first scheduled.", _STEP, QUEUE_S),
+    # engine replica, speculative decoding (StepRecord.spec_*): only replicas that speculate
+    MetricSpec("packserve_spec_proposed_tokens", _C, "Speculative tokens proposed and "
+               "verified.", _REP),
+    MetricSpec("packserve_spec_accepted_tokens", _C, "Speculative tokens accepted (of those "
+               "proposed).", _REP),
+    MetricSpec("packserve_spec_proposed_tokens_by_position", _C, "Speculative tokens "
+               "proposed and verified, by position in the proposal (0: the first).",
+               _REP + ("position",)),
+    MetricSpec("packserve_spec_accepted_tokens_by_position", _C, "Speculative tokens "
+               "accepted, by position in the proposal.", _REP + ("position",)),
+    MetricSpec("packserve_spec_k", _G, "Tokens a sequence may propose per step now (the "
+               "engine's load rule and the cluster's cap; 0: speculation off).", _REP),
 ]
 METRICS: dict[str, MetricSpec] = {spec.name: spec for spec in _SPECS}
 
@@ -176,9 +190,12 @@ class ReplicaMetrics:
     """Engine-replica metrics; ``observe_step`` is an engine step observer (it runs on
     the stepping thread, a few metric calls per bin)."""
 
-    def __init__(self, model: str, replica: str, kinds: tuple[str, ...] = ("forward", "generate")):
+    def __init__(self, model: str, replica: str, kinds: tuple[str, ...] = ("forward", "generate"),
+                 max_num_spec_tokens: int = 0):
         """``kinds``: the step kinds this replica runs (an encoder never generates); each
-        gets its counters exported at 0 now."""
+        gets its counters exported at 0 now. ``max_num_spec_tokens``: the engine's k when
+        it speculates (0: it does not); its speculation counters, every position's
+        included, are exported at 0 now."""
         tags = {"model": model, "replica": replica}
         (self._real, self._avoided, self._fill, self._bins, self._forward, self._oom,
          self._shrinks, self._step_budget, self._wait) = _build(
@@ -194,6 +211,7 @@ class ReplicaMetrics:
             "packserve_kv_blocks_free", "packserve_preemptions",
             "packserve_engine_waiting_requests", "packserve_prefix_cache_queries",
             "packserve_prefix_cache_hits", **tags)
+        self._spec = _SpecMetrics(tags, max_num_spec_tokens)
         self._kind_tags = {k: {"kind": k} for k in ("forward", "generate")}
         self._last: dict[str, StepRecord] = {}  # kind -> its latest step (gauge refresh)
         self._latest: StepRecord | None = None
@@ -231,6 +249,8 @@ class ReplicaMetrics:
             self._prefix_queries.inc(record.num_prefix_queries)
             if record.num_prefix_hits:
                 self._prefix_hits.inc(record.num_prefix_hits)
+        if record.spec_proposed or record.spec_k != self._spec.k:  # off: () and 0 == 0
+            self._spec.observe(record)
         self._step_budget.set(record.token_budget, tags)
         self._set_engine_gauges(record)
         self._last[record.kind] = self._latest = record
@@ -247,11 +267,65 @@ class ReplicaMetrics:
             self._step_budget.set(record.token_budget, self._kind_tags[record.kind])
         if latest is not None:
             self._set_engine_gauges(latest)
+        self._spec.refresh()
 
     def _set_engine_gauges(self, record: StepRecord) -> None:
         self._kv_used.set(record.num_kv_blocks_used)
         self._kv_free.set(record.num_kv_blocks_free)
         self._waiting.set(record.num_waiting)
+
+
+class _SpecMetrics:
+    """A replica's speculative decoding metrics (``StepRecord.spec_*``): built with the
+    replica's, but nothing is recorded, not even the k gauge, until a step speculates
+    (or the replica says at start that its engine does)."""
+
+    def __init__(self, tags: dict[str, str], max_num_spec_tokens: int):
+        (self._proposed, self._accepted, self._proposed_at, self._accepted_at,
+         self._k) = _build(
+            "packserve_spec_proposed_tokens", "packserve_spec_accepted_tokens",
+            "packserve_spec_proposed_tokens_by_position",
+            "packserve_spec_accepted_tokens_by_position", "packserve_spec_k", **tags)
+        self._positions: list[dict[str, str]] = []  # j -> {"position": "j"}, grown once
+        self.k = max_num_spec_tokens  # the latest generation step's spec_k (idle: all k)
+        self._seen = max_num_spec_tokens > 0  # export the k gauge (a replica that speculates)
+        if self._seen:
+            for counter in (self._proposed, self._accepted):
+                export_zero(counter)
+            for tags_j in self._position_tags(max_num_spec_tokens):
+                export_zero(self._proposed_at, tags_j)
+                export_zero(self._accepted_at, tags_j)
+
+    def observe(self, record: StepRecord) -> None:
+        """A step that verified proposals or changed k (``ReplicaMetrics.observe_step``
+        calls it only then)."""
+        if record.kind != "generate":  # a forward step (embed, score) says nothing of k
+            return
+        proposed, accepted = record.spec_proposed, record.spec_accepted
+        if proposed:
+            num_proposed, num_accepted = sum(proposed), sum(accepted)
+            if num_proposed:
+                self._proposed.inc(num_proposed)
+            if num_accepted:
+                self._accepted.inc(num_accepted)
+            positions = self._position_tags(len(proposed))
+            for tags, p, a in zip(positions, proposed, accepted):  # per position, k <= 16
+                if p:
+                    self._proposed_at.inc(p, tags)
+                if a:
+                    self._accepted_at.inc(a, tags)
+        self.k, self._seen = record.spec_k, True
+        self._k.set(record.spec_k)
+
+    def refresh(self) -> None:
+        """Set the k gauge again (heartbeat: Ray drops a gauge not set lately)."""
+        if self._seen:
+            self._k.set(self.k)
+
+    def _position_tags(self, k: int) -> list[dict[str, str]]:
+        while len(self._positions) < k:
+            self._positions.append({"position": str(len(self._positions))})
+        return self._positions
 
 
 MAX_LORA_LABELS = 64  # adapters with a label of their own; the others are "other"

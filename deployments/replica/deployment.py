@@ -5,10 +5,12 @@ decoder with a tokenizer also sizes and allocates its KV cache now, so the capac
 reports is measured, not assumed. Then, every ``heartbeat_s``, the replica tells the
 admission controller its capacity, the leases it is serving and what each holds by the
 lease rule (a generation's grows with the tokens it generated: ``LeaseRule``), its pace
-(seconds per decode step) and whether it is under KV pressure (``ReplicaPace``); every
-``stats_period_s`` Serve asks ``record_routing_stats`` for the router. A dead engine loop
-fails the health check, so Serve replaces the replica and the controller, no longer
-hearing from it, reclaims its leases.
+(seconds per decode step) and whether it is under KV pressure (``ReplicaPace``); the
+controller's answer caps its speculative decoding (off while the model's pool is nearly
+full: ``deployments/admission/speculation.py``). Every ``stats_period_s`` Serve asks
+``record_routing_stats`` for the router. A dead engine loop fails the health check, so
+Serve replaces the replica and the controller, no longer hearing from it, reclaims its
+leases.
 
 | capacity_tokens (what admission reserves against, per replica)                 |
 |---------------------------------------------------------------------------------|
@@ -73,6 +75,7 @@ class EngineReplica:
         self._rule = self.admission_args.make_lease_rule()
         self._active: dict[int, _Serving] = {}  # id(work) -> its service, while serving it
         self._num_served = 0
+        self._speculation_cap: int | None = None  # as last handed to the engine
         self.pace = ReplicaPace()
         self._streams = StreamSender()
         self.replica_id = serve.get_replica_context().replica_id.unique_id
@@ -88,7 +91,8 @@ class EngineReplica:
             self.engine.add_step_observer(self.pace.observe)
         try:
             kinds = ("forward", "generate") if self.info.can_generate else ("forward",)
-            self.metrics = ReplicaMetrics(self.args.name, self.replica_id, kinds)
+            self.metrics = ReplicaMetrics(self.args.name, self.replica_id, kinds,
+                                          self.max_num_spec_tokens())
         except Exception:  # serve without metrics rather than not at all
             logger.exception("replica metrics unavailable")
             self.metrics = None
@@ -185,6 +189,7 @@ class EngineReplica:
             used_blocks = self.engine.generation.blocks.stats().num_used_blocks
         return {"replica_id": self.replica_id, **self.load(), "kv_used_blocks": used_blocks,
                 "num_engine_steps": self.engine.stats.num_steps, "rss_bytes": rss_bytes(),
+                "speculation_cap": self._speculation_cap,
                 "lora": self.engine.lora_state(),
                 "torch_threads": torch.get_num_threads()}
 
@@ -205,6 +210,22 @@ class EngineReplica:
                 "kv_pressure": pressure, "decode_step_s": self.pace.step_s or 0.0,
                 "kv_used_blocks": self.pace.kv_used_blocks,
                 "num_preemptions": self.pace.num_preemptions, "num_oom": self.pace.num_oom}
+
+    def max_num_spec_tokens(self) -> int:
+        """The k this replica's engine speculates with (0: it does not speculate)."""
+        spec = self.engine.config.speculative if self.info.can_generate else None
+        return spec.num_speculative_tokens if spec is not None else 0
+
+    def apply_speculation_cap(self, cap: int | None) -> None:
+        """The admission controller's answer to a report: 0 turns speculation off, None
+        lifts the cap. Handed to the engine only when it changed; a replica that does
+        not speculate ignores it."""
+        if cap == self._speculation_cap or not self.max_num_spec_tokens():
+            return
+        self.engine.set_speculation_cap(cap)
+        self._speculation_cap = cap
+        logger.info("replica %s of %s: speculation %s by the cluster's load",
+                    self.replica_id, self.args.name, "on" if cap is None else f"capped at {cap}")
 
     # ---- Serve hooks ----------------------------------------------------------------
 
@@ -266,11 +287,16 @@ class EngineReplica:
         leases = {s.work.lease_id: (s.tokens(), s.progress.num_generated)
                   for s in self._active.values() if s.work.lease_id}
         try:
-            await self._admission.replica_report.remote(
+            cap = await self._admission.replica_report.remote(
                 self.args.name, self.replica_id, self.info.capacity_tokens, leases,
                 self.load())
         except Exception as exc:  # noqa: BLE001 - the controller restarts; keep trying
             logger.warning("admission report failed (%s); retrying", exc)
+            return
+        try:
+            self.apply_speculation_cap(cap)
+        except Exception:  # the cap never stops the heartbeat (it is retried next one)
+            logger.exception("applying the speculation cap %r failed", cap)
 
     def _record_budget(self) -> None:
         if self.metrics is None:

@@ -28,7 +28,7 @@ RAY_SERVE_SERIES = frozenset({
     "ray_serve_replica_processing_queries",
     "ray_serve_deployment_processing_latency_ms_bucket",
 })
-ROWS = ("Traffic", "Latency", "Packing", "Memory", "Admission")
+ROWS = ("Traffic", "Latency", "Packing", "Memory", "Admission", "Speculative decoding")
 
 
 @pytest.fixture(scope="module")

@@ -25,15 +25,19 @@ def _recorder_actor():
             from deployments.app.metrics import AdmissionMetrics, IngressMetrics, ReplicaMetrics
             from worker.engine.observe import StepKind, StepRecord
 
-            self.replica = ReplicaMetrics("tiny", "r1")
+            self.replica = ReplicaMetrics("tiny", "r1", max_num_spec_tokens=2)
             self.ingress, self.admission = IngressMetrics(), AdmissionMetrics()
             self.ingress.export_zeros({"tiny": ("chat", "embeddings")})
             self.admission.export_zeros("tiny")
             self.step = StepRecord(StepKind.FORWARD, (60, 30), (64, 64), 120, (0.01, 0.02),
                                    1600, 0.001, 1, 48, 48, 40, 30, 10, 2, 3, (0.5,), 96, 32)
+            self.spec_step = StepRecord(StepKind.GENERATE, (4,), (64,), 4, (0.01,), 0, 0.0,
+                                        0, None, 64, 40, 30, 10, 0, 0, (), num_decodes=2,
+                                        spec_proposed=(2, 2), spec_accepted=(2, 0), spec_k=2)
 
         def record(self) -> None:
             self.replica.observe_step(self.step)
+            self.replica.observe_step(self.spec_step)
             self.replica.set_budget(4096, 1000)
             self.ingress.observe_request("tiny", "chat", 200, 0.05, 0.01, 0.3)
             self.ingress.observe_queue_wait("tiny", 0.01)
@@ -69,7 +73,9 @@ def test_prometheus_stores_the_registry_names(ray_cluster):
         for expr in ('ray_packserve_oom_events_total{model="tiny", kind="generate"}',
                      'ray_packserve_budget_shrinks_total{model="tiny", kind="generate"}',
                      'ray_packserve_rejections_total{model="tiny", reason="too_large"}',
-                     'ray_packserve_requests_total{model="tiny", endpoint="embeddings"}'):
+                     'ray_packserve_requests_total{model="tiny", endpoint="embeddings"}',
+                     ('ray_packserve_spec_accepted_tokens_by_position_total{model="tiny", '
+                      'position="1"}')):
             (zero,) = prom.query(expr)
             assert float(zero["value"][1]) == 0, (expr, zero)
     ray.kill(recorder)

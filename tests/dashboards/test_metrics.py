@@ -175,6 +175,60 @@ def test_each_heartbeat_sets_the_latest_step_gauges_again(fakes):
     assert values(fakes["packserve_engine_waiting_requests"])[-1] == 3
 
 
+SPEC = ("packserve_spec_proposed_tokens", "packserve_spec_accepted_tokens",
+        "packserve_spec_proposed_tokens_by_position",
+        "packserve_spec_accepted_tokens_by_position", "packserve_spec_k")
+
+
+def spec_step(proposed=(), accepted=(), k=0, kind=StepKind.GENERATE) -> StepRecord:
+    return record(kind=kind, spec_proposed=proposed, spec_accepted=accepted, spec_k=k)
+
+
+def by_position(fake: Fake) -> list[tuple[str, int]]:
+    return [(tags["position"], value) for _, value, tags in fake.calls]
+
+
+def test_a_replica_that_never_speculates_records_no_speculation(fakes):
+    replica = ReplicaMetrics("tiny", "r1")
+    replica.observe_step(record())
+    replica.observe_step(record(kind=StepKind.GENERATE))
+    replica.set_budget(4096, 1000)
+    assert {name: fakes[name].calls for name in SPEC} == {name: [] for name in SPEC}
+
+
+def test_speculation_metrics_from_step_records(fakes):
+    replica = ReplicaMetrics("tiny", "r1", max_num_spec_tokens=3)
+    rep = {"model": "tiny", "replica": "r1"}
+    for name in SPEC[:2]:  # exported at 0 from the start, every position included
+        assert fakes[name].calls == [("zero", 0, rep)], name
+    for name in SPEC[2:4]:
+        assert by_position(fakes[name]) == [("0", 0), ("1", 0), ("2", 0)], name
+    for fake in fakes.values():
+        fake.calls.clear()
+
+    replica.observe_step(spec_step((4, 3, 1), (3, 1, 0), k=3))
+    assert fakes["packserve_spec_proposed_tokens"].calls == [("inc", 8, rep)]
+    assert fakes["packserve_spec_accepted_tokens"].calls == [("inc", 4, rep)]
+    assert by_position(fakes["packserve_spec_proposed_tokens_by_position"]) == [
+        ("0", 4), ("1", 3), ("2", 1)]
+    assert by_position(fakes["packserve_spec_accepted_tokens_by_position"]) == [
+        ("0", 3), ("1", 1)]  # nothing accepted at position 2: no zero increment
+    assert fakes["packserve_spec_k"].calls == [("set", 3, rep)]
+
+    replica.observe_step(record())  # a forward step (score, embed) says nothing of k
+    replica.observe_step(spec_step(k=1))  # the load rule lowered k: no proposal verified
+    replica.observe_step(spec_step((2,), (2,), k=0))  # k=1's proposals; the cluster: off
+    replica.observe_step(spec_step())  # off, unchanged: nothing recorded
+    assert values(fakes["packserve_spec_k"]) == [3, 1, 0]
+    assert values(fakes["packserve_spec_proposed_tokens"]) == [8, 2]
+    replica.set_budget(4096, 1000)  # the heartbeat sets the gauge again
+    assert fakes["packserve_spec_k"].calls[-1] == ("set", 0, rep)
+
+    replica.observe_step(spec_step((1, 1, 1, 1, 1), (1, 1, 1, 1, 0), k=5))  # past the start's k
+    assert by_position(fakes["packserve_spec_accepted_tokens_by_position"])[-2:] == [
+        ("2", 1), ("3", 1)]
+
+
 def test_ingress_and_admission_metrics(fakes):
     ingress = IngressMetrics()
     ingress.observe_request("m", "chat", 200, ttft_s=0.05, tpot_s=0.01, e2e_s=0.3)

@@ -2,8 +2,9 @@
 packserve under load: each panel query (and each variable query) returns at least one
 series with a plausible value.
 
-The app: the smoke decoder with a 256-token KV cache (so a burst gets 429s) and the
-packaged all-MiniLM-L6-v2 for embeddings. A background thread sends rounds of load,
+The app: the smoke decoder with a 256-token KV cache (so a burst gets 429s), a LoRA
+adapter and speculative decoding (prompt lookup), and the packaged all-MiniLM-L6-v2 for
+embeddings. A background thread sends rounds of load,
 each: completions and chat completions, streamed and not, embeddings of inputs of
 different lengths, two bad requests (400, 404) and an overload burst. The panels are
 polled while it runs, until every rule holds (or the deadline names the ones that do
@@ -37,16 +38,22 @@ pytestmark = pytest.mark.skipif(prometheus_binary() is None,
 # replica timeout for the test.
 ARGS = {**APP_ARGS, "admission": {"replica_timeout_s": 3.0, "heartbeat_s": 0.5}}
 LORA = "smoke-lora"  # a random adapter of the smoke decoder (benchmarks/adapters.py)
+# prompt lookup on the smoke decoder (it repeats itself: proposals are accepted); the
+# bursts fill the pool, so the cluster rule switches it off and on again
+SPEC_K = 2
+SPECULATIVE = {"method": "ngram", "num_speculative_tokens": SPEC_K}
 
 
 def app_args(adapter_dir) -> dict:
-    """``ARGS`` with ``LORA`` (written to ``adapter_dir``) served on the smoke decoder."""
+    """``ARGS`` with ``LORA`` (written to ``adapter_dir``) served on the smoke decoder, which
+    speculates (``SPECULATIVE``)."""
     from benchmarks.adapters import write_adapter
     from worker.models.sources import resolve_model
 
     path = write_adapter(resolve_model("smoke:decoder"), adapter_dir, r=8)
-    models = [dict(m, loras=[{"name": LORA, "path": str(path)}]) if m["name"] == GEN else m
-              for m in ARGS["models"]]
+    models = [dict(m, loras=[{"name": LORA, "path": str(path)}],
+                   engine={**m["engine"], "speculative": SPECULATIVE})
+              if m["name"] == GEN else m for m in ARGS["models"]]
     return {**ARGS, "models": models}
 
 # $model as Grafana renders a multi-value selection: this app's models, and "unknown" (the
@@ -128,6 +135,11 @@ RULES = {
     (31, "A"): lambda s: finite(s, 0.0, 1.0),  # pool utilization
     (32, "A"): labelled("model", GEN, EMBED),  # admissions/s
     (33, "A"): labelled("reason", "capacity"),  # rejections/s by reason
+    # speculative decoding (the smoke decoder speculates, SPECULATIVE)
+    (42, "A"): lambda s: fraction(s) or positive(s),  # acceptance rate, overall
+    (42, "B"): labelled("position", *map(str, range(SPEC_K)), check=fraction),  # by position
+    (43, "A"): positive, (43, "B"): positive,  # proposed, accepted tokens/s
+    (44, "A"): lambda s: finite(s, 0.0, SPEC_K),  # k per replica (0 while the pool is full)
     (35, "A"): labelled("kind", "forward", "generate"),  # per replica: real tokens/s
     (36, "A"): fraction,  # fill ratio p50
     (37, "A"): positive,  # forward time p50
