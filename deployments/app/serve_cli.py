@@ -9,7 +9,7 @@ of ``AppArgs`` (deployments/app/config.py), generated from it so a new key gets 
 | flags                                   | ``AppArgs`` keys                         |
 |-----------------------------------------|------------------------------------------|
 | ``--num-replicas``, ``--num-gpus``, ... | ``models[0].*`` (the model's deployment) |
-| ``--max-model-len``, ``--dtype``, ...   | ``models[0].engine.*`` (``EngineConfig``) |
+| ``--max-model-len``, ``--dtype``, ...   | ``models[0].engine.*`` (``EngineConfig``; ``--speculative-config JSON`` is ``speculative``, as vLLM names it) |
 | ``--api-key``, ``--max-prompt-chars``, ...| ``http.*`` (``--ingress-num-replicas``, ``--ingress-max-ongoing-requests``) |
 | ``--admission-max-wait-s``, ``--no-admission``, ...| ``admission.*``                 |
 | ``--router-policy``, ``--router-stats-period-s`` | ``router.*``                    |
@@ -42,7 +42,7 @@ from typing import Literal
 DEFAULT_HOST, DEFAULT_PORT, DEFAULT_METRICS_PORT = "127.0.0.1", 8000, 8080
 APP_NAME = "packserve"
 # AppArgs section -> (flag prefix, flags renamed because another section has the key)
-SECTIONS = {"model": ("", {}), "engine": ("", {}),
+SECTIONS = {"model": ("", {}), "engine": ("", {"speculative": "speculative-config"}),
             "http": ("", {"num_replicas": "ingress-num-replicas",
                           "max_ongoing_requests": "ingress-max-ongoing-requests",
                           "drain_timeout_s": "drain-timeout"}),
@@ -81,6 +81,9 @@ def _argument(group, section: str, key: str, annotation) -> None:
     if kind is bool:
         group.add_argument(_flag(section, key), dest=dest, default=None,
                            action=argparse.BooleanOptionalAction)
+    elif kind is dict:  # a JSON object, as vLLM's --speculative-config takes it
+        group.add_argument(_flag(section, key), dest=dest, default=None, type=_json_object,
+                           metavar="JSON")
     elif typing.get_origin(kind) is Literal:
         group.add_argument(_flag(section, key), dest=dest, default=None,
                            choices=[str(c) for c in typing.get_args(kind)])
@@ -88,6 +91,18 @@ def _argument(group, section: str, key: str, annotation) -> None:
         flags = [_flag(section, key), *ALIASES.get(dest, ())]
         group.add_argument(*flags, dest=dest, default=None,
                            type=kind if kind in (int, float) else str, metavar=key.upper())
+
+
+def _json_object(text: str) -> dict:
+    import json
+
+    try:
+        value = json.loads(text)
+    except ValueError as exc:
+        raise argparse.ArgumentTypeError(f"not JSON ({exc}): {text!r}") from None
+    if not isinstance(value, dict):
+        raise argparse.ArgumentTypeError(f"must be a JSON object, got {text!r}")
+    return value
 
 
 def add_serve_parser(sub) -> argparse.ArgumentParser:

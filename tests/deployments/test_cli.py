@@ -74,6 +74,20 @@ def test_quantization_flags(capsys):
     assert exit_.value.code == 2 and "quantization: must be one of fp8, int8; got 'awq'" in err
 
 
+def test_speculative_config_flag(capsys):
+    """``--speculative-config`` takes vLLM's JSON; a bad key exits 2 naming it."""
+    config = dry_run(capsys, "smoke:decoder", "--speculative-config",
+                     '{"method": "ngram", "num_speculative_tokens": 3, "prompt_lookup_max": 5}')
+    assert config["applications"][0]["args"]["models"][0]["engine"] == {
+        "speculative": {"method": "ngram", "num_speculative_tokens": 3, "prompt_lookup_max": 5}}
+    for bad, said in (('{"method": "eagle"}', "speculative.method: must be one of ngram, draft"),
+                      ("[1]", "must be a JSON object"), ("{x", "not JSON")):
+        with pytest.raises(SystemExit) as exit_:
+            main(["serve", "smoke:decoder", "--speculative-config", bad, "--dry-run"])
+        err = capsys.readouterr().err
+        assert exit_.value.code == 2 and said in err, err
+
+
 def test_bad_options_exit_2_naming_the_flag(capsys):
     with pytest.raises(SystemExit) as exit_:
         main(["serve", "smoke:decoder", "--max-prompt-chars", "0", "--dry-run"])
