@@ -65,18 +65,25 @@ class SpeculativeConfig:
     JSON): ``method`` "ngram" (prompt lookup: the last n tokens, n from
     ``prompt_lookup_max`` down to ``prompt_lookup_min``, matched in the prompt and output)
     or "draft" (``model``, a small causal LM of the same vocabulary, proposes with its own
-    paged KV cache). ``num_speculative_tokens`` is k, the most tokens proposed per step;
-    the load rule lowers it as the batch fills: k at ``full_k_max_batch`` running
-    sequences or fewer, 0 at ``disable_by_batch_size`` or more (vLLM's key), tapering
-    linearly between (defaults measured: docs/decisions.md, "Speculation by load")."""
+    paged KV cache). ``num_speculative_tokens`` is k, the most tokens proposed per step.
+
+    How many a sequence proposes (``worker.generate.speculative.SpecLoad``): with
+    ``adaptive`` (the default), only the positions worth verifying: position j while the
+    sequence's estimated acceptance a satisfies a^j >= b / (F + b), b the running
+    sequences and F the step's fixed cost in tokens (``step_overhead_tokens``; None:
+    measured from the engine's own steps); without, always k. None at all from
+    ``disable_by_batch_size`` running sequences (vLLM's key; None: no such cut). Why:
+    docs/decisions.md ("Speculation by load")."""
 
     method: str
     num_speculative_tokens: int = 4
     prompt_lookup_max: int = 4
     prompt_lookup_min: int = 2
     model: str | None = None  # the draft model (method "draft")
-    full_k_max_batch: int = 4
-    disable_by_batch_size: int = 32
+    adaptive: bool = True
+    step_overhead_tokens: float | None = None
+    disable_by_batch_size: int | None = None
+    full_k_max_batch: int | None = None  # unused; kept while a benchmark still names it
 
     def __post_init__(self) -> None:
         field = "speculative"
@@ -89,9 +96,14 @@ class SpeculativeConfig:
                               f"{MAX_SPECULATIVE_TOKENS}, got {self.num_speculative_tokens}")
         check_int(f"{field}.prompt_lookup_min", self.prompt_lookup_min, 1)
         check_int(f"{field}.prompt_lookup_max", self.prompt_lookup_max, self.prompt_lookup_min)
-        check_int(f"{field}.full_k_max_batch", self.full_k_max_batch, 1)
-        check_int(f"{field}.disable_by_batch_size", self.disable_by_batch_size,
-                  self.full_k_max_batch + 1)
+        if self.disable_by_batch_size is not None:
+            check_int(f"{field}.disable_by_batch_size", self.disable_by_batch_size, 1)
+        if not isinstance(self.adaptive, bool):
+            raise ConfigError(f"{field}.adaptive", f"must be a bool, got {self.adaptive!r}")
+        f = self.step_overhead_tokens
+        if f is not None and (isinstance(f, bool) or not isinstance(f, int | float) or f <= 0):
+            raise ConfigError(f"{field}.step_overhead_tokens", f"must be a number of tokens "
+                              f"> 0 or None (measured), got {f!r}")
         if method == "draft" and (not isinstance(self.model, str) or not self.model):
             raise ConfigError(f"{field}.model", "method 'draft' needs the draft model's hub "
                               f"id or local directory, got {self.model!r}")

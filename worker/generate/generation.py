@@ -17,6 +17,7 @@ from __future__ import annotations
 
 import functools
 import logging
+import time
 from collections import deque
 from dataclasses import dataclass
 
@@ -48,7 +49,7 @@ from worker.generate.runner import GenRunner
 from worker.generate.sampling import SampledTokens, SamplingParams, make_generator
 from worker.generate.scheduler import GenScheduler, GenSchedulerOutput, StopReason
 from worker.generate.sequence import FinishReason, Sequence
-from worker.generate.speculative import NgramProposer, SpecLoad, SpecStepStats
+from worker.generate.speculative import Acceptance, NgramProposer, SpecLoad, SpecStepStats
 from worker.kv.block_manager import BlockManager
 from worker.kv.cache import KVCache, KVCacheSpec, kv_bytes_from_report
 from worker.quant.kv import FP8_E4M3, KV_STORAGE, checkpoint_scales, kv_storage_dtype
@@ -264,7 +265,8 @@ class Generation:
                                       loras=loras)
         self.loras = loras
         self.speculative = speculative
-        self.spec_load = SpecLoad(speculative) if speculative is not None else None
+        self.spec_load = (SpecLoad(speculative, device.device.type)
+                          if speculative is not None else None)
         self.ngram = (NgramProposer(speculative.prompt_lookup_max, speculative.prompt_lookup_min)
                       if speculative is not None and speculative.method == "ngram" else None)
         draft = None
@@ -419,10 +421,6 @@ class Generation:
                                f"{self.scheduler.num_unfinished} requests unfinished")
         return out
 
-    def run(self, out: GenSchedulerOutput) -> tuple[list[Sequence], SampledTokens] | None:
-        """The step's sampled tokens; None when its forward ran out of device memory."""
-        return self.runner.run(out)
-
     def recover_from_oom(self, out: GenSchedulerOutput, align: int) -> list[Sequence]:
         """``out``'s forward ran out of device memory and nothing advanced: return its KV
         slots and shrink the step budget (preempting the newest sequences if the decodes
@@ -464,24 +462,43 @@ class Generation:
 
     def _propose(self) -> None:
         """Set this step's proposals of the running decodes (``Sequence.spec_want``, and
-        the n-gram tokens), as many as the load rule allows and the request has room for."""
+        the n-gram tokens): per sequence, the positions the load rule finds worth
+        verifying (``SpecLoad``), within what the request has room for."""
         running = self.scheduler.running
-        k = self.spec_k = self.spec_load.k_for(len(running))
+        load = self.spec_load
+        k = self.spec_k = load.k_for(len(running))
         if k == 0:
             return
+        threshold = load.threshold(len(running))
         ngram, limit = self.ngram, self.max_model_len
         for seq in running:  # per running sequence, while speculation is on
             if not seq.is_decode:
                 continue
+            acc = seq.spec_acceptance
+            if acc is None:
+                acc = seq.spec_acceptance = Acceptance()
             room = min(k, seq.params.max_tokens - seq.num_output_tokens - 1,
                        limit - seq.num_tokens)
-            if room <= 0:
-                continue
-            if ngram is None:
-                seq.spec_want = room
+            want = load.positions(acc.value, room, threshold) if room > 0 else 0
+            if want and ngram is not None:
+                seq.spec_tokens = ngram.propose(np.asarray(seq.token_ids, np.int64), want)
+                want = len(seq.spec_tokens)
+            if want:
+                seq.spec_want = want
             else:
-                seq.spec_tokens = ngram.propose(np.asarray(seq.token_ids, np.int64), room)
-                seq.spec_want = len(seq.spec_tokens)
+                acc.update(0, 0)  # nothing verified this step: its record fades
+
+    def run(self, out: GenSchedulerOutput) -> tuple[list[Sequence], SampledTokens] | None:
+        """The step's sampled tokens; None when its forward ran out of device memory.
+        With speculation, the step's seconds feed the cost model of the load rule
+        (``StepCost``; a draft's proposing steps are left out: not the target's cost)."""
+        if self.spec_load is None:
+            return self.runner.run(out)
+        start = time.perf_counter()
+        result = self.runner.run(out)
+        if result is not None and (self.draft is None or out.num_tokens == len(out.seqs)):
+            self.spec_load.cost.add(out.num_tokens, time.perf_counter() - start)
+        return result
 
     def _postprocess_verified(self, out: GenSchedulerOutput, samplers: list[Sequence],
                               v: Verified) -> list[Sequence]:
@@ -501,6 +518,8 @@ class Generation:
             at += v.counts[i]
             if i < out.num_decodes:  # samplers[i] is out.seqs[i] for the decodes
                 computed[i] = 1 + min(seq.num_tokens - before, v.num_accepted[i])
+                if v.num_verified[i]:
+                    seq.spec_acceptance.update(v.num_verified[i], v.num_accepted[i])
             reasons.append(reason)
         for seq in self.scheduler.advance(out, computed):  # per sequence that rejected some
             self.runner.state.keep_blocks(seq.seq_id, len(self.blocks.block_table(seq.seq_id)))

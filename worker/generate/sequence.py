@@ -74,6 +74,7 @@ class Sequence:
     spec_want: int = 0  # proposals it makes next step (set by the proposer, taken by the
     #   scheduler); 0: a plain decode (worker.generate.speculative)
     spec_tokens: object | None = None  # n-gram: the proposed tokens (int64 array)
+    spec_acceptance: object | None = None  # its acceptance record (speculative.Acceptance)
     on_update: Callable[[Sequence], None] | None = None
     on_finish: Callable[[Sequence], None] | None = None
 

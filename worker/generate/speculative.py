@@ -19,16 +19,17 @@ Who proposes (``EngineConfig.speculative.method``):
   own paged KV cache (``worker.generate.draft``), sampling each proposal from its own
   distribution q (greedy rows: its argmax).
 
-The load rule (``SpecLoad``): k tokens while at most ``full_k_max_batch`` sequences
-run, none from ``disable_by_batch_size``, linear between; the cluster's admission
-controller may cap it further (``cap``: 0 turns speculation off across replicas under
-cluster load). Why a batch-size rule and these constants: docs/decisions.md
+How many each sequence proposes (``SpecLoad``): the positions whose chance of being
+accepted beats what a step's tokens cost at the current batch size, from the
+sequence's own acceptance record and the step cost the engine measures; the cluster's
+admission controller may cap k further (``cap``: 0 turns speculation off across
+replicas under cluster load). Why this rule and its constants: docs/decisions.md
 ("Speculation by load").
 """
 
 from __future__ import annotations
 
-import threading
+import math
 from dataclasses import dataclass, field
 
 import numpy as np
@@ -75,42 +76,128 @@ class NgramProposer:
 _EMPTY = np.zeros(0, np.int64)
 
 
-class SpecLoad:
-    """How many tokens a sequence may propose now: the batch-size rule, under the
-    cluster's cap. ``cap`` is set from any thread (the replica relays the admission
-    controller's view); the step reads it."""
+ACCEPTANCE_PRIOR = 0.8  # a new sequence's acceptance estimate: optimistic, so it tries
+PRIOR_WEIGHT = 1.0  # the prior's weight, in verified positions
+MEMORY = 0.8  # per step, the weight left to a sequence's past verifications (~5 steps)
+DEFAULT_OVERHEAD_TOKENS = {"cpu": 16.0, "cuda": 256.0}  # F until the steps measured it
+MIN_COST_SAMPLES = 16  # steps before the measured F replaces the default
 
-    def __init__(self, config: SpeculativeConfig):
+
+class SpecLoad:
+    """How many tokens each sequence proposes this step (see ``SpeculativeConfig``).
+
+    The rule, per step with b sequences running: none at all from
+    ``disable_by_batch_size``; else k (the config's, under the cluster's ``cap``) for
+    every decode when not ``adaptive``; else, for each decode, the positions j <= k with
+
+        a^j >= b / (F + b)
+
+    where a is the sequence's acceptance estimate (``Acceptance``) and F the step's fixed
+    cost in tokens (a step of t tokens costs c (F + t); ``StepCost`` measures F). A step
+    that emits b tokens without speculation yields b / (F + b) tokens per unit of cost;
+    proposal j adds one unit and yields a^j expected tokens (it counts only if every
+    proposal before it is accepted), so it pays exactly when a^j beats that. At low load
+    (F >> b) nearly every position pays; as the batch fills the bar rises to 1, so a
+    sequence keeps proposing only while nearly everything it proposes is accepted. The
+    cap is set from any thread (the replica relays the admission controller's view)."""
+
+    def __init__(self, config: SpeculativeConfig, device_type: str = "cpu"):
         self.k = config.num_speculative_tokens
-        self.full, self.off = config.full_k_max_batch, config.disable_by_batch_size
+        self.adaptive = config.adaptive
+        self.off = config.disable_by_batch_size
+        self.cost = StepCost(config.step_overhead_tokens,
+                             DEFAULT_OVERHEAD_TOKENS.get(device_type, 256.0))
         self._cap: int | None = None
-        self._lock = threading.Lock()
 
     def set_cap(self, cap: int | None) -> None:
         if cap is not None and (isinstance(cap, bool) or not isinstance(cap, int) or cap < 0):
             raise ValueError(f"speculation cap must be an integer >= 0 or None, got {cap!r}")
-        with self._lock:
-            self._cap = cap
+        self._cap = cap  # one attribute store: atomic for the stepping thread's read
 
     @property
     def cap(self) -> int | None:
         return self._cap
 
     def k_for(self, num_running: int) -> int:
-        """k for a step with ``num_running`` sequences running."""
-        k = k_for_batch(self.k, num_running, self.full, self.off)
+        """The most any sequence proposes in a step with ``num_running`` running."""
+        if self.off is not None and num_running >= self.off:
+            return 0
         cap = self._cap
-        return k if cap is None else min(k, cap)
+        return self.k if cap is None else min(self.k, cap)
+
+    def threshold(self, num_running: int) -> float:
+        """The acceptance probability a proposal position must reach: b / (F + b)."""
+        return num_running / (self.cost.overhead_tokens + num_running)
+
+    def positions(self, acceptance: float, k: int, threshold: float) -> int:
+        """How many of ``k`` positions pay at ``acceptance`` (all when not adaptive)."""
+        if not self.adaptive or acceptance >= 1.0:
+            return k
+        if acceptance <= threshold:
+            return 0
+        return min(k, int(math.log(threshold) / math.log(acceptance)))
 
 
-def k_for_batch(k: int, num_running: int, full: int, off: int) -> int:
-    """``k`` up to ``full`` running sequences, 0 from ``off``, linear between (rounded to
-    the nearest, halves up, so k = 1 holds until halfway)."""
-    if num_running <= full:
-        return k
-    if num_running >= off:
-        return 0
-    return (2 * k * (off - num_running) + (off - full)) // (2 * (off - full))
+class Acceptance:
+    """A sequence's acceptance estimate: per verified position, the chance the target
+    accepts it given the ones before it were. From each verification of m proposals of
+    which n were accepted: n acceptances in n + [n < m] trials (a run that ends in a
+    rejection, or is cut off after m), the geometric model's counts; both decay by
+    ``MEMORY`` per step, towards ``ACCEPTANCE_PRIOR`` (a sequence that stopped proposing
+    tries again once its bad record has faded)."""
+
+    __slots__ = ("accepted", "trials")
+
+    def __init__(self):
+        self.accepted = self.trials = 0.0
+
+    @property
+    def value(self) -> float:
+        return ((self.accepted + ACCEPTANCE_PRIOR * PRIOR_WEIGHT)
+                / (self.trials + PRIOR_WEIGHT))
+
+    def update(self, verified: int, accepted: int) -> None:
+        self.accepted = self.accepted * MEMORY + accepted
+        self.trials = self.trials * MEMORY + accepted + (accepted < verified)
+
+
+class StepCost:
+    """F, a generation step's fixed cost in tokens: a least-squares line through the
+    (tokens, seconds) of recent steps, seconds = c0 + c1 tokens, F = c0 / c1, with
+    exponential forgetting (half-life ~35 steps). The configured value if set; the
+    device's default until ``MIN_COST_SAMPLES`` steps of different sizes were seen."""
+
+    DECAY = 0.98
+
+    def __init__(self, fixed: float | None, default: float):
+        self.fixed, self.default = fixed, default
+        self._n = self._t = self._tt = self._s = self._ts = 0.0
+        self.num_samples = 0
+
+    def add(self, tokens: int, seconds: float) -> None:
+        d = self.DECAY
+        self._n = self._n * d + 1
+        self._t = self._t * d + tokens
+        self._tt = self._tt * d + tokens * tokens
+        self._s = self._s * d + seconds
+        self._ts = self._ts * d + tokens * seconds
+        self.num_samples += 1
+
+    @property
+    def overhead_tokens(self) -> float:
+        if self.fixed is not None:
+            return float(self.fixed)
+        if self.num_samples < MIN_COST_SAMPLES:
+            return self.default
+        n, t, tt, s, ts = self._n, self._t, self._tt, self._s, self._ts
+        var = tt / n - (t / n) ** 2
+        if var <= 0.01 * (t / n) ** 2:  # steps all alike: the slope is not measurable
+            return self.default
+        c1 = (ts / n - (t / n) * (s / n)) / var
+        c0 = s / n - c1 * t / n
+        if c1 <= 0 or c0 <= 0:
+            return self.default
+        return min(max(c0 / c1, 1.0), 65536.0)
 
 
 @dataclass

@@ -18,7 +18,13 @@ from worker.core.config import ConfigError, EngineConfig, SpeculativeConfig
 from worker.generate.grammar import Structured
 from worker.generate.rejection import verify
 from worker.generate.sampling import Sampler, SamplingParams, SamplingRows, make_generator
-from worker.generate.speculative import NgramProposer, SpecLoad, SpecStepStats, k_for_batch
+from worker.generate.speculative import (
+    Acceptance,
+    NgramProposer,
+    SpecLoad,
+    SpecStepStats,
+    StepCost,
+)
 
 GREEDY = SamplingParams(temperature=0, max_tokens=24, ignore_eos=True)
 # Prompts whose own text recurs (n-gram proposals find matches), and plain random ones.
@@ -64,7 +70,7 @@ def near_draft(tiny_model, tmp_path_factory):
     return path
 
 
-UNLOADED = {"full_k_max_batch": 10**6 - 1, "disable_by_batch_size": 10**6}  # k at any load
+UNLOADED = {"adaptive": False}  # k at any load and acceptance
 
 
 def _spec(method: str, k: int, draft=None, **extra) -> dict:
@@ -93,18 +99,53 @@ def test_ngram_takes_the_longest_recurring_suffix():
         NgramProposer(1, 2)
 
 
-def test_the_load_rule_tapers_k_to_zero_and_the_cap_bounds_it():
-    assert [k_for_batch(4, b, 4, 12) for b in (1, 4, 5, 8, 11, 12, 64)] == [4, 4, 4, 2, 1, 0, 0]
-    load = SpecLoad(SpeculativeConfig("ngram", 4, full_k_max_batch=2, disable_by_batch_size=6))
-    assert load.k_for(1) == 4 and load.k_for(6) == 0
-    load.set_cap(1)
-    assert load.k_for(1) == 1
-    load.set_cap(0)
-    assert load.k_for(1) == 0
-    load.set_cap(None)
-    assert load.k_for(1) == 4
+def test_the_load_rule_verifies_the_positions_that_pay():
+    load = SpecLoad(SpeculativeConfig("ngram", 4, step_overhead_tokens=16))
+    assert load.threshold(16) == 0.5 and load.threshold(1) == pytest.approx(1 / 17)
+    # a^j >= b / (F + b): at acceptance 0.9, 4 positions at batch 1, 6 (capped at 4) ...
+    assert [load.positions(0.9, 4, load.threshold(b)) for b in (1, 16, 48, 200)] == [4, 4, 2, 0]
+    assert load.positions(0.3, 4, load.threshold(16)) == 0
+    assert load.positions(0.3, 4, load.threshold(1)) == 2  # 0.09 >= 1/17 > 0.027
+    assert load.positions(1.0, 3, load.threshold(10**6)) == 3
+    fixed = SpecLoad(SpeculativeConfig("ngram", 4, adaptive=False, disable_by_batch_size=6))
+    assert fixed.positions(0.01, 4, 0.99) == 4 and fixed.k_for(5) == 4 and fixed.k_for(6) == 0
+    fixed.set_cap(1)
+    assert fixed.k_for(1) == 1
+    fixed.set_cap(0)
+    assert fixed.k_for(1) == 0
+    fixed.set_cap(None)
+    assert fixed.k_for(1) == 4
     with pytest.raises(ValueError):
-        load.set_cap(-1)
+        fixed.set_cap(-1)
+
+
+def test_acceptance_counts_geometric_runs_and_fades_to_the_prior():
+    acc = Acceptance()
+    assert acc.value == pytest.approx(0.8)  # the prior
+    for _ in range(10):  # every proposal rejected at once: 0 of 1 trial each time
+        acc.update(4, 0)
+    assert acc.value < 0.2
+    for _ in range(30):  # steps without verification: the record fades
+        acc.update(0, 0)
+    assert acc.value > 0.75
+    full = Acceptance()
+    for _ in range(10):  # all 4 accepted: 4 of 4 trials (no rejection ended the run)
+        full.update(4, 4)
+    assert full.value > 0.95
+
+
+def test_step_cost_fits_the_fixed_cost_in_tokens():
+    cost = StepCost(None, default=7.0)
+    assert cost.overhead_tokens == 7.0
+    rng = np.random.default_rng(0)
+    for t in rng.integers(1, 200, size=64).tolist():  # seconds = 0.004 + 0.0002 t
+        cost.add(t, 0.004 + 0.0002 * t)
+    assert cost.overhead_tokens == pytest.approx(20.0, rel=1e-6)
+    same = StepCost(None, default=7.0)
+    for _ in range(64):  # every step alike: no slope to measure
+        same.add(16, 0.01)
+    assert same.overhead_tokens == 7.0
+    assert StepCost(3.0, default=7.0).overhead_tokens == 3.0
 
 
 def test_speculative_config_parses_vllm_json_and_names_bad_keys():
@@ -445,12 +486,12 @@ def test_stop_strings_cut_as_without_speculation(smoke_engines):
 def test_k_falls_to_zero_as_the_batch_fills_and_the_cap_turns_it_off(tiny_model, make_engine):
     path = tiny_model("llama")
     engine = make_engine(path, speculative={"method": "ngram", "num_speculative_tokens": 3,
-                                            "full_k_max_batch": 2, "disable_by_batch_size": 4})
+                                            "adaptive": False, "disable_by_batch_size": 4})
     loop = [PROMPTS[0]]
     engine.generate(loop, GREEDY)
     assert engine.stats.spec_num_proposed > 0 and engine.stats.spec_k == 3
     before = engine.stats.spec_num_proposed
-    engine.generate(loop * 6, GREEDY)  # 6 running from first to last: k = 0 throughout
+    engine.generate(loop * 6, GREEDY)  # 6 running from first to last: none proposes
     assert engine.stats.spec_k == 0 and engine.stats.spec_num_proposed == before
     engine.set_speculation_cap(0)
     before = engine.stats.spec_num_proposed
@@ -459,6 +500,32 @@ def test_k_falls_to_zero_as_the_batch_fills_and_the_cap_turns_it_off(tiny_model,
     engine.set_speculation_cap(None)
     engine.generate(loop, GREEDY)
     assert engine.stats.spec_num_proposed > before and engine.stats.spec_k == 3
+
+
+def test_a_draft_that_is_never_right_stops_being_asked(tiny_model, make_engine, tmp_path):
+    """Adaptive k: a draft whose proposals are all rejected (an unrelated random model) is
+    asked for 4 tokens per sequence at first (the prior), then at most one, and in some
+    steps none (at batch 4 and F fixed at 16 a position must be accepted 20% of the time;
+    the faded record makes it try one again now and then), while greedy output stays the
+    target's."""
+    from tests.factories import make_tiny_checkpoint
+
+    path = tiny_model("llama")
+    other = make_tiny_checkpoint("llama", tmp_path / "other", seed=5)
+    spec = {"method": "draft", "model": str(other), "num_speculative_tokens": 4,
+            "step_overhead_tokens": 16}
+    engine = make_engine(path, speculative=spec)
+    records = []
+    engine.add_step_observer(records.append)
+    params = SamplingParams(temperature=0, max_tokens=40, ignore_eos=True)
+    got = engine.generate(PROMPTS[3:7], params)
+    assert [o.token_ids for o in got] == [o.token_ids for o in make_engine(path).generate(
+        PROMPTS[3:7], params)]
+    proposed = [sum(r.spec_proposed) for r in records if r.kind.value == "generate"]
+    assert engine.stats.spec_num_accepted <= engine.stats.spec_num_proposed // 10
+    first = next(i for i, p in enumerate(proposed) if p)
+    assert proposed[first] == 16, proposed  # 4 sequences x 4 positions
+    assert max(proposed[first + 3:]) <= 4 and 0 in proposed[first + 3:], proposed
 
 
 def test_steps_report_what_they_verified(tiny_model, make_engine):
