@@ -471,6 +471,7 @@ class Generation:
             return
         threshold = load.threshold(len(running))
         ngram, limit = self.ngram, self.max_model_len
+        tokens_of = self.runner.state.tokens_of
         for seq in running:  # per running sequence, while speculation is on
             if not seq.is_decode:
                 continue
@@ -481,7 +482,10 @@ class Generation:
                        limit - seq.num_tokens)
             want = load.positions(acc.value, room, threshold) if room > 0 else 0
             if want and ngram is not None:
-                seq.spec_tokens = ngram.propose(np.asarray(seq.token_ids, np.int64), want)
+                tokens = tokens_of(seq)
+                if tokens is None:
+                    tokens = np.asarray(seq.token_ids, np.int64)
+                seq.spec_tokens = ngram.propose(tokens, want).copy()
                 want = len(seq.spec_tokens)
             if want:
                 seq.spec_want = want

@@ -138,6 +138,18 @@ class BatchState:
             self._num_synced[row] = m
         return row
 
+    def tokens_of(self, seq: Sequence) -> np.ndarray | None:
+        """``seq``'s tokens so far, as its row holds them (the new ones written first, as
+        ``sync`` would); None when it has no row. A view: read it before the row changes."""
+        row = self._rows.get(seq.seq_id)
+        if row is None:
+            return None
+        stored, n = self._num_stored[row], len(seq.token_ids)
+        if stored < n:
+            self.tokens[row, stored:n] = seq.token_ids[stored:n]
+            self._num_stored[row] = n
+        return self.tokens[row, :n]
+
     def resync_blocks(self, seq_id: int) -> None:
         """Write ``seq_id``'s whole block table again at its next sync (after blocks
         past a kept prefix were returned and may come back as other blocks)."""
