@@ -6,7 +6,7 @@ PIP := $(PY) -m pip --disable-pip-version-check
 STAMP := $(VENV)/.installed
 PYTEST_ARGS ?=
 
-.PHONY: install serve prometheus test test-packing-pure bench bench-packer bench-forward bench-generate bench-decode bench-batch bench-serve bench-pooled bench-structured bench-moe bench-admission bench-tp bench-lora bench-fp8 bench-quant clean
+.PHONY: install serve prometheus test test-packing-pure bench bench-packer bench-forward bench-generate bench-decode bench-batch bench-serve bench-pooled bench-structured bench-moe bench-admission bench-tp bench-lora bench-fp8 bench-quant bench-specdec clean
 
 install: $(STAMP)
 
@@ -61,7 +61,7 @@ test: install prometheus
 test-packing-pure: install
 	PACKSERVE_PURE_PYTHON=1 $(PY) -m pytest -q tests/packing
 
-bench: bench-packer bench-forward bench-generate bench-decode bench-batch bench-serve bench-pooled bench-structured bench-moe bench-admission bench-tp bench-lora bench-quant bench-fp8
+bench: bench-packer bench-forward bench-generate bench-decode bench-batch bench-serve bench-pooled bench-structured bench-moe bench-admission bench-tp bench-lora bench-quant bench-fp8 bench-specdec
 
 bench-packer: install
 	$(PY) -m benchmarks.packer --out benchmarks/results/packer.json
@@ -151,3 +151,12 @@ clean:
 # speed-up (torch's CPU _scaled_mm is a reference kernel); the GPU step is gpu_suite's fp8.
 bench-fp8: install
 	$(PY) -m benchmarks.fp8 --device cpu --out benchmarks/results/fp8_cpu.json
+
+# Speculative decoding (benchmarks/specdec.py): ngram (prompt lookup) and a draft model
+# against none, greedy, batch 1 and 16, on answers that quote the prompt and on plain
+# generation (tokens per step, acceptance, wall time, tokens identical to non-speculative),
+# plus ngram with k fixed at batch 1..32 (the load rule's data). One thread: the VM's second
+# core is shared (with two threads, a busy neighbour made runs up to 50x slower).
+bench-specdec: install
+	$(PY) -m benchmarks.specdec --device cpu --threads 1 --sweep-load \
+		--out benchmarks/results/specdec_cpu.json

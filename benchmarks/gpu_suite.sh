@@ -25,6 +25,7 @@
 #   lora.json               benchmarks/lora.py: 1 and 8 LoRA adapters against the base model
 #   fp8.json                benchmarks/fp8.py: FP8 weights against bf16, prefill and decode
 #   kv_fp8.json             benchmarks/kv_fp8.py: KV blocks and decode with an FP8 KV cache
+#   specdec.json            benchmarks/specdec.py: ngram / draft speculation vs none, batch 1 and 16
 #   tp.json                 benchmarks/tp.py: TP=2 against TP=1 (skipped with one GPU)
 #
 # Optional: a folder .gpu_pydeps/ at the repository root (`pip install --target .gpu_pydeps
@@ -187,6 +188,15 @@ run_step fp8 75 $PY -m benchmarks.fp8 --device $DEVICE "${FP8_ARGS[@]}" --out "$
 KV_FP8_ARGS=(--steps 32); [ "$DRY_RUN" = 1 ] && KV_FP8_ARGS=()
 run_step kv_fp8 120 $PY -m benchmarks.kv_fp8 --device $DEVICE "${KV_FP8_ARGS[@]}" \
   --out "$OUT/kv_fp8.json"
+
+# 9d. Speculative decoding (benchmarks/specdec.py): ngram and a 1-layer draft against none,
+#     greedy, batch 1 and 16, copy-heavy and plain prompts, 1.5B dims (Mistral, window 4,
+#     random weights): wall time, tokens per step, acceptance, tokens identical to base.
+#     JSON written after each case, so a time-out keeps what ran.
+SPECDEC_ARGS=(--shape qwen2.5-1.5b --batches 1,16 --max-tokens 64 --repeats 1)
+[ "$DRY_RUN" = 1 ] && SPECDEC_ARGS=(--quick)
+run_step specdec 60 $PY -m benchmarks.specdec --device $DEVICE "${SPECDEC_ARGS[@]}" \
+  --out "$OUT/specdec.json"
 
 # 10. The 128-request run's baselines (HF static batches of 32, generate_batch), if time is left.
 run_step generate_baselines 400 $PY -m benchmarks.generate --shape $GEN_SHAPE --device $DEVICE \

@@ -88,10 +88,27 @@ def moe(out: Path) -> list[str]:
     return lines
 
 
+def specdec(out: Path) -> list[str]:
+    result = _load(out, "specdec.json")
+    lines = []
+    for case in result.get("cases", []):
+        for name, e in case["configs"].items():
+            if name == "base":
+                continue
+            acc = "-" if e["acceptance"] is None else f"{e['acceptance']:.2f}"
+            lines.append(f"specdec {case['workload']} b={case['batch']} {name}: "
+                         f"{e['speedup']:.2f}x base, {e['tokens_per_step_per_seq']:.2f} "
+                         f"tok/step/seq, acceptance {acc}, greedy identical "
+                         f"{e['greedy_identical']}")
+    for key, t in result.get("targets", {}).items():
+        lines.append(f"specdec target {key}: {t['value']} (>= {t['target']}: {t['pass']})")
+    return lines
+
+
 def main(argv=None) -> None:
     out = Path((argv or sys.argv[1:])[0])
     print("=== summary")
-    for part in (tests, decode, moe, generate, forward):
+    for part in (tests, decode, moe, generate, forward, specdec):
         for line in part(out):
             print(line)
 

@@ -83,7 +83,6 @@ class SpeculativeConfig:
     adaptive: bool = True
     step_overhead_tokens: float | None = None
     disable_by_batch_size: int | None = None
-    full_k_max_batch: int | None = None  # unused; kept while a benchmark still names it
 
     def __post_init__(self) -> None:
         field = "speculative"

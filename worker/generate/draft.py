@@ -24,6 +24,8 @@ with the same tokens; a rejected proposal's slots are trimmed with the target's.
 
 from __future__ import annotations
 
+import time
+
 import numpy as np
 import torch
 
@@ -45,6 +47,8 @@ class Draft:
         self.cache = KVCache(spec, num_blocks, device)
         self.vocab_size = vocab_size
         self.num_forwards = 0  # propose steps run (tests, observers)
+        self.num_params = sum(p.numel() for p in model.parameters())
+        self.last_steps, self.last_seconds = 0, 0.0  # the last propose's steps and time
 
     @torch.inference_mode()
     def forward_kv(self, runner, dev: torch.Tensor, meta, *, all_rows: bool = False) -> None:
@@ -55,6 +59,7 @@ class Draft:
         """Write each speculating decode i's ``k[i]`` proposals into its token row (after
         its last token); returns q of every proposal [sum k, vocab] (decode-major), or
         None when every speculating row is greedy (q is then never read)."""
+        start = time.perf_counter()
         state, seqs = runner.state, out.seqs
         sampling = state.sampling
         active = np.flatnonzero(k)
@@ -82,6 +87,7 @@ class Draft:
         # The target's step reads the token rows from its own starts and counts.
         state.starts[rows] = computed
         state.counts[rows] = out.num_new_tokens
+        self.last_steps, self.last_seconds = int(k.max()), time.perf_counter() - start
         if not drawing:
             return None
         return torch.stack([p for per in probs for p in per])

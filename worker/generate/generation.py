@@ -265,7 +265,10 @@ class Generation:
                                       loras=loras)
         self.loras = loras
         self.speculative = speculative
-        self.spec_load = (SpecLoad(speculative, device.device.type)
+        self.scheduler.speculating = speculative is not None
+        ratio = (sum(p.numel() for p in draft_model.parameters())
+                 / sum(p.numel() for p in model.parameters())) if draft_model is not None else 0.0
+        self.spec_load = (SpecLoad(speculative, device.device.type, ratio)
                           if speculative is not None else None)
         self.ngram = (NgramProposer(speculative.prompt_lookup_max, speculative.prompt_lookup_min)
                       if speculative is not None and speculative.method == "ngram" else None)
@@ -495,13 +498,21 @@ class Generation:
     def run(self, out: GenSchedulerOutput) -> tuple[list[Sequence], SampledTokens] | None:
         """The step's sampled tokens; None when its forward ran out of device memory.
         With speculation, the step's seconds feed the cost model of the load rule
-        (``StepCost``; a draft's proposing steps are left out: not the target's cost)."""
+        (``StepCost``; a draft's proposing steps are timed apart: ``SpecLoad``)."""
         if self.spec_load is None:
             return self.runner.run(out)
         start = time.perf_counter()
+        draft = self.draft
+        if draft is not None:
+            draft.last_steps = 0
         result = self.runner.run(out)
-        if result is not None and (self.draft is None or out.num_tokens == len(out.seqs)):
-            self.spec_load.cost.add(out.num_tokens, time.perf_counter() - start)
+        if result is None:
+            return None
+        seconds = time.perf_counter() - start
+        if draft is not None and draft.last_steps:  # the target's part of the step
+            self.spec_load.add_draft_steps(draft.last_seconds, draft.last_steps)
+            seconds -= draft.last_seconds
+        self.spec_load.cost.add(out.num_tokens, seconds)
         return result
 
     def _postprocess_verified(self, out: GenSchedulerOutput, samplers: list[Sequence],

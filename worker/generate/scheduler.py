@@ -111,6 +111,7 @@ class GenScheduler:
         self.waiting_for_lora = False  # the last step left sequences waiting for a load
         self.num_prefix_queries = 0  # tokens of admitted sequences, since start
         self.num_prefix_hits = 0  # of those, tokens taken from the prefix cache
+        self.speculating = False  # decodes may carry proposals (Sequence.spec_want)
 
     @property
     def num_unfinished(self) -> int:
@@ -133,7 +134,8 @@ class GenScheduler:
             if append_slot(seq.seq_id) or self._reserve_decode(seq, step):
                 step.add(seq, 1)
         num_decodes = len(step.seqs)
-        self._speculate(step, num_decodes)
+        if self.speculating:
+            self._speculate(step, num_decodes)
         stop = self._continue_prefills(step)
         if stop is None:
             stop = self._admit(step)

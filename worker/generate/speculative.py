@@ -79,7 +79,7 @@ _EMPTY = np.zeros(0, np.int64)
 ACCEPTANCE_PRIOR = 0.8  # a new sequence's acceptance estimate: optimistic, so it tries
 PRIOR_WEIGHT = 1.0  # the prior's weight, in verified positions
 MEMORY = 0.8  # per step, the weight left to a sequence's past verifications (~5 steps)
-DEFAULT_OVERHEAD_TOKENS = {"cpu": 16.0, "cuda": 256.0}  # F until the steps measured it
+DEFAULT_OVERHEAD_TOKENS = {"cpu": 32.0, "cuda": 256.0}  # F until the steps measured it
 MIN_COST_SAMPLES = 16  # steps before the measured F replaces the default
 
 
@@ -98,15 +98,25 @@ class SpecLoad:
     proposal j adds one unit and yields a^j expected tokens (it counts only if every
     proposal before it is accepted), so it pays exactly when a^j beats that. At low load
     (F >> b) nearly every position pays; as the batch fills the bar rises to 1, so a
-    sequence keeps proposing only while nearly everything it proposes is accepted. The
-    cap is set from any thread (the replica relays the admission controller's view)."""
+    sequence keeps proposing only while nearly everything it proposes is accepted.
 
-    def __init__(self, config: SpeculativeConfig, device_type: str = "cpu"):
+    A draft model's proposals cost more: position j needs one more draft step, D target
+    tokens' worth, shared by the b sequences, so the bar is (b + D) / (F + b). D is the
+    draft's measured seconds per proposing step over the target's seconds per token
+    (``StepCost``), or, until both are measured, the draft's share of the target's
+    parameters times a target step (``draft_ratio`` x (F + b)). The cap is set from any
+    thread (the replica relays the admission controller's view)."""
+
+    def __init__(self, config: SpeculativeConfig, device_type: str = "cpu",
+                 draft_ratio: float = 0.0):
+        """``draft_ratio``: the draft's parameters over the target's (0: no draft)."""
         self.k = config.num_speculative_tokens
         self.adaptive = config.adaptive
         self.off = config.disable_by_batch_size
         self.cost = StepCost(config.step_overhead_tokens,
                              DEFAULT_OVERHEAD_TOKENS.get(device_type, 256.0))
+        self.draft_ratio = draft_ratio
+        self.draft_step_seconds: float | None = None  # EMA over proposing steps
         self._cap: int | None = None
 
     def set_cap(self, cap: int | None) -> None:
@@ -126,8 +136,24 @@ class SpecLoad:
         return self.k if cap is None else min(self.k, cap)
 
     def threshold(self, num_running: int) -> float:
-        """The acceptance probability a proposal position must reach: b / (F + b)."""
-        return num_running / (self.cost.overhead_tokens + num_running)
+        """The acceptance probability a proposal position must reach: (b + D) / (F + b)."""
+        f = self.cost.overhead_tokens
+        return (num_running + self.draft_cost_tokens(num_running, f)) / (f + num_running)
+
+    def draft_cost_tokens(self, num_running: int, overhead: float) -> float:
+        """D: one draft proposing step, in target tokens (0 without a draft)."""
+        if not self.draft_ratio:
+            return 0.0
+        per_token = self.cost.seconds_per_token
+        if per_token and self.draft_step_seconds is not None:
+            return self.draft_step_seconds / per_token
+        return self.draft_ratio * (overhead + num_running)
+
+    def add_draft_steps(self, seconds: float, num_steps: int) -> None:
+        """The draft's proposing steps of one engine step took ``seconds``."""
+        per_step = seconds / num_steps
+        last = self.draft_step_seconds
+        self.draft_step_seconds = per_step if last is None else 0.9 * last + 0.1 * per_step
 
     def positions(self, acceptance: float, k: int, threshold: float) -> int:
         """How many of ``k`` positions pay at ``acceptance`` (all when not adaptive)."""
@@ -183,21 +209,30 @@ class StepCost:
         self._ts = self._ts * d + tokens * seconds
         self.num_samples += 1
 
+    def _fit(self) -> tuple[float, float] | None:
+        """(c0, c1) of the line, or None while not measurable."""
+        if self.num_samples < MIN_COST_SAMPLES:
+            return None
+        n, t, tt, s, ts = self._n, self._t, self._tt, self._s, self._ts
+        var = tt / n - (t / n) ** 2
+        if var <= 0.01 * (t / n) ** 2:  # steps all alike: the slope is not measurable
+            return None
+        c1 = (ts / n - (t / n) * (s / n)) / var
+        c0 = s / n - c1 * t / n
+        return (c0, c1) if c1 > 0 and c0 > 0 else None
+
     @property
     def overhead_tokens(self) -> float:
         if self.fixed is not None:
             return float(self.fixed)
-        if self.num_samples < MIN_COST_SAMPLES:
-            return self.default
-        n, t, tt, s, ts = self._n, self._t, self._tt, self._s, self._ts
-        var = tt / n - (t / n) ** 2
-        if var <= 0.01 * (t / n) ** 2:  # steps all alike: the slope is not measurable
-            return self.default
-        c1 = (ts / n - (t / n) * (s / n)) / var
-        c0 = s / n - c1 * t / n
-        if c1 <= 0 or c0 <= 0:
-            return self.default
-        return min(max(c0 / c1, 1.0), 65536.0)
+        fit = self._fit()
+        return self.default if fit is None else min(max(fit[0] / fit[1], 1.0), 65536.0)
+
+    @property
+    def seconds_per_token(self) -> float | None:
+        """c1, the measured cost of one more token in a step (None until measured)."""
+        fit = self._fit()
+        return None if fit is None else fit[1]
 
 
 @dataclass

@@ -119,6 +119,21 @@ def test_the_load_rule_verifies_the_positions_that_pay():
         fixed.set_cap(-1)
 
 
+def test_a_draft_raises_the_bar_by_its_own_steps():
+    """(b + D) / (F + b): D from the draft's share of the parameters until its steps and
+    the target's per-token cost are measured, then from those."""
+    load = SpecLoad(SpeculativeConfig("draft", 4, model="d", step_overhead_tokens=16),
+                    draft_ratio=0.25)
+    assert load.threshold(4) == pytest.approx((4 + 0.25 * 20) / 20)
+    assert load.positions(0.59, 4, load.threshold(1)) == 2  # 0.59^2 >= (1 + 4.25) / 17 > 0.59^3
+    same_size = SpecLoad(SpeculativeConfig("draft", 4, model="d"), draft_ratio=1.0)
+    assert same_size.threshold(1) > 1  # a draft as costly as the target never pays
+    for t in range(1, 65):  # the target: 0.001 s + 0.0001 s per token
+        load.cost.add(t, 0.001 + 0.0001 * t)
+    load.add_draft_steps(0.002, 4)  # 0.0005 s per draft step: 5 target tokens
+    assert load.threshold(4) == pytest.approx((4 + 5) / (16 + 4))
+
+
 def test_acceptance_counts_geometric_runs_and_fades_to_the_prior():
     acc = Acceptance()
     assert acc.value == pytest.approx(0.8)  # the prior
@@ -503,15 +518,18 @@ def test_k_falls_to_zero_as_the_batch_fills_and_the_cap_turns_it_off(tiny_model,
 
 
 def test_a_draft_that_is_never_right_stops_being_asked(tiny_model, make_engine, tmp_path):
-    """Adaptive k: a draft whose proposals are all rejected (an unrelated random model) is
-    asked for 4 tokens per sequence at first (the prior), then at most one, and in some
-    steps none (at batch 4 and F fixed at 16 a position must be accepted 20% of the time;
-    the faded record makes it try one again now and then), while greedy output stays the
-    target's."""
-    from tests.factories import make_tiny_checkpoint
+    """Adaptive k: a small draft whose proposals are all rejected (an unrelated random
+    model) is asked for 4 tokens per sequence at first (the prior), then at most one, and
+    in some steps none (the faded record makes it try again now and then), while greedy
+    output stays the target's."""
+    from transformers import LlamaConfig, LlamaForCausalLM
 
     path = tiny_model("llama")
-    other = make_tiny_checkpoint("llama", tmp_path / "other", seed=5)
+    other = tmp_path / "other"
+    torch.manual_seed(5)
+    LlamaForCausalLM(LlamaConfig(hidden_size=16, intermediate_size=32, num_hidden_layers=1,
+                                 num_attention_heads=2, vocab_size=512,
+                                 max_position_embeddings=256)).save_pretrained(other)
     spec = {"method": "draft", "model": str(other), "num_speculative_tokens": 4,
             "step_overhead_tokens": 16}
     engine = make_engine(path, speculative=spec)
