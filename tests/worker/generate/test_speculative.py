@@ -582,3 +582,41 @@ def test_a_draft_that_cannot_serve_is_refused_by_name(tiny_model, tmp_path):
                                  max_position_embeddings=64)).save_pretrained(tmp_path / "short")
     with pytest.raises(ConfigError, match="positions"):
         Engine(EngineConfig(model=str(target), speculative=_spec("draft", 2, tmp_path / "short")))
+
+
+# ---- with adapters, and the draft's cache -------------------------------------------------
+
+def test_lora_rows_speculate_as_their_adapter_decodes(tiny_model, make_engine, tmp_path):
+    """Rows of two adapters and the base model in one batch, with n-gram proposals: each
+    row's greedy tokens equal the adapter engine's without speculation (the head's
+    adapter rows are repeated per verified position)."""
+    from tests.lora_factories import make_adapter
+
+    base = tiny_model("llama")
+    adapters = (("a", str(make_adapter(base, tmp_path / "a", r=8, seed=1))),
+                ("b", str(make_adapter(base, tmp_path / "b", r=4, seed=2))))
+    loras = ["a", None, "b", "a", "b", None, "b"]
+    spec = make_engine(base, lora_modules=adapters, speculative=_spec("ngram", 3))
+    plain = make_engine(base, lora_modules=adapters)
+    got = spec.generate(PROMPTS, GREEDY, lora=loras)
+    want = plain.generate(PROMPTS, GREEDY, lora=loras)
+    assert [o.token_ids for o in got] == [o.token_ids for o in want]
+    assert spec.stats.spec_num_accepted > 0 and spec.generation.runner.num_lora_steps > 0
+
+
+@pytest.mark.parametrize("config", ["chunk7", "preempt"])
+def test_the_drafts_cache_follows_the_targets(tiny_model, make_engine, config):
+    """The target as its own draft accepts every proposal only if the draft's cache holds
+    the right K/V at every position: through chunked prefill, preemption (recompute)
+    and prefix-cache hits (a second round over prompts extended by the first's output)."""
+    path = tiny_model("llama")
+    engine = make_engine(path, **CONFIGS[config], speculative=_spec("draft", 3, path))
+    first = engine.generate(PROMPTS, GREEDY)
+    second = [o.prompt_token_ids + o.token_ids for o in first]
+    hits = engine.stats.prefix_cache_hits
+    engine.generate(second, SamplingParams(temperature=0, max_tokens=8, ignore_eos=True))
+    s = engine.stats
+    assert s.prefix_cache_hits > hits
+    assert s.spec_num_proposed > 0 and s.spec_num_accepted == s.spec_num_proposed
+    if config == "preempt":
+        assert engine.generation.num_preemptions > 0
