@@ -14,7 +14,7 @@ pytestmark = pytest.mark.gpu
 
 PROMPTS = ([t * 4 for t in token_lists([5, 9, 13, 21], seed=12)]
            + token_lists(mixed_lengths(n=28, longest=100, seed=13), seed=14))
-BASE = dict(device="cuda", dtype="float32", max_num_batched_tokens=512,
+BASE = dict(device="cuda", dtype="float16", max_num_batched_tokens=512,
             max_num_running_seqs=32, max_prefill_chunk=128)
 UNLOADED = {"adaptive": False}
 GREEDY = SamplingParams(temperature=0, max_tokens=32, ignore_eos=True)
@@ -22,8 +22,9 @@ GREEDY = SamplingParams(temperature=0, max_tokens=32, ignore_eos=True)
 
 @pytest.mark.parametrize("method", ["ngram", "draft"])
 def test_greedy_agrees_with_no_speculation_on_the_fast_path(tiny_model, make_engine, method):
-    """fp32, so the only differences are reduction orders (a multi-token verify against
-    a one-token graph replay): >= 95% of the sequences identical, and speculation ran."""
+    """fp16 (the Triton kernel's dtypes): a multi-token verify against a one-token graph
+    replay rounds differently and may flip a near-tie, so >= 90% of the sequences
+    identical, as the fast path's own test allows; and speculation ran."""
     path = tiny_model("llama")
     spec = {"method": method, "num_speculative_tokens": 3, **UNLOADED}
     if method == "draft":
@@ -33,7 +34,7 @@ def test_greedy_agrees_with_no_speculation_on_the_fast_path(tiny_model, make_eng
     got = fast.generate(PROMPTS, GREEDY)
     want = base.generate(PROMPTS, GREEDY)
     same = sum(a.token_ids == b.token_ids for a, b in zip(got, want)) / len(PROMPTS)
-    assert same >= 0.95, same
+    assert same >= 0.9, same
     gen = fast.generation
     assert gen.backend == "triton"
     assert fast.stats.spec_num_accepted > 0
