@@ -450,10 +450,17 @@ class Generation:
         if isinstance(result[1], Verified):
             return self._postprocess_verified(out, *result)
         self.scheduler.advance(out)
-        finished = []
         samplers, sampled = result
-        for i, seq in enumerate(samplers):  # per sampling sequence, every step
-            reason = self.processor.append(seq, sampled, i)
+        append = self.processor.append
+        return self._settle(samplers, [append(seq, sampled, i)  # per sampling sequence
+                                       for i, seq in enumerate(samplers)])
+
+    def _settle(self, samplers: list[Sequence], reasons: list[FinishReason | None]
+                ) -> list[Sequence]:
+        """Finish the sequences that must (``reasons``), update the others' streams;
+        returns the finished ones."""
+        finished = []
+        for seq, reason in zip(samplers, reasons):  # per sampling sequence, every step
             if reason is not None:
                 self._finish(seq, reason)
                 finished.append(seq)
@@ -544,14 +551,7 @@ class Generation:
             self.spec_proposed += stats.proposed
             self.spec_accepted += stats.accepted
             self.last_spec = stats
-        finished = []
-        for seq, reason in zip(samplers, reasons):  # per sampling sequence
-            if reason is not None:
-                self._finish(seq, reason)
-                finished.append(seq)
-            elif seq.on_update is not None:
-                seq.on_update(seq)
-        return finished
+        return self._settle(samplers, reasons)
 
     def set_speculation_cap(self, cap: int | None) -> None:
         """The cluster's cap on k (0: off; None: the load rule alone)."""
