@@ -620,3 +620,25 @@ def test_the_drafts_cache_follows_the_targets(tiny_model, make_engine, config):
     assert s.spec_num_proposed > 0 and s.spec_num_accepted == s.spec_num_proposed
     if config == "preempt":
         assert engine.generation.num_preemptions > 0
+
+
+def test_a_stream_gets_several_tokens_per_step_and_adds_up(smoke_engines):
+    """Streamed through the step loop: each delta carries the step's accepted tokens and
+    the next, and the deltas add up to the output without speculation, text included."""
+    import asyncio
+
+    base, spec = smoke_engines
+    tok = spec.generation.processor.tokenizer
+    prompt = tok("one two three four, one two three four, one two three")["input_ids"]
+    params = SamplingParams(temperature=0, max_tokens=30, ignore_eos=True, logprobs=1)
+    want = base.generate([prompt], params)[0]
+
+    async def collect():
+        return [d async for d in spec.generate_stream(prompt, params)]
+
+    deltas = asyncio.run(collect())
+    assert [t for d in deltas for t in d.token_ids] == want.token_ids
+    assert "".join(d.text for d in deltas) == want.text
+    assert len([lp for d in deltas for lp in d.logprobs]) == len(want.token_ids)
+    assert max(len(d.token_ids) for d in deltas) > 1  # some step emitted several
+    assert deltas[-1].finish_reason == want.finish_reason
