@@ -516,9 +516,10 @@ class Generation:
         if result is None:
             return None
         seconds = time.perf_counter() - start
-        if draft is not None and draft.last_steps:  # the target's part of the step
+        if draft is not None:  # the draft's proposing steps apart from the target's
             self.spec_load.add_draft_steps(draft.last_seconds, draft.last_steps)
-            seconds -= draft.last_seconds
+            if draft.last_steps:
+                seconds -= draft.last_seconds
         self.spec_load.cost.add(out.num_tokens, seconds)
         return result
 

@@ -81,6 +81,7 @@ PRIOR_WEIGHT = 1.0  # the prior's weight, in verified positions
 MEMORY = 0.8  # per step, the weight left to a sequence's past verifications (~5 steps)
 DEFAULT_OVERHEAD_TOKENS = {"cpu": 32.0, "cuda": 256.0}  # F until the steps measured it
 MIN_COST_SAMPLES = 16  # steps before the measured F replaces the default
+DRAFT_RETRY_STEPS = 64  # steps without a draft step, then its cost is estimated afresh
 
 
 class SpecLoad:
@@ -104,8 +105,11 @@ class SpecLoad:
     tokens' worth, shared by the b sequences, so the bar is (b + D) / (F + b). D is the
     draft's measured seconds per proposing step over the target's seconds per token
     (``StepCost``), or, until both are measured, the draft's share of the target's
-    parameters times a target step (``draft_ratio`` x (F + b)). The cap is set from any
-    thread (the replica relays the admission controller's view)."""
+    parameters times a target step (``draft_ratio`` x (F + b)). A measurement that
+    stops the draft (one-time costs of its first steps, say: kernels compiling) is
+    forgotten after ``DRAFT_RETRY_STEPS`` steps without a draft step, so the estimate
+    goes back to the parameter share and the draft is tried again. The cap is set from
+    any thread (the replica relays the admission controller's view)."""
 
     def __init__(self, config: SpeculativeConfig, device_type: str = "cpu",
                  draft_ratio: float = 0.0):
@@ -117,6 +121,7 @@ class SpecLoad:
                              DEFAULT_OVERHEAD_TOKENS.get(device_type, 256.0))
         self.draft_ratio = draft_ratio
         self.draft_step_seconds: float | None = None  # EMA over proposing steps
+        self._idle_draft_steps = 0  # engine steps since the draft last proposed
         self._cap: int | None = None
 
     def set_cap(self, cap: int | None) -> None:
@@ -150,7 +155,14 @@ class SpecLoad:
         return self.draft_ratio * (overhead + num_running)
 
     def add_draft_steps(self, seconds: float, num_steps: int) -> None:
-        """The draft's proposing steps of one engine step took ``seconds``."""
+        """The draft's ``num_steps`` proposing steps of one engine step took ``seconds``
+        (0 steps: it did not propose)."""
+        if not num_steps:
+            self._idle_draft_steps += 1
+            if self._idle_draft_steps >= DRAFT_RETRY_STEPS:
+                self.draft_step_seconds, self._idle_draft_steps = None, 0
+            return
+        self._idle_draft_steps = 0
         per_step = seconds / num_steps
         last = self.draft_step_seconds
         self.draft_step_seconds = per_step if last is None else 0.9 * last + 0.1 * per_step

@@ -132,6 +132,11 @@ def test_a_draft_raises_the_bar_by_its_own_steps():
         load.cost.add(t, 0.001 + 0.0001 * t)
     load.add_draft_steps(0.002, 4)  # 0.0005 s per draft step: 5 target tokens
     assert load.threshold(4) == pytest.approx((4 + 5) / (16 + 4))
+    for _ in range(63):  # steps without draft steps: the measurement is kept a while
+        load.add_draft_steps(0.0, 0)
+    assert load.threshold(4) == pytest.approx((4 + 5) / (16 + 4))
+    load.add_draft_steps(0.0, 0)  # then forgotten: back to the parameter share
+    assert load.threshold(4) == pytest.approx((4 + 0.25 * 20) / 20)
 
 
 def test_acceptance_counts_geometric_runs_and_fades_to_the_prior():
