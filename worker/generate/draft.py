@@ -46,7 +46,6 @@ class Draft:
         self.base, self.head = model.base_model, lm_head(model)
         self.cache = KVCache(spec, num_blocks, device)
         self.vocab_size = vocab_size
-        self.num_forwards = 0  # propose steps run (tests, observers)
         self.num_params = sum(p.numel() for p in model.parameters())
         self.last_steps, self.last_seconds = 0, 0.0  # the last propose's steps and time
 
@@ -78,7 +77,6 @@ class Draft:
             dev = runner._copy(meta.layout.words)
             apply_updates(runner.table, dev, meta, state)
             logits = runner.forward_model(self.base, self.head, self.cache, dev, meta)
-            self.num_forwards += 1
             tokens, q = self._sample(runner, logits, sampling, r, drawing)
             state.tokens[r, computed[act] + j + 1] = tokens
             if q is not None:

@@ -264,7 +264,6 @@ class Generation:
                                       cache_salt=f"{model.config._name_or_path}|{dtype}",
                                       loras=loras)
         self.loras = loras
-        self.speculative = speculative
         self.scheduler.speculating = speculative is not None
         ratio = (sum(p.numel() for p in draft_model.parameters())
                  / sum(p.numel() for p in model.parameters())) if draft_model is not None else 0.0

@@ -61,13 +61,14 @@ def verify(sampler: Sampler, logits: torch.Tensor, raw: torch.Tensor | None,
     prop_tok = (np.concatenate(proposals).astype(np.int64) if m.sum()
                 else np.zeros(0, np.int64))  # [M]
     argmax = logits.argmax(dim=-1)  # [S]
-    probs = None
+    probs = None  # [D, vocab]: p of the drawing positions, row row_of[position]
+    row_of = np.full(logits.shape[0], -1, np.int64)
+    row_of[drawing_pos] = np.arange(drawing_pos.size)
     if drawing_pos.size:
         at = torch.from_numpy(drawing_pos).to(device)
-        probs = torch.zeros_like(logits)  # [S, vocab]: the drawing positions' p
-        probs.index_copy_(0, at, sampler.probs(logits.index_select(0, at), state,
-                                               pos_own[drawing_pos]))
-    accept = _accept(argmax, probs, state, pos_own, prop_pos, prop_tok, draft_probs, device)
+        probs = sampler.probs(logits.index_select(0, at), state, pos_own[drawing_pos])
+    accept = _accept(argmax, probs, row_of, state, pos_own, prop_pos, prop_tok, draft_probs,
+                     device)
     host = torch.cat([argmax.double(), accept.double()]).cpu().numpy()  # one read
     argmax_h, accept_h = host[: logits.shape[0]].astype(np.int64), host[logits.shape[0]:] > 0
     accepted = _leading(accept_h, m)  # [n]
@@ -75,8 +76,8 @@ def verify(sampler: Sampler, logits: torch.Tensor, raw: torch.Tensor | None,
     tokens = argmax_h[final_pos].copy()  # greedy rows: the argmax
     drawing_seq = np.flatnonzero(state.temperature[own] > 0)
     if drawing_seq.size:
-        tokens[drawing_seq] = _draw_last(probs, state, own, drawing_seq, final_pos, accepted, m,
-                                         prop_tok, draft_probs)
+        tokens[drawing_seq] = _draw_last(probs, row_of, state, own, drawing_seq, final_pos,
+                                         accepted, m, prop_tok, draft_probs)
     emitted_pos, emitted_tok = [], []
     off = np.cumsum(m) - m  # [n] first proposal of each sequence among the M
     for i in range(len(proposals)):  # per sampling sequence
@@ -103,8 +104,8 @@ def _ranks(m: np.ndarray) -> np.ndarray:
     return np.arange(total) - np.repeat(np.cumsum(m) - m, m)
 
 
-def _accept(argmax: torch.Tensor, probs: torch.Tensor | None, state: SamplingRows,
-            pos_own: np.ndarray, prop_pos: np.ndarray, prop_tok: np.ndarray,
+def _accept(argmax: torch.Tensor, probs: torch.Tensor | None, row_of: np.ndarray,
+            state: SamplingRows, pos_own: np.ndarray, prop_pos: np.ndarray, prop_tok: np.ndarray,
             draft_probs: torch.Tensor | None, device) -> torch.Tensor:
     """[M] bool: each proposal accepted on its own (the leading run is taken later)."""
     if not prop_pos.size:
@@ -116,7 +117,8 @@ def _accept(argmax: torch.Tensor, probs: torch.Tensor | None, state: SamplingRow
     drawing = np.flatnonzero(state.temperature[own] > 0)  # [r] among the M
     if drawing.size:
         at = torch.from_numpy(drawing).to(device)
-        p = probs[pos_t.index_select(0, at), tok_t.index_select(0, at)]
+        rows = torch.from_numpy(row_of[prop_pos[drawing]]).to(device)
+        p = probs[rows, tok_t.index_select(0, at)]
         q = (draft_probs[at, tok_t.index_select(0, at)] if draft_probs is not None
              else torch.ones_like(p))
         u = _uniforms(state, own[drawing], device)
@@ -144,14 +146,14 @@ def _leading(accept: np.ndarray, m: np.ndarray) -> np.ndarray:
     return out
 
 
-def _draw_last(probs: torch.Tensor, state: SamplingRows, own: np.ndarray,
+def _draw_last(probs: torch.Tensor, row_of: np.ndarray, state: SamplingRows, own: np.ndarray,
                drawing_seq: np.ndarray, final_pos: np.ndarray, accepted: np.ndarray,
                m: np.ndarray, prop_tok: np.ndarray, draft_probs: torch.Tensor | None
                ) -> np.ndarray:
     """The last token of each drawing sequence: from p at its final position, less q of
     the rejected proposal (its residual), by the exponential race."""
     device = probs.device
-    dist = probs.index_select(0, torch.from_numpy(final_pos[drawing_seq]).to(device))
+    dist = probs.index_select(0, torch.from_numpy(row_of[final_pos[drawing_seq]]).to(device))
     off = np.cumsum(m) - m
     rejected = np.flatnonzero(accepted[drawing_seq] < m[drawing_seq])  # [r] among drawing
     if rejected.size:

@@ -39,10 +39,6 @@ class SpecStep:
     draft_probs: torch.Tensor | None  # [sum of proposals, vocab] the draft's q; None: n-gram
     masks: tuple[list[int], Future] | None  # structured positions and their masks
 
-    @property
-    def num_verified(self) -> int:
-        return int(self.num_samples.sum()) - len(self.proposals)
-
 
 def prepare(runner, out: GenSchedulerOutput, rows: np.ndarray, picked: list[int]
             ) -> SpecStep | None:

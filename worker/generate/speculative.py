@@ -129,10 +129,6 @@ class SpecLoad:
             raise ValueError(f"speculation cap must be an integer >= 0 or None, got {cap!r}")
         self._cap = cap  # one attribute store: atomic for the stepping thread's read
 
-    @property
-    def cap(self) -> int | None:
-        return self._cap
-
     def k_for(self, num_running: int) -> int:
         """The most any sequence proposes in a step with ``num_running`` running."""
         if self.off is not None and num_running >= self.off:

@@ -298,7 +298,6 @@ def test_greedy_is_token_identical(tiny_model, make_engine, near_draft, greedy_r
     stats = engine.stats
     assert stats.spec_num_proposed > 0 and stats.spec_num_accepted > 0
     assert len(stats.spec_proposed_by_position) == k
-    assert stats.num_steps < len(greedy_reference(config)[0]) + 40  # sanity: it stepped
     if config == "preempt":
         assert engine.generation.num_preemptions > 0
 
